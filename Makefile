@@ -1,0 +1,40 @@
+# gpt-fpga: every target installs what it needs into .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+DEMO_MODEL ?= models/gpt2-kjv
+DEMO_PROMPT ?= And God said
+export XDG_CACHE_HOME ?= $(CURDIR)/build/cache
+
+.PHONY: help demo test bench install install-dev clean
+
+help: ## list every target
+	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.runtime: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e .
+	@touch $@
+
+$(VENV)/.dev: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[hw,test]'
+	@touch $@ $(VENV)/.runtime
+
+install: $(VENV)/.runtime ## create .venv and install the runtime
+install-dev: $(VENV)/.dev ## create .venv with simulation, synthesis and test tools
+
+demo: $(VENV)/.runtime ## generate text with the bundled demo model
+	$(BIN)/gpt-fpga generate $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" --max-new-tokens 80 \
+		--temperature 0.8 --top-k 40 --seed 7
+
+test: $(VENV)/.dev ## run the whole test suite
+	$(BIN)/pytest -q
+
+bench: $(VENV)/.dev ## speed and accuracy benchmarks -> build/bench/*.json
+	$(PY) -m sim.bench --out build/bench
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf build .pytest_cache

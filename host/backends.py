@@ -1,0 +1,69 @@
+"""Backends behind one interface: ``forward(ids) -> logits [n, vocab] float32``, with a KV cache.
+
+``float``: the float32 golden model (sim/float_model.py) on a Hugging Face directory.
+Later backends (fixed, rtl, pynq) take a weight image and present the same interface.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from host.checkpoint import ModelConfig, load_checkpoint
+from host.errors import GptFpgaError, InputError
+from host.tokenizer import TextCodec
+
+BACKENDS = ("float",)
+
+
+class Backend:
+    name: str
+    config: ModelConfig
+    codec: TextCodec | None
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def forward(self, ids) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def position(self) -> int:
+        raise NotImplementedError
+
+    def check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is out of range: the vocabulary has "
+                             f"{self.config.vocab_size} ids (0..{self.config.vocab_size - 1})")
+        return ids
+
+
+class FloatBackend(Backend):
+    name = "float"
+
+    def __init__(self, model_dir: Path):
+        from sim.float_model import FloatModel
+
+        ckpt = load_checkpoint(model_dir)
+        self.config = ckpt.config
+        self.codec = TextCodec(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
+        self.model = FloatModel(ckpt.config, ckpt.params)
+
+    def reset(self):
+        self.model.reset()
+
+    @property
+    def position(self):
+        return self.model.position
+
+    def forward(self, ids):
+        return self.model.forward(self.check_ids(ids))
+
+
+def open_backend(name: str, model: str | Path) -> Backend:
+    if name == "float":
+        return FloatBackend(Path(model))
+    raise GptFpgaError(f"unknown backend '{name}' (available: {', '.join(BACKENDS)})")

@@ -1,0 +1,295 @@
+"""Read a Hugging Face GPT-2 / GPT-Neo checkpoint directory into one canonical form.
+
+Everything downstream (float model, quantizer, CLI) sees only :class:`ModelConfig` and a
+dict of float32 arrays with canonical names and the ``x @ W`` layout (``W`` is ``[in, out]``):
+
+======================  ===============  ============================================
+name                    shape            note
+======================  ===============  ============================================
+wte                     [vocab, d]       tied head: logits = lnf(x) @ wte.T
+wpe                     [n_ctx, d]
+h{i}.ln1_g / ln1_b      [d]
+h{i}.w_qkv / b_qkv      [d, 3d] / [3d]   q, k, v concatenated on the out axis
+h{i}.w_o / b_o          [d, d] / [d]
+h{i}.ln2_g / ln2_b      [d]
+h{i}.w_fc / b_fc        [d, d_ff]
+h{i}.w_proj / b_proj    [d_ff, d] / [d]
+lnf_g / lnf_b           [d]
+======================  ===============  ============================================
+
+Tensors are memory-mapped, so only what is used is paged in.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+
+from host.errors import CheckpointError
+
+SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the same tanh formula
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str  # "gpt2" or "gpt_neo"
+    n_layer: int
+    d_model: int
+    n_head: int
+    d_ff: int
+    vocab_size: int
+    n_ctx: int
+    layer_norm_eps: float
+    scale_attn: bool  # GPT-2 divides scores by sqrt(head_dim); GPT-Neo does not
+    window_size: int  # GPT-Neo local window; 0 when no layer is local
+    local_layers: tuple[bool, ...]  # per layer: True when attention is local
+    eos_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["local_layers"] = list(self.local_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["local_layers"] = tuple(bool(x) for x in d["local_layers"])
+        return cls(**d)
+
+    def param_count(self) -> int:
+        d, f = self.d_model, self.d_ff
+        per_layer = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+        if self.family == "gpt_neo":
+            per_layer -= 3 * d  # q, k, v have no bias
+        return self.vocab_size * d + self.n_ctx * d + self.n_layer * per_layer + 2 * d
+
+
+def _require(cfg: dict, key: str, path: Path):
+    if key not in cfg or cfg[key] is None:
+        raise CheckpointError(f"{path}: config.json has no '{key}'")
+    return cfg[key]
+
+
+def parse_config(cfg: dict, path: Path = Path("config.json")) -> ModelConfig:
+    """Turn a transformers config.json dict into a :class:`ModelConfig`, refusing what we cannot run."""
+    model_type = cfg.get("model_type")
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise CheckpointError(
+            f"{path}: unsupported activation_function '{act}' (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
+    if model_type == "gpt2":
+        if cfg.get("scale_attn_by_inverse_layer_idx"):
+            raise CheckpointError(f"{path}: scale_attn_by_inverse_layer_idx=true is not supported")
+        if cfg.get("add_cross_attention"):
+            raise CheckpointError(f"{path}: add_cross_attention=true is not supported")
+        n_layer = int(_require(cfg, "n_layer", path))
+        d = int(_require(cfg, "n_embd", path))
+        out = dict(family="gpt2", n_layer=n_layer, d_model=d, n_head=int(_require(cfg, "n_head", path)),
+                   d_ff=int(cfg.get("n_inner") or 4 * d), n_ctx=int(_require(cfg, "n_positions", path)),
+                   scale_attn=bool(cfg.get("scale_attn_weights", True)), window_size=0,
+                   local_layers=(False,) * n_layer)
+    elif model_type == "gpt_neo":
+        n_layer = int(_require(cfg, "num_layers", path))
+        d = int(_require(cfg, "hidden_size", path))
+        kinds = []
+        for pattern, repeat in cfg.get("attention_types") or [[["global"], n_layer]]:
+            kinds += list(pattern) * int(repeat)
+        if len(kinds) != n_layer or any(k not in ("global", "local") for k in kinds):
+            raise CheckpointError(f"{path}: attention_types {cfg.get('attention_types')} does not give "
+                                  f"'global'/'local' for each of {n_layer} layers")
+        local = tuple(k == "local" for k in kinds)
+        window = int(cfg.get("window_size") or 0)
+        if any(local) and window < 1:
+            raise CheckpointError(f"{path}: local attention layers need window_size >= 1")
+        out = dict(family="gpt_neo", n_layer=n_layer, d_model=d, n_head=int(_require(cfg, "num_heads", path)),
+                   d_ff=int(cfg.get("intermediate_size") or 4 * d),
+                   n_ctx=int(_require(cfg, "max_position_embeddings", path)),
+                   scale_attn=False, window_size=window if any(local) else 0, local_layers=local)
+    else:
+        raise CheckpointError(f"{path}: unsupported model_type '{model_type}' (supported: gpt2, gpt_neo)")
+    if out["d_model"] % out["n_head"]:
+        raise CheckpointError(f"{path}: hidden size {out['d_model']} is not divisible by {out['n_head']} heads")
+    eos = cfg.get("eos_token_id")
+    return ModelConfig(vocab_size=int(_require(cfg, "vocab_size", path)),
+                       layer_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+                       eos_token_id=int(eos) if isinstance(eos, int) else None, **out)
+
+
+class SafetensorsFile:
+    """Lazy, memory-mapped reader of one .safetensors file (F32, F16 and BF16).
+
+    The format is an 8-byte little-endian header length, a JSON header of
+    ``name -> {dtype, shape, data_offsets}``, then the data. We parse it ourselves because the
+    ``safetensors`` numpy backend cannot return BF16, and so that truncation is named precisely.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > min(size - 8, 100 << 20):
+                    raise CheckpointError(f"{self.path}: corrupt or truncated safetensors file "
+                                          f"(header claims {n} bytes, file has {size})")
+                raw = f.read(n)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read: {e.strerror}") from None
+        try:
+            header = json.loads(raw)
+            if not isinstance(header, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, meta in header.items():
+            try:
+                dtype, shape = meta["dtype"], tuple(int(s) for s in meta["shape"])
+                begin, end = (int(o) for o in meta["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: corrupt safetensors header entry for '{name}'") from None
+            if self.data_start + end > size:
+                raise CheckpointError(f"{self.path}: truncated: tensor '{name}' ends at byte "
+                                      f"{self.data_start + end} but the file has {size} bytes")
+            self.entries[name] = (dtype, shape, begin, end)
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self.data_start else None
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def get_float32(self, name: str) -> np.ndarray:
+        """The tensor as a float32 array (a copy; the mapping stays shared)."""
+        dtype, shape, begin, end = self.entries[name]
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype {dtype} "
+                                  f"(supported: F32, F16, BF16)")
+        np_dtype = _DTYPES[dtype]
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - begin != count * np.dtype(np_dtype).itemsize:
+            raise CheckpointError(f"{self.path}: corrupt entry '{name}': {end - begin} bytes for shape {shape} {dtype}")
+        raw = self._mm[self.data_start + begin:self.data_start + end].view(np_dtype).reshape(shape)
+        if dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32)
+
+
+def _canonical_name(name: str) -> str | None:
+    if name.startswith("transformer."):
+        name = name[len("transformer."):]
+    if name.endswith(_IGNORED_SUFFIXES):
+        return None
+    return name
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name (without 'transformer.') -> shape as stored in the file."""
+    d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    shapes = {"wte.weight": (v, d), "wpe.weight": (cfg.n_ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        shapes.update({p + "ln_1.weight": (d,), p + "ln_1.bias": (d,), p + "ln_2.weight": (d,), p + "ln_2.bias": (d,)})
+        if cfg.family == "gpt2":  # Conv1D: [in, out]
+            shapes.update({p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
+                           p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
+                           p + "mlp.c_fc.weight": (d, f), p + "mlp.c_fc.bias": (f,),
+                           p + "mlp.c_proj.weight": (f, d), p + "mlp.c_proj.bias": (d,)})
+        else:  # Linear: [out, in]
+            a = p + "attn.attention."
+            shapes.update({a + "q_proj.weight": (d, d), a + "k_proj.weight": (d, d), a + "v_proj.weight": (d, d),
+                           a + "out_proj.weight": (d, d), a + "out_proj.bias": (d,),
+                           p + "mlp.c_fc.weight": (f, d), p + "mlp.c_fc.bias": (f,),
+                           p + "mlp.c_proj.weight": (d, f), p + "mlp.c_proj.bias": (d,)})
+    return shapes
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    params: dict[str, np.ndarray]
+    tokenizer_path: Path | None
+    path: Path
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a model is a Hugging Face directory with config.json "
+                              f"and model.safetensors)")
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return parse_config(cfg, path)
+
+
+def load_checkpoint(model_dir: str | Path) -> Checkpoint:
+    """Load config, tensors (lazily mapped, converted to float32 canonical form) and tokenizer path."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: no such model directory")
+    cfg = load_config(model_dir)
+    st_path = model_dir / "model.safetensors"
+    if not st_path.is_file():
+        raise CheckpointError(f"{st_path}: missing (only single-file safetensors checkpoints are supported)")
+    st = SafetensorsFile(st_path)
+    names = {}
+    for raw in st.keys():
+        canon = _canonical_name(raw)
+        if canon is not None:
+            names[canon] = raw
+    expected = _expected_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in names:
+            raise CheckpointError(f"{st_path}: missing tensor '{name}'")
+        if st.shape(names[name]) != shape:
+            raise CheckpointError(f"{st_path}: tensor '{names[name]}' has shape {list(st.shape(names[name]))}, "
+                                  f"expected {list(shape)} from config.json")
+    get = lambda n: st.get_float32(names[n])  # noqa: E731
+    params = {"wte": get("wte.weight"), "wpe": get("wpe.weight"),
+              "lnf_g": get("ln_f.weight"), "lnf_b": get("ln_f.bias")}
+    if "lm_head.weight" in names:
+        if st.shape(names["lm_head.weight"]) != expected["wte.weight"] or \
+                not np.array_equal(get("lm_head.weight"), params["wte"]):
+            raise CheckpointError(f"{st_path}: lm_head.weight differs from wte: untied heads are not supported")
+    for i in range(cfg.n_layer):
+        p, q = f"h.{i}.", f"h{i}."
+        params[q + "ln1_g"], params[q + "ln1_b"] = get(p + "ln_1.weight"), get(p + "ln_1.bias")
+        params[q + "ln2_g"], params[q + "ln2_b"] = get(p + "ln_2.weight"), get(p + "ln_2.bias")
+        if cfg.family == "gpt2":
+            params[q + "w_qkv"], params[q + "b_qkv"] = get(p + "attn.c_attn.weight"), get(p + "attn.c_attn.bias")
+            params[q + "w_o"], params[q + "b_o"] = get(p + "attn.c_proj.weight"), get(p + "attn.c_proj.bias")
+            params[q + "w_fc"] = get(p + "mlp.c_fc.weight")
+            params[q + "w_proj"] = get(p + "mlp.c_proj.weight")
+        else:
+            a = p + "attn.attention."
+            w = [get(a + n + "_proj.weight") for n in "qkv"]
+            params[q + "w_qkv"] = np.ascontiguousarray(np.concatenate(w, axis=0).T)
+            params[q + "b_qkv"] = np.zeros(3 * cfg.d_model, np.float32)
+            params[q + "w_o"] = np.ascontiguousarray(get(a + "out_proj.weight").T)
+            params[q + "b_o"] = get(a + "out_proj.bias")
+            params[q + "w_fc"] = np.ascontiguousarray(get(p + "mlp.c_fc.weight").T)
+            params[q + "w_proj"] = np.ascontiguousarray(get(p + "mlp.c_proj.weight").T)
+        params[q + "b_fc"], params[q + "b_proj"] = get(p + "mlp.c_fc.bias"), get(p + "mlp.c_proj.bias")
+    for name, arr in params.items():
+        if not np.all(np.isfinite(arr)):
+            raise CheckpointError(f"{st_path}: tensor '{name}' holds NaN or Inf")
+    tok = model_dir / "tokenizer.json"
+    return Checkpoint(cfg, params, tok if tok.is_file() else None, model_dir)

@@ -1,0 +1,178 @@
+"""The `gpt-fpga` command line. Every user error exits 2 with a one-line message, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from host.errors import GptFpgaError, InputError
+
+
+def parse_ids(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--ids must be comma-separated integers, got '{text}'") from None
+
+
+def _open(args):
+    from host.backends import open_backend
+
+    return open_backend(args.backend, args.model)
+
+
+def _input_ids(backend, args) -> list[int]:
+    if args.ids is not None:
+        return backend.check_ids(parse_ids(args.ids))
+    if backend.codec is None:
+        raise InputError(f"{args.model} has no tokenizer.json: use --ids instead of --prompt")
+    return backend.codec.encode(args.prompt)
+
+
+def cmd_generate(args):
+    from host.generate import Sampling, check_context, generate
+    from host.tokenizer import StreamDecoder
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    sampling.validate()
+    backend = _open(args)
+    ids = _input_ids(backend, args)
+    check_context(backend, len(ids), args.max_new_tokens)
+    if backend.codec is not None:
+        stream = StreamDecoder(backend.codec, ids)
+        sys.stdout.write(backend.codec.decode(ids))
+        on_token = lambda t: (sys.stdout.write(stream.push(t)), sys.stdout.flush())  # noqa: E731
+    else:
+        on_token = lambda t: (sys.stdout.write(f"{t} "), sys.stdout.flush())  # noqa: E731
+    generate(backend, ids, args.max_new_tokens, sampling, on_token)
+    sys.stdout.write("\n")
+
+
+def cmd_logits(args):
+    backend = _open(args)
+    ids = backend.check_ids(parse_ids(args.ids))
+    if not ids:
+        raise InputError("--ids is empty")
+    if len(ids) > backend.config.n_ctx:
+        raise InputError(f"{len(ids)} ids exceed the model's context of {backend.config.n_ctx} tokens")
+    backend.reset()
+    logits = backend.forward(ids).astype(np.float32)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, logits)
+    print(f"wrote {out}: float32 {list(logits.shape)}", file=sys.stderr)
+
+
+def cmd_perplexity(args):
+    from host.perplexity import perplexity
+
+    backend = _open(args)
+    path = Path(args.text)
+    if not path.is_file():
+        raise InputError(f"{path}: no such text file")
+    if backend.codec is None:
+        raise InputError(f"{args.model} has no tokenizer.json: perplexity needs one to tokenize {path}")
+    ids = backend.codec.encode(path.read_text(encoding="utf-8", errors="replace"))
+    result = perplexity(backend, ids, args.ctx, args.stride, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
+              f"(ctx {result['ctx']}, stride {result['stride']}, backend {result['backend']})")
+
+
+def model_info(model: str) -> dict:
+    from host.checkpoint import load_config
+    from quantize.layout import HwLayout, decode_bytes_per_token
+
+    path = Path(model)
+    if not path.is_dir():
+        raise InputError(f"{path}: no such model directory")
+    cfg = load_config(path)
+    info = {"family": cfg.family, "layers": cfg.n_layer, "d_model": cfg.d_model, "heads": cfg.n_head,
+            "head_dim": cfg.head_dim, "d_ff": cfg.d_ff, "vocab": cfg.vocab_size, "n_ctx": cfg.n_ctx,
+            "window_size": cfg.window_size, "local_layers": [i for i, l in enumerate(cfg.local_layers) if l],
+            "params": cfg.param_count(), "bytes_per_token": {}}
+    for fmt in ("int8", "int4"):
+        hw = HwLayout(bus_bits=64, weights=fmt, group=32)
+        info["bytes_per_token"][fmt] = decode_bytes_per_token(cfg, hw)
+    return info
+
+
+def cmd_info(args):
+    info = model_info(args.model)
+    if args.json:
+        print(json.dumps(info))
+        return
+    for k in ("family", "layers", "d_model", "heads", "head_dim", "d_ff", "vocab", "n_ctx", "window_size",
+              "local_layers"):
+        print(f"{k:>14}: {info[k]}")
+    print(f"{'params':>14}: {info['params']:,}")
+    for fmt, b in info["bytes_per_token"].items():
+        print(f"{fmt + ' bytes/tok':>14}: {b['total']:,} at position {b['position']} "
+              f"(weights {b['weights']:,}, lm_head {b['lm_head']:,}, KV cache {b['kv_cache']:,})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpt-fpga", description="GPT-2 / GPT-Neo on a Zynq FPGA: golden models, "
+                                "quantizer and host driver.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_backend(sp):
+        sp.add_argument("model", help="Hugging Face model directory (float backend)")
+        sp.add_argument("--backend", default="float", choices=["float"], help="where the math runs")
+
+    g = sub.add_parser("generate", help="generate text, streamed as it is decoded")
+    with_backend(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
+    src.add_argument("--ids", help="prompt as comma-separated token ids")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.set_defaults(func=cmd_generate)
+
+    lg = sub.add_parser("logits", help="save float32 logits [n_ids, vocab] for every position")
+    with_backend(lg)
+    lg.add_argument("--ids", required=True)
+    lg.add_argument("--out", required=True, help="output .npy file")
+    lg.set_defaults(func=cmd_logits)
+
+    pp = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
+    with_backend(pp)
+    pp.add_argument("--text", required=True)
+    pp.add_argument("--ctx", type=int, help="window length (default: the model's context)")
+    pp.add_argument("--stride", type=int, help="window step (default: ctx/2)")
+    pp.add_argument("--json", action="store_true", help="print one JSON object")
+    pp.set_defaults(func=cmd_perplexity)
+
+    inf = sub.add_parser("info", help="model shape, parameters and DDR bytes per decoded token")
+    inf.add_argument("model")
+    inf.add_argument("--json", action="store_true")
+    inf.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GptFpgaError as e:
+        print(f"gpt-fpga: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

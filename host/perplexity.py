@@ -1,0 +1,57 @@
+"""Sliding-window perplexity, as in the transformers perplexity guide."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tqdm import tqdm
+
+from host.backends import Backend
+from host.errors import InputError
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:  # [n, v] -> [n, v] float64
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def windows(n_tokens: int, ctx: int, stride: int):
+    """Yield (begin, end, first_scored): each target position in 1..n-1 is scored exactly once."""
+    scored_to = 1
+    begin = 0
+    while scored_to < n_tokens:
+        end = min(begin + ctx, n_tokens)
+        yield begin, end, scored_to
+        scored_to = end
+        begin += stride
+        if end == n_tokens:
+            break
+
+
+def perplexity(backend: Backend, ids: list[int], ctx: int | None = None, stride: int | None = None,
+               progress: bool = True, on_window=None) -> dict:
+    n_ctx = backend.config.n_ctx
+    ctx = ctx or n_ctx
+    if not 2 <= ctx <= n_ctx:
+        raise InputError(f"--ctx must be between 2 and the model's context {n_ctx}, got {ctx}")
+    stride = stride or max(1, ctx // 2)
+    if not 1 <= stride <= ctx - 1:
+        raise InputError(f"--stride must be between 1 and ctx-1 ({ctx - 1}), got {stride}")
+    ids = backend.check_ids(ids)
+    if len(ids) < 2:
+        raise InputError(f"the text has {len(ids)} token(s): perplexity needs at least 2")
+    nll, count = 0.0, 0
+    spans = list(windows(len(ids), ctx, stride))
+    for begin, end, first in tqdm(spans, desc=f"perplexity ({backend.name})", disable=not progress, unit="win"):
+        backend.reset()
+        logp = log_softmax(backend.forward(ids[begin:end - 1]))  # predicts ids[begin+1:end]
+        targets = np.asarray(ids[first:end])
+        rows = logp[first - begin - 1:]
+        nll -= float(rows[np.arange(len(targets)), targets].sum())
+        count += len(targets)
+        if on_window:
+            on_window(begin, end, first, logp)
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
+            "ctx": ctx, "stride": stride, "backend": backend.name}

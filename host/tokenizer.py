@@ -1,0 +1,39 @@
+"""Thin wrapper over `tokenizers.Tokenizer` with streaming-safe decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from host.errors import InputError
+
+
+class TextCodec:
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a plain Exception
+            raise InputError(f"{path}: cannot load tokenizer: {e}") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+class StreamDecoder:
+    """Yields the new text as ids arrive, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, codec: TextCodec, prompt_ids):
+        self.codec, self.ids = codec, list(prompt_ids)
+        self.emitted = codec.decode(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.codec.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+            return ""  # a multi-byte character is still arriving
+        new, self.emitted = text[len(self.emitted):], text
+        return new

@@ -1,0 +1,106 @@
+"""Float32 golden model of GPT-2 / GPT-Neo, picoGPT style, with a KV cache.
+
+Every function is pure NumPy on float32. Shapes use n = new tokens, t = cached + new tokens,
+d = d_model, h = heads, hd = head_dim, f = d_ff, v = vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from host.checkpoint import ModelConfig
+
+_GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: an np.float64 would promote float32 to float64
+
+
+def gelu_new(x):  # [..] -> [..]; the tanh approximation used by GPT-2 and GPT-Neo
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+
+
+def layer_norm(x, g, b, eps):  # [n, d] -> [n, d]
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * g + b
+
+
+def softmax(x):  # [.., t] -> [.., t]
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention_mask(q_pos, t, window):  # [n], int, int -> [n, t] bool: True where key j is visible
+    j = np.arange(t)[None, :]
+    i = q_pos[:, None]
+    visible = j <= i
+    if window:
+        visible &= (i - j) < window
+    return visible
+
+
+def attention(q, k, v, mask, scale):  # [h, n, hd], [h, t, hd], [h, t, hd], [n, t] -> [h, n, hd]
+    scores = (q @ k.transpose(0, 2, 1)) * np.float32(scale)  # [h, n, t]
+    scores = np.where(mask[None], scores, np.float32(-1e30))
+    return softmax(scores) @ v
+
+
+class KVCache:
+    """Per-layer K and V, [h, n_ctx, hd] each, filled up to `length`."""
+
+    def __init__(self, cfg: ModelConfig):
+        shape = (cfg.n_layer, cfg.n_head, cfg.n_ctx, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.length = 0
+
+
+def block(x, p, cfg: ModelConfig, layer: int, cache: KVCache, pos: int):  # [n, d] -> [n, d]
+    n, d, h, hd = x.shape[0], cfg.d_model, cfg.n_head, cfg.head_dim
+    pre = f"h{layer}."
+    qkv = layer_norm(x, p[pre + "ln1_g"], p[pre + "ln1_b"], cfg.layer_norm_eps) @ p[pre + "w_qkv"] + p[pre + "b_qkv"]
+    q, k, v = (qkv[:, i * d:(i + 1) * d].reshape(n, h, hd).transpose(1, 0, 2) for i in range(3))  # [h, n, hd]
+    cache.k[layer, :, pos:pos + n] = k
+    cache.v[layer, :, pos:pos + n] = v
+    t = pos + n
+    window = cfg.window_size if cfg.local_layers[layer] else 0
+    mask = attention_mask(np.arange(pos, t), t, window)
+    scale = 1.0 / math.sqrt(hd) if cfg.scale_attn else 1.0
+    ctx = attention(q, cache.k[layer, :, :t], cache.v[layer, :, :t], mask, scale)  # [h, n, hd]
+    x = x + ctx.transpose(1, 0, 2).reshape(n, d) @ p[pre + "w_o"] + p[pre + "b_o"]
+    hidden = gelu_new(layer_norm(x, p[pre + "ln2_g"], p[pre + "ln2_b"], cfg.layer_norm_eps) @ p[pre + "w_fc"]
+                      + p[pre + "b_fc"])  # [n, f]
+    return x + hidden @ p[pre + "w_proj"] + p[pre + "b_proj"]
+
+
+class FloatModel:
+    """Stateful wrapper: ``forward(ids)`` runs new tokens through the model and extends the cache.
+
+    The first call with the whole prompt is the prefill; later calls with one id are decode steps.
+    Returns logits [n, vocab] for the new positions.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray]):
+        self.cfg, self.p = cfg, params
+        self.cache = KVCache(cfg)
+
+    def reset(self):
+        self.cache.length = 0
+
+    @property
+    def position(self) -> int:
+        return self.cache.length
+
+    def forward(self, ids) -> np.ndarray:  # [n] -> [n, v]
+        ids = np.asarray(ids, dtype=np.int64)
+        pos, n = self.cache.length, len(ids)
+        if pos + n > self.cfg.n_ctx:
+            raise ValueError(f"position {pos + n} exceeds the context of {self.cfg.n_ctx}")
+        x = self.p["wte"][ids] + self.p["wpe"][pos:pos + n]  # [n, d]
+        for layer in range(self.cfg.n_layer):
+            x = block(x, self.p, self.cfg, layer, self.cache, pos)
+        self.cache.length = pos + n
+        x = layer_norm(x, self.p["lnf_g"], self.p["lnf_b"], self.cfg.layer_norm_eps)
+        logits = x @ self.p["wte"].T  # [n, v]
+        assert logits.dtype == np.float32, logits.dtype
+        return logits
