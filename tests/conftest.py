@@ -1,0 +1,135 @@
+"""Shared helpers: random-init reference models and small checkpoint directories.
+
+Nothing here reads /work/shared: reference models are built live with transformers from a config,
+and the tiny checkpoints for the error tests are written with NumPy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "models"
+KJV_TOKENIZER = MODELS / "gpt2-kjv" / "tokenizer.json"  # BPE, 4096 ids, <|endoftext|> = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers reference models (torch is imported lazily: only the HF tests pay for it)
+
+def _torch():
+    import torch
+
+    torch.set_num_threads(2)
+    return torch
+
+
+def hf_config(family: str, **kw):
+    """A transformers config with dropout off; `kw` uses the transformers names of the family."""
+    from transformers import GPT2Config, GPTNeoConfig
+
+    if family == "gpt2":
+        base = dict(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        base.update(kw)
+        return GPT2Config(**base)
+    base = dict(vocab_size=97, max_position_embeddings=32, hidden_size=32, num_layers=2, num_heads=4,
+                attention_types=[[["global", "local"], 1]], window_size=8, initializer_range=0.2,
+                embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, bos_token_id=0, eos_token_id=0)
+    base.update(kw)
+    return GPTNeoConfig(**base)
+
+
+def hf_random_model(family: str, seed: int = 0, **kw):
+    """A random-init GPT2LMHeadModel / GPTNeoForCausalLM in float32, eval mode.
+
+    transformers initialises biases to 0 and LayerNorm to (1, 0); those are randomised too so that
+    a bias or LayerNorm parameter that is dropped or misplaced changes the logits.
+    """
+    torch = _torch()
+    from transformers import GPT2LMHeadModel, GPTNeoForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family, **kw)
+    cls = GPT2LMHeadModel if family == "gpt2" else GPTNeoForCausalLM
+    model = cls(cfg).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+            elif ".ln_" in name and name.endswith(".weight"):
+                p.normal_(1.0, 0.1)
+    return model
+
+
+def save_hf(model, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    assert (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()
+    return out_dir
+
+
+def hf_logits(model, ids) -> np.ndarray:  # [n] -> [n, v] float32
+    torch = _torch()
+    with torch.no_grad():
+        out = model(torch.tensor([list(ids)], dtype=torch.long), use_cache=False).logits[0]
+    assert out.dtype == torch.float32
+    return out.numpy()
+
+
+def float_model(model_dir: Path):
+    from host.checkpoint import load_checkpoint
+    from sim.float_model import FloatModel
+
+    ck = load_checkpoint(model_dir)
+    return FloatModel(ck.config, ck.params)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny NumPy-written GPT-2 checkpoint for CLI / error tests (no torch needed)
+
+TINY_GPT2 = dict(vocab=4096, d=16, heads=2, layers=2, n_ctx=32, d_ff=48)
+
+
+def tiny_gpt2_tensors(seed: int = 0, vocab=4096, d=16, layers=2, n_ctx=32, d_ff=48) -> dict[str, np.ndarray]:
+    """HF GPT-2 tensor names and [in, out] Conv1D layouts, random float32."""
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.normal(0.0, 0.2, s).astype(np.float32)  # noqa: E731
+    t = {"transformer.wte.weight": r(vocab, d), "transformer.wpe.weight": r(n_ctx, d),
+         "transformer.ln_f.weight": 1 + r(d), "transformer.ln_f.bias": r(d)}
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        t.update({p + "ln_1.weight": 1 + r(d), p + "ln_1.bias": r(d), p + "ln_2.weight": 1 + r(d),
+                  p + "ln_2.bias": r(d), p + "attn.c_attn.weight": r(d, 3 * d), p + "attn.c_attn.bias": r(3 * d),
+                  p + "attn.c_proj.weight": r(d, d), p + "attn.c_proj.bias": r(d),
+                  p + "mlp.c_fc.weight": r(d, d_ff), p + "mlp.c_fc.bias": r(d_ff),
+                  p + "mlp.c_proj.weight": r(d_ff, d), p + "mlp.c_proj.bias": r(d)})
+    return t
+
+
+def tiny_gpt2_config(vocab=4096, d=16, heads=2, layers=2, n_ctx=32, d_ff=48) -> dict:
+    return {"model_type": "gpt2", "activation_function": "gelu_new", "vocab_size": vocab, "n_embd": d,
+            "n_head": heads, "n_layer": layers, "n_positions": n_ctx, "n_inner": d_ff,
+            "layer_norm_epsilon": 1e-5, "eos_token_id": 0, "bos_token_id": 0}
+
+
+def write_model_dir(out: Path, config: dict, tensors: dict[str, np.ndarray], tokenizer: bool = True) -> Path:
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(out / "model.safetensors"))
+    if tokenizer:
+        shutil.copy(KJV_TOKENIZER, out / "tokenizer.json")
+    return out
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    """A fresh, writable tiny GPT-2 directory with the KJV tokenizer (vocab 4096, n_ctx 32)."""
+    return write_model_dir(tmp_path / "tiny", tiny_gpt2_config(), tiny_gpt2_tensors())
