@@ -14,7 +14,7 @@ from host.checkpoint import ModelConfig, load_checkpoint
 from host.errors import GptFpgaError, InputError
 from host.tokenizer import TextCodec
 
-BACKENDS = ("float",)
+BACKENDS = ("float", "fixed")
 
 
 class Backend:
@@ -63,7 +63,40 @@ class FloatBackend(Backend):
         return self.model.forward(self.check_ids(ids))
 
 
+class FixedBackend(Backend):
+    """The bit-exact integer golden model on a weight image."""
+
+    name = "fixed"
+
+    def __init__(self, image_path: Path):
+        from quantize.image import read_image
+        from sim.fixed_model import FixedModel
+
+        if Path(image_path).is_dir():
+            raise GptFpgaError(f"{image_path}: is a directory; --backend fixed takes a weight image made by "
+                               f"'gpt-fpga quantize MODEL -o IMAGE'")
+        image = read_image(image_path)
+        self.model = FixedModel(image)
+        self.config = self.model.cfg
+        self.codec = TextCodec.from_bytes(image.section("tokenizer")) if image.has_section("tokenizer") else None
+
+    def reset(self):
+        self.model.reset()
+
+    @property
+    def position(self):
+        return self.model.position
+
+    def forward(self, ids):
+        return self.model.forward(self.check_ids(ids))
+
+
 def open_backend(name: str, model: str | Path) -> Backend:
     if name == "float":
+        if Path(model).is_file():
+            raise GptFpgaError(f"{model}: is a file; --backend float takes a Hugging Face model directory "
+                               f"(use --backend fixed for a weight image)")
         return FloatBackend(Path(model))
+    if name == "fixed":
+        return FixedBackend(Path(model))
     raise GptFpgaError(f"unknown backend '{name}' (available: {', '.join(BACKENDS)})")

@@ -17,7 +17,8 @@ h{i}.w_proj / b_proj    [d_ff, d] / [d]
 lnf_g / lnf_b           [d]
 ======================  ===============  ============================================
 
-Tensors are memory-mapped, so only what is used is paged in.
+Each tensor is read straight from the file into its own array (no memory map, no intermediate copy
+for F32), so loading needs about one copy of the float32 weights in RAM, plus transients of one tensor.
 """
 
 from __future__ import annotations
@@ -74,15 +75,25 @@ class ModelConfig:
         return self.vocab_size * d + self.n_ctx * d + self.n_layer * per_layer + 2 * d
 
 
-def _require(cfg: dict, key: str, path: Path):
-    if key not in cfg or cfg[key] is None:
-        raise CheckpointError(f"{path}: config.json has no '{key}'")
-    return cfg[key]
+def _int(cfg: dict, key: str, path: Path, default: int | None = None, minimum: int = 1) -> int:
+    """An integer field >= minimum; `default` when absent or null (required when default is None)."""
+    v = cfg.get(key)
+    if v is None:
+        if default is None:
+            raise CheckpointError(f"{path}: config.json has no '{key}'")
+        return default
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+        raise CheckpointError(f"{path}: '{key}' must be an integer, got {v!r}")
+    if v < minimum:
+        raise CheckpointError(f"{path}: '{key}' must be >= {minimum}, got {v}")
+    return int(v)
 
 
 def parse_config(cfg: dict, path: Path = Path("config.json")) -> ModelConfig:
     """Turn a transformers config.json dict into a :class:`ModelConfig`, refusing what we cannot run."""
     model_type = cfg.get("model_type")
+    if model_type not in ("gpt2", "gpt_neo"):
+        raise CheckpointError(f"{path}: unsupported model_type '{model_type}' (supported: gpt2, gpt_neo)")
     act = cfg.get("activation_function", "gelu_new")
     if act not in SUPPORTED_ACTIVATIONS:
         raise CheckpointError(
@@ -92,41 +103,47 @@ def parse_config(cfg: dict, path: Path = Path("config.json")) -> ModelConfig:
             raise CheckpointError(f"{path}: scale_attn_by_inverse_layer_idx=true is not supported")
         if cfg.get("add_cross_attention"):
             raise CheckpointError(f"{path}: add_cross_attention=true is not supported")
-        n_layer = int(_require(cfg, "n_layer", path))
-        d = int(_require(cfg, "n_embd", path))
-        out = dict(family="gpt2", n_layer=n_layer, d_model=d, n_head=int(_require(cfg, "n_head", path)),
-                   d_ff=int(cfg.get("n_inner") or 4 * d), n_ctx=int(_require(cfg, "n_positions", path)),
+        n_layer = _int(cfg, "n_layer", path)
+        d = _int(cfg, "n_embd", path)
+        out = dict(family="gpt2", n_layer=n_layer, d_model=d, n_head=_int(cfg, "n_head", path),
+                   d_ff=_int(cfg, "n_inner", path, default=4 * d), n_ctx=_int(cfg, "n_positions", path),
                    scale_attn=bool(cfg.get("scale_attn_weights", True)), window_size=0,
                    local_layers=(False,) * n_layer)
     elif model_type == "gpt_neo":
-        n_layer = int(_require(cfg, "num_layers", path))
-        d = int(_require(cfg, "hidden_size", path))
+        n_layer = _int(cfg, "num_layers", path)
+        d = _int(cfg, "hidden_size", path)
         kinds = []
-        for pattern, repeat in cfg.get("attention_types") or [[["global"], n_layer]]:
-            kinds += list(pattern) * int(repeat)
+        try:
+            for pattern, repeat in cfg.get("attention_types") or [[["global"], n_layer]]:
+                if isinstance(pattern, str) or not isinstance(repeat, int):
+                    raise TypeError
+                kinds += list(pattern) * repeat
+        except (TypeError, ValueError):
+            kinds = []
         if len(kinds) != n_layer or any(k not in ("global", "local") for k in kinds):
             raise CheckpointError(f"{path}: attention_types {cfg.get('attention_types')} does not give "
                                   f"'global'/'local' for each of {n_layer} layers")
         local = tuple(k == "local" for k in kinds)
-        window = int(cfg.get("window_size") or 0)
+        window = _int(cfg, "window_size", path, default=0, minimum=0)
         if any(local) and window < 1:
             raise CheckpointError(f"{path}: local attention layers need window_size >= 1")
-        out = dict(family="gpt_neo", n_layer=n_layer, d_model=d, n_head=int(_require(cfg, "num_heads", path)),
-                   d_ff=int(cfg.get("intermediate_size") or 4 * d),
-                   n_ctx=int(_require(cfg, "max_position_embeddings", path)),
+        out = dict(family="gpt_neo", n_layer=n_layer, d_model=d, n_head=_int(cfg, "num_heads", path),
+                   d_ff=_int(cfg, "intermediate_size", path, default=4 * d),
+                   n_ctx=_int(cfg, "max_position_embeddings", path),
                    scale_attn=False, window_size=window if any(local) else 0, local_layers=local)
-    else:
-        raise CheckpointError(f"{path}: unsupported model_type '{model_type}' (supported: gpt2, gpt_neo)")
     if out["d_model"] % out["n_head"]:
         raise CheckpointError(f"{path}: hidden size {out['d_model']} is not divisible by {out['n_head']} heads")
     eos = cfg.get("eos_token_id")
-    return ModelConfig(vocab_size=int(_require(cfg, "vocab_size", path)),
-                       layer_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise CheckpointError(f"{path}: 'layer_norm_epsilon' must be a number in (0, 1), got {eps!r}")
+    return ModelConfig(vocab_size=_int(cfg, "vocab_size", path),
+                       layer_norm_eps=float(eps),
                        eos_token_id=int(eos) if isinstance(eos, int) else None, **out)
 
 
 class SafetensorsFile:
-    """Lazy, memory-mapped reader of one .safetensors file (F32, F16 and BF16).
+    """Lazy reader of one .safetensors file (F32, F16 and BF16): the header now, each tensor when asked.
 
     The format is an 8-byte little-endian header length, a JSON header of
     ``name -> {dtype, shape, data_offsets}``, then the data. We parse it ourselves because the
@@ -163,11 +180,13 @@ class SafetensorsFile:
                 begin, end = (int(o) for o in meta["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{self.path}: corrupt safetensors header entry for '{name}'") from None
+            if not 0 <= begin <= end:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header entry for '{name}' "
+                                      f"(data_offsets {begin}..{end})")
             if self.data_start + end > size:
                 raise CheckpointError(f"{self.path}: truncated: tensor '{name}' ends at byte "
                                       f"{self.data_start + end} but the file has {size} bytes")
             self.entries[name] = (dtype, shape, begin, end)
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size > self.data_start else None
 
     def keys(self):
         return self.entries.keys()
@@ -175,8 +194,24 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
+    def _read_into(self, arr: np.ndarray, name: str, begin: int, end: int) -> None:
+        """Fill the C-contiguous `arr` with the tensor's bytes, read directly from the file."""
+        buf = memoryview(arr.reshape(-1)).cast("B")
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + begin)
+                got = f.readinto(buf)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor '{name}': {e.strerror}") from None
+        if got != end - begin:
+            raise CheckpointError(f"{self.path}: truncated: tensor '{name}' has {got} of {end - begin} bytes")
+
     def get_float32(self, name: str) -> np.ndarray:
-        """The tensor as a float32 array (a copy; the mapping stays shared)."""
+        """The tensor as a new float32 array.
+
+        F32 is read in place: the returned array is the only copy (a memory map would add the file's
+        pages to the process's resident set next to the copy, doubling peak RSS).
+        """
         dtype, shape, begin, end = self.entries[name]
         if dtype not in _DTYPES:
             raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype {dtype} "
@@ -185,9 +220,14 @@ class SafetensorsFile:
         count = int(np.prod(shape, dtype=np.int64))
         if end - begin != count * np.dtype(np_dtype).itemsize:
             raise CheckpointError(f"{self.path}: corrupt entry '{name}': {end - begin} bytes for shape {shape} {dtype}")
-        raw = self._mm[self.data_start + begin:self.data_start + end].view(np_dtype).reshape(shape)
-        if dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+        raw = np.empty(shape, np_dtype)
+        self._read_into(raw, name, begin, end)
+        if dtype == "F32":
+            return raw
+        if dtype == "BF16":  # bfloat16 is the top half of a float32
+            wide = raw.astype(np.uint32)
+            wide <<= 16
+            return wide.view(np.float32)
         return raw.astype(np.float32)
 
 
@@ -237,6 +277,8 @@ def load_config(model_dir: Path) -> ModelConfig:
         cfg = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
     return parse_config(cfg, path)
 
 
@@ -262,7 +304,13 @@ def load_checkpoint(model_dir: str | Path) -> Checkpoint:
         if st.shape(names[name]) != shape:
             raise CheckpointError(f"{st_path}: tensor '{names[name]}' has shape {list(st.shape(names[name]))}, "
                                   f"expected {list(shape)} from config.json")
-    get = lambda n: st.get_float32(names[n])  # noqa: E731
+
+    def get(name: str) -> np.ndarray:
+        arr = st.get_float32(names[name])
+        if not np.isfinite(arr).all():
+            raise CheckpointError(f"{st_path}: tensor '{names[name]}' holds NaN or Inf")
+        return arr
+
     params = {"wte": get("wte.weight"), "wpe": get("wpe.weight"),
               "lnf_g": get("ln_f.weight"), "lnf_b": get("ln_f.bias")}
     if "lm_head.weight" in names:
@@ -288,8 +336,5 @@ def load_checkpoint(model_dir: str | Path) -> Checkpoint:
             params[q + "w_fc"] = np.ascontiguousarray(get(p + "mlp.c_fc.weight").T)
             params[q + "w_proj"] = np.ascontiguousarray(get(p + "mlp.c_proj.weight").T)
         params[q + "b_fc"], params[q + "b_proj"] = get(p + "mlp.c_fc.bias"), get(p + "mlp.c_proj.bias")
-    for name, arr in params.items():
-        if not np.all(np.isfinite(arr)):
-            raise CheckpointError(f"{st_path}: tensor '{name}' holds NaN or Inf")
     tok = model_dir / "tokenizer.json"
     return Checkpoint(cfg, params, tok if tok.is_file() else None, model_dir)

@@ -118,14 +118,36 @@ def cmd_info(args):
               f"(weights {b['weights']:,}, lm_head {b['lm_head']:,}, KV cache {b['kv_cache']:,})")
 
 
+def cmd_quantize(args):
+    from quantize.quantizer import quantize_checkpoint
+
+    if args.calib_tokens is not None and args.calib_tokens < 16:
+        raise InputError(f"--calib-tokens must be >= 16, got {args.calib_tokens}")
+    header = quantize_checkpoint(args.model, args.out, args.weights, args.group, args.bus_bits, args.calib,
+                                 args.calib_tokens)
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out}: {size / 1e6:.2f} MB, {args.weights}"
+          f"{' group ' + str(args.group) if args.weights == 'int4' else ''}, {args.bus_bits}-bit beats, "
+          f"calibrated on {header['calibration']['tokens']} tokens ({header['calibration']['source']})")
+
+
+def cmd_compare(args):
+    from sim.compare import compare
+
+    summary = compare(args.model, args.image, args.text, args.out, args.tokens)
+    print(f"wrote {args.out}/compare.json and {args.out}/compare.png; logits SNR "
+          f"{summary['logits']['snr_db']:.1f} dB, top-1 agreement {summary['top1_agreement']:.3f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpt-fpga", description="GPT-2 / GPT-Neo on a Zynq FPGA: golden models, "
                                 "quantizer and host driver.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_backend(sp):
-        sp.add_argument("model", help="Hugging Face model directory (float backend)")
-        sp.add_argument("--backend", default="float", choices=["float"], help="where the math runs")
+        sp.add_argument("model", help="Hugging Face model directory (float) or weight image (fixed)")
+        sp.add_argument("--backend", default="float", choices=["float", "fixed"],
+                        help="float: float32 golden model; fixed: bit-exact integer model of the accelerator")
 
     g = sub.add_parser("generate", help="generate text, streamed as it is decoded")
     with_backend(g)
@@ -152,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--stride", type=int, help="window step (default: ctx/2)")
     pp.add_argument("--json", action="store_true", help="print one JSON object")
     pp.set_defaults(func=cmd_perplexity)
+
+    qz = sub.add_parser("quantize", help="calibrate and quantize a checkpoint into a weight image")
+    qz.add_argument("model", help="Hugging Face model directory")
+    qz.add_argument("-o", "--out", required=True, help="output image file")
+    qz.add_argument("--weights", default="int8", choices=["int8", "int4"])
+    qz.add_argument("--group", type=int, default=32, choices=[32, 64, 128], help="int4 group size")
+    qz.add_argument("--bus-bits", type=int, default=64, choices=[64, 128], help="DDR stream width it is tiled for")
+    qz.add_argument("--calib", help="calibration text (default: text sampled from the model itself)")
+    qz.add_argument("--calib-tokens", type=int, help="tokens of calibration (default 2048 from --calib, "
+                    "512 self-generated)")
+    qz.set_defaults(func=cmd_quantize)
+
+    cp = sub.add_parser("compare", help="per-layer, per-operation accuracy of fixed against float")
+    cp.add_argument("model", help="Hugging Face model directory")
+    cp.add_argument("image", help="weight image made from it")
+    cp.add_argument("--text", required=True, help="text to run both models on")
+    cp.add_argument("--out", required=True, help="output directory for compare.json and compare.png")
+    cp.add_argument("--tokens", type=int, default=256, help="tokens of --text to use (at most the context)")
+    cp.set_defaults(func=cmd_compare)
 
     inf = sub.add_parser("info", help="model shape, parameters and DDR bytes per decoded token")
     inf.add_argument("model")

@@ -16,6 +16,17 @@ class TextCodec:
         except Exception as e:  # the Rust side raises a plain Exception
             raise InputError(f"{path}: cannot load tokenizer: {e}") from None
 
+    @classmethod
+    def from_bytes(cls, blob) -> "TextCodec":
+        from tokenizers import Tokenizer
+
+        self = cls.__new__(cls)
+        try:
+            self.tok = Tokenizer.from_str(bytes(blob).decode("utf-8"))
+        except Exception as e:
+            raise InputError(f"embedded tokenizer cannot be loaded: {e}") from None
+        return self
+
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 

@@ -55,22 +55,35 @@ class KVCache:
         self.length = 0
 
 
-def block(x, p, cfg: ModelConfig, layer: int, cache: KVCache, pos: int):  # [n, d] -> [n, d]
+def block(x, p, cfg: ModelConfig, layer: int, cache: KVCache, pos: int, observe=None):  # [n, d] -> [n, d]
+    """One transformer layer. `observe(name, layer, value)`, if given, sees every intermediate."""
+    obs = observe or (lambda name, layer, value: None)
     n, d, h, hd = x.shape[0], cfg.d_model, cfg.n_head, cfg.head_dim
     pre = f"h{layer}."
-    qkv = layer_norm(x, p[pre + "ln1_g"], p[pre + "ln1_b"], cfg.layer_norm_eps) @ p[pre + "w_qkv"] + p[pre + "b_qkv"]
+    a = layer_norm(x, p[pre + "ln1_g"], p[pre + "ln1_b"], cfg.layer_norm_eps)
+    obs("ln1", layer, a)
+    qkv = a @ p[pre + "w_qkv"] + p[pre + "b_qkv"]
     q, k, v = (qkv[:, i * d:(i + 1) * d].reshape(n, h, hd).transpose(1, 0, 2) for i in range(3))  # [h, n, hd]
+    obs("q", layer, q), obs("k", layer, k), obs("v", layer, v)
     cache.k[layer, :, pos:pos + n] = k
     cache.v[layer, :, pos:pos + n] = v
     t = pos + n
     window = cfg.window_size if cfg.local_layers[layer] else 0
     mask = attention_mask(np.arange(pos, t), t, window)
     scale = 1.0 / math.sqrt(hd) if cfg.scale_attn else 1.0
-    ctx = attention(q, cache.k[layer, :, :t], cache.v[layer, :, :t], mask, scale)  # [h, n, hd]
-    x = x + ctx.transpose(1, 0, 2).reshape(n, d) @ p[pre + "w_o"] + p[pre + "b_o"]
-    hidden = gelu_new(layer_norm(x, p[pre + "ln2_g"], p[pre + "ln2_b"], cfg.layer_norm_eps) @ p[pre + "w_fc"]
-                      + p[pre + "b_fc"])  # [n, f]
-    return x + hidden @ p[pre + "w_proj"] + p[pre + "b_proj"]
+    ctx = attention(q, cache.k[layer, :, :t], cache.v[layer, :, :t], mask, scale).transpose(1, 0, 2).reshape(n, d)
+    obs("ctx", layer, ctx)
+    x = x + ctx @ p[pre + "w_o"] + p[pre + "b_o"]
+    obs("resid_attn", layer, x)
+    a = layer_norm(x, p[pre + "ln2_g"], p[pre + "ln2_b"], cfg.layer_norm_eps)
+    obs("ln2", layer, a)
+    f = a @ p[pre + "w_fc"] + p[pre + "b_fc"]  # [n, f]
+    obs("fc", layer, f)
+    g = gelu_new(f)
+    obs("gelu", layer, g)
+    x = x + g @ p[pre + "w_proj"] + p[pre + "b_proj"]
+    obs("resid_mlp", layer, x)
+    return x
 
 
 class FloatModel:
@@ -91,16 +104,18 @@ class FloatModel:
     def position(self) -> int:
         return self.cache.length
 
-    def forward(self, ids) -> np.ndarray:  # [n] -> [n, v]
+    def forward(self, ids, observe=None) -> np.ndarray:  # [n] -> [n, v]
         ids = np.asarray(ids, dtype=np.int64)
         pos, n = self.cache.length, len(ids)
         if pos + n > self.cfg.n_ctx:
             raise ValueError(f"position {pos + n} exceeds the context of {self.cfg.n_ctx}")
         x = self.p["wte"][ids] + self.p["wpe"][pos:pos + n]  # [n, d]
         for layer in range(self.cfg.n_layer):
-            x = block(x, self.p, self.cfg, layer, self.cache, pos)
+            x = block(x, self.p, self.cfg, layer, self.cache, pos, observe)
         self.cache.length = pos + n
         x = layer_norm(x, self.p["lnf_g"], self.p["lnf_b"], self.cfg.layer_norm_eps)
+        if observe:
+            observe("lnf", self.cfg.n_layer, x)
         logits = x @ self.p["wte"].T  # [n, v]
         assert logits.dtype == np.float32, logits.dtype
         return logits

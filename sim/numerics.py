@@ -220,8 +220,9 @@ RECIP_TABLE = recip_table()
 
 
 def attention_scores(q, k):
-    """scores[..., t] = sum_e k[t, e] * q[e]: int8 . int8 over the head dimension (|s| < 2**22)."""
-    return matvec_acc(k, q, 0)
+    """scores[..., n, t] = sum_e q[..., n, e] * k[..., t, e]: int8 . int8 over the head dim (|s| < 2**22)."""
+    prod = np.asarray(q, dtype=np.float64) @ np.swapaxes(np.asarray(k, dtype=np.float64), -1, -2)
+    return prod.astype(np.int64)
 
 
 def softmax(scores, mask, mult: int, shift: int):

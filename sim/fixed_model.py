@@ -1,0 +1,154 @@
+"""Bit-exact integer model of the accelerator, built only from sim/numerics.py operations.
+
+It reads a weight image (quantize/image.py) exactly as the hardware streams it, so a wrong byte in
+the image shows up here too. Shapes: n = new tokens, t = cached + new, d = d_model, h = heads,
+hd = head_dim, f = d_ff, v = vocab. Integers are held in int64 (or float64 holding exact integers
+for the matmuls, see numerics.matvec_acc).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from host.checkpoint import ModelConfig
+from host.errors import ImageError
+from quantize.image import Image
+from quantize.layout import HwLayout, layer_matrices, unpack_matrix
+from sim import numerics as nx
+
+
+@dataclass
+class Matrix:
+    """One matvec as the golden model uses it: effective integer weights and per-row requant."""
+
+    w_eff: np.ndarray  # [o, i] float64 holding exact integers (int8, or int4 * group scale)
+    bias: np.ndarray  # [o] int64
+    mult: np.ndarray  # [o]
+    shift: np.ndarray  # [o]
+
+    @classmethod
+    def from_stream(cls, blob, d_out: int, d_in: int, hw: HwLayout) -> "Matrix":
+        m = unpack_matrix(blob, d_out, d_in, hw)
+        w = m["w"] if m["group_scale"] is None else nx.expand_int4(m["w"], m["group_scale"], hw.group)
+        return cls(np.ascontiguousarray(w, dtype=np.float64), m["bias"], m["mult"], m["shift"])
+
+    def __call__(self, a, out_bits: int):  # [n, i] int8 -> [n, o]
+        return nx.matvec(self.w_eff, a, self.bias, self.mult, self.shift, out_bits)
+
+
+@dataclass
+class LayerNormQ:
+    gamma_mult: np.ndarray  # [d]
+    beta: np.ndarray  # [d]
+    out_shift: int
+
+    @classmethod
+    def from_stream(cls, blob, out_shift: int) -> "LayerNormQ":
+        words = np.frombuffer(blob, dtype="<i4").reshape(-1, 2)
+        gamma = (words[:, 0] & 0xFFFF).astype(np.int64)
+        return cls(np.where(gamma >= 1 << 15, gamma - (1 << 16), gamma), words[:, 1].astype(np.int64), out_shift)
+
+    def __call__(self, x, eps_table):  # [n, d] int32 -> [n, d] int8
+        return nx.layernorm(x, self.gamma_mult, self.beta, self.out_shift, eps_table)
+
+
+class FixedModel:
+    """Stateful like FloatModel: ``forward(ids)`` returns dequantized float32 logits [n, v]."""
+
+    def __init__(self, image: Image):
+        self.image = image
+        h = image.header
+        try:
+            self.cfg = ModelConfig.from_dict(h["config"])
+            hw = image.hw
+            cfg = self.cfg
+            self.eps_table = np.asarray(h["ln_eps_table"], dtype=np.int64)
+            self.layers = []
+            for i, lh in enumerate(h["layers"][:cfg.n_layer]):
+                mats = {name: Matrix.from_stream(image.section(f"L{i}.{name}"), o, n_in, hw)
+                        for name, o, n_in in layer_matrices(cfg)}
+                self.layers.append(dict(
+                    lh, **mats, ln1=LayerNormQ.from_stream(image.section(f"L{i}.ln1"), lh["ln1_shift"]),
+                    ln2=LayerNormQ.from_stream(image.section(f"L{i}.ln2"), lh["ln2_shift"]),
+                    gelu=np.frombuffer(image.section(f"L{i}.gelu"), dtype=np.int8).astype(np.int64)))
+            if len(self.layers) != cfg.n_layer:
+                raise ImageError(f"{image.path}: header describes {len(self.layers)} layers, config says {cfg.n_layer}")
+            self.lnf = LayerNormQ.from_stream(image.section("lnf"), h["lnf_shift"])
+            self.head = Matrix.from_stream(image.section("lm_head"), cfg.vocab_size, cfg.d_model, hw)
+            emb = np.frombuffer(image.section("embed_scale"), dtype=np.uint8).reshape(cfg.vocab_size, 4)
+            self.emb_mult = np.ascontiguousarray(emb[:, 0:2]).view("<u2")[:, 0].astype(np.int64)
+            self.emb_shift = emb[:, 2].astype(np.int64)
+            self.wpe = np.frombuffer(image.section("wpe"), dtype="<i4").reshape(cfg.n_ctx, cfg.d_model) \
+                .astype(np.int64)
+        except ImageError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ImageError(f"{image.path}: image content does not match its header ({type(e).__name__}: {e})") \
+                from None
+        shape = (cfg.n_layer, cfg.n_head, cfg.n_ctx, cfg.head_dim)
+        self.k_cache = np.zeros(shape, np.float64)  # int8 values; float64 for exact BLAS dots
+        self.v_cache = np.zeros(shape, np.float64)
+        self.length = 0
+
+    def reset(self):
+        self.length = 0
+
+    @property
+    def position(self):
+        return self.length
+
+    def embed(self, ids, pos: int):  # [n] -> [n, d] int32 residual
+        """Host step: the token's lm_head row, scaled into the residual format, plus the position row."""
+        ids = np.asarray(ids, dtype=np.int64)
+        tok = nx.requantize(self.head.w_eff[ids].astype(np.int64), self.emb_mult[ids, None],
+                            self.emb_shift[ids, None], nx.RESID_BITS)
+        return nx.residual_add(tok, self.wpe[pos:pos + len(ids)])
+
+    def block(self, x, layer: int, pos: int, observe=None):  # [n, d] int32 -> [n, d] int32
+        cfg, L = self.cfg, self.layers[layer]
+        obs = observe or (lambda name, layer, value: None)
+        n, d, h, hd = x.shape[0], cfg.d_model, cfg.n_head, cfg.head_dim
+        a = L["ln1"](x, self.eps_table)
+        obs("ln1", layer, a)
+        qkv = L["qkv"](a, nx.ACT_BITS)  # [n, 3d] int8
+        q, k, v = (qkv[:, i * d:(i + 1) * d].reshape(n, h, hd).transpose(1, 0, 2) for i in range(3))  # [h, n, hd]
+        obs("q", layer, q), obs("k", layer, k), obs("v", layer, v)
+        self.k_cache[layer, :, pos:pos + n] = k
+        self.v_cache[layer, :, pos:pos + n] = v
+        t = pos + n
+        scores = nx.attention_scores(q, self.k_cache[layer, :, :t])  # [h, n, t]
+        mask = nx.visible_keys(np.arange(pos, t), t, L["window"])
+        p = nx.softmax(scores, mask[None], L["score_mult"], L["score_shift"])  # [h, n, t] uint16
+        ctx = nx.attention_context(p, self.v_cache[layer, :, :t])  # [h, n, hd]
+        ctx = nx.requantize(ctx.transpose(1, 0, 2).reshape(n, d), L["ctx_mult"], L["ctx_shift"], nx.ACT_BITS)
+        obs("ctx", layer, ctx)
+        x = nx.residual_add(x, L["attn_out"](ctx, nx.RESID_BITS))
+        obs("resid_attn", layer, x)
+        a = L["ln2"](x, self.eps_table)
+        obs("ln2", layer, a)
+        f = L["fc"](a, nx.ACT_BITS)
+        obs("fc", layer, f)
+        g = nx.gelu(f, L["gelu"])
+        obs("gelu", layer, g)
+        x = nx.residual_add(x, L["proj"](g, nx.RESID_BITS))
+        obs("resid_mlp", layer, x)
+        return x
+
+    def forward_int(self, ids, observe=None):  # [n] -> int32 logits [n, v] (value = int / 2**16)
+        ids = np.asarray(ids, dtype=np.int64)
+        pos, n = self.length, len(ids)
+        if pos + n > self.cfg.n_ctx:
+            raise ValueError(f"position {pos + n} exceeds the context of {self.cfg.n_ctx}")
+        x = self.embed(ids, pos)
+        for layer in range(self.cfg.n_layer):
+            x = self.block(x, layer, pos, observe)
+        self.length = pos + n
+        a = self.lnf(x, self.eps_table)
+        if observe:
+            observe("lnf", self.cfg.n_layer, a)
+        return self.head(a, nx.RESID_BITS)
+
+    def forward(self, ids, observe=None) -> np.ndarray:
+        return (self.forward_int(ids, observe) * 2.0 ** -nx.LOGIT_FRAC).astype(np.float32)
