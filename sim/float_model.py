@@ -56,15 +56,23 @@ class KVCache:
 
 
 def block(x, p, cfg: ModelConfig, layer: int, cache: KVCache, pos: int, observe=None):  # [n, d] -> [n, d]
-    """One transformer layer. `observe(name, layer, value)`, if given, sees every intermediate."""
-    obs = observe or (lambda name, layer, value: None)
+    """One transformer layer.
+
+    `observe(name, layer, value)`, if given, sees every intermediate; if it returns an array, that
+    replaces the value (used to simulate quantization of chosen activations).
+    """
+
+    def tap(name, value):
+        out = observe(name, layer, value) if observe else None
+        return value if out is None else out
+
     n, d, h, hd = x.shape[0], cfg.d_model, cfg.n_head, cfg.head_dim
     pre = f"h{layer}."
     a = layer_norm(x, p[pre + "ln1_g"], p[pre + "ln1_b"], cfg.layer_norm_eps)
-    obs("ln1", layer, a)
+    a = tap("ln1", a)
     qkv = a @ p[pre + "w_qkv"] + p[pre + "b_qkv"]
     q, k, v = (qkv[:, i * d:(i + 1) * d].reshape(n, h, hd).transpose(1, 0, 2) for i in range(3))  # [h, n, hd]
-    obs("q", layer, q), obs("k", layer, k), obs("v", layer, v)
+    q, k, v = tap("q", q), tap("k", k), tap("v", v)
     cache.k[layer, :, pos:pos + n] = k
     cache.v[layer, :, pos:pos + n] = v
     t = pos + n
@@ -72,18 +80,17 @@ def block(x, p, cfg: ModelConfig, layer: int, cache: KVCache, pos: int, observe=
     mask = attention_mask(np.arange(pos, t), t, window)
     scale = 1.0 / math.sqrt(hd) if cfg.scale_attn else 1.0
     ctx = attention(q, cache.k[layer, :, :t], cache.v[layer, :, :t], mask, scale).transpose(1, 0, 2).reshape(n, d)
-    obs("ctx", layer, ctx)
+    ctx = tap("ctx", ctx)
     x = x + ctx @ p[pre + "w_o"] + p[pre + "b_o"]
-    obs("resid_attn", layer, x)
+    x = tap("resid_attn", x)
     a = layer_norm(x, p[pre + "ln2_g"], p[pre + "ln2_b"], cfg.layer_norm_eps)
-    obs("ln2", layer, a)
+    a = tap("ln2", a)
     f = a @ p[pre + "w_fc"] + p[pre + "b_fc"]  # [n, f]
-    obs("fc", layer, f)
+    f = tap("fc", f)
     g = gelu_new(f)
-    obs("gelu", layer, g)
+    g = tap("gelu", g)
     x = x + g @ p[pre + "w_proj"] + p[pre + "b_proj"]
-    obs("resid_mlp", layer, x)
-    return x
+    return tap("resid_mlp", x)
 
 
 class FloatModel:
@@ -115,7 +122,8 @@ class FloatModel:
         self.cache.length = pos + n
         x = layer_norm(x, self.p["lnf_g"], self.p["lnf_b"], self.cfg.layer_norm_eps)
         if observe:
-            observe("lnf", self.cfg.n_layer, x)
+            replaced = observe("lnf", self.cfg.n_layer, x)
+            x = x if replaced is None else replaced
         logits = x @ self.p["wte"].T  # [n, v]
         assert logits.dtype == np.float32, logits.dtype
         return logits

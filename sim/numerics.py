@@ -43,7 +43,7 @@ LN_IN_BITS = 16  # residual values are shifted right until they fit int16
 LN_NORM_FRAC = 10  # normalised value (x - mean) / std as a signed fixed-point with 10 fraction bits
 RSQRT_INDEX_BITS = 10  # table index: top 10 bits of a 16-bit mantissa in [2**14, 2**16)
 RSQRT_FRAC = 23  # table value ~ 2**23 / sqrt(mantissa), in [2**15, 2**16)
-LN_MAX_SHIFT = RESID_BITS - LN_IN_BITS  # input shifts 0..16
+LN_MAX_SHIFT = RESID_BITS - LN_IN_BITS + 1  # input shifts 0..17 (17 only for x = -2**31)
 
 # Softmax (scores are requantized to log2 units with SCORE_FRAC fraction bits)
 SCORE_FRAC = 8
@@ -161,7 +161,7 @@ def rsqrt(u):
 
 
 def layernorm_eps_table(eps: float, d: int) -> np.ndarray:
-    """E[sh] = max(1, round(eps * d**2 * 2**(2 * (RESID_FRAC - sh)))) for input shifts sh = 0..16.
+    """E[sh] = max(1, round(eps * d**2 * 2**(2 * (RESID_FRAC - sh)))) for input shifts sh = 0..17.
 
     eps expressed in the units of V = d * sum(xs**2) - sum(xs)**2, where xs = x >> sh.
     """

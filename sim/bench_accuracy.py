@@ -1,0 +1,140 @@
+"""Accuracy and speed of the fixed-point model against float (sections of `make bench`).
+
+accuracy
+    Held-out perplexity of --backend fixed vs --backend float on the bundled trained models, for
+    int8 and int4 weights, plus top-1 next-token agreement, plus the static-vs-dynamic activation
+    scale study. Images are made with the default calibration (self-generated text), as a user gets.
+fixed
+    Decode ms/token of the fixed model vs the float model, side by side on a random model of
+    TinyStories-33M shape, and `gpt-fpga quantize` wall time on a GPT-2-124M-shaped checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("neo-kjv", "gpt2-kjv")
+HELDOUT = REPO / "models" / "kjv-heldout.txt"
+STUDY_TOKENS = 8192
+
+
+class _Top1Recorder:
+    """Collects argmax predictions for each scored position of a perplexity run."""
+
+    def __init__(self):
+        self.pred = {}
+
+    def __call__(self, begin, end, first, logp):
+        for t in range(first, end):
+            self.pred[t] = int(np.argmax(logp[t - 1 - begin]))
+
+
+def _ppl(backend, ids):
+    from host.perplexity import perplexity
+
+    rec = _Top1Recorder()
+    r = perplexity(backend, ids, progress=True, on_window=rec)
+    return r, rec.pred
+
+
+def bench_accuracy(out: Path) -> dict:
+    from host.backends import FixedBackend, FloatBackend
+    from quantize.quantizer import quantize_checkpoint, self_generated_ids
+    from sim.scale_study import scale_study
+
+    tmp = out / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    result = {}
+    for name in MODELS:
+        model_dir = REPO / "models" / name
+        flt = FloatBackend(model_dir)
+        ids = flt.codec.encode(HELDOUT.read_text())
+        float_r, float_pred = _ppl(flt, ids)
+        entry = {}
+        for fmt in ("int8", "int4"):
+            img = tmp / f"{name}-{fmt}.img"
+            quantize_checkpoint(model_dir, img, weights=fmt, group=32, progress=False)
+            fix_r, fix_pred = _ppl(FixedBackend(img), ids)
+            agree = np.mean([fix_pred[t] == float_pred[t] for t in float_pred])
+            entry[fmt] = {"ppl": fix_r["perplexity"], "float_ppl": float_r["perplexity"],
+                          "ratio": fix_r["perplexity"] / float_r["perplexity"], "top1_agreement": float(agree),
+                          "tokens": fix_r["tokens"], "ctx": fix_r["ctx"], "stride": fix_r["stride"]}
+        calib = self_generated_ids(flt.model, 512)
+        study = scale_study(flt.config, flt.model.p, calib, ids[:STUDY_TOKENS])
+        entry["activation_scale_study"] = dict(study, float=_ppl(flt, ids[:STUDY_TOKENS])[0]["perplexity"],
+                                               tokens=STUDY_TOKENS, weights="float")
+        result[name] = entry
+    shutil.rmtree(tmp, ignore_errors=True)
+    (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _decode_ms(model, prompt, steps) -> float:
+    model.reset()
+    logits = model.forward(prompt)[-1]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = model.forward([int(np.argmax(logits))])[-1]
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def bench_fixed(out: Path) -> dict:
+    """Fixed vs float decode on a TinyStories-33M-shaped random model, and quantize time at GPT-2 124M."""
+    from host.checkpoint import load_checkpoint
+    from quantize.image import read_image
+    from quantize.quantizer import quantize_checkpoint
+    from sim.bench import GPT2_124M, TINYSTORIES_33M
+    from sim.fixed_model import FixedModel
+    from sim.float_model import FloatModel
+
+    tmp = out / "tmp-fixed"
+    tmp.mkdir(parents=True, exist_ok=True)
+    _random_checkpoint(TINYSTORIES_33M, tmp / "ts33m")
+    quantize_checkpoint(tmp / "ts33m", tmp / "ts33m.img", calib_tokens=64, progress=False)
+    ckpt = load_checkpoint(tmp / "ts33m")
+    flt, fix = FloatModel(ckpt.config, ckpt.params), FixedModel(read_image(tmp / "ts33m.img"))
+    prompt = list(np.random.default_rng(0).integers(0, ckpt.config.vocab_size, 32))
+    _decode_ms(flt, prompt, 4), _decode_ms(fix, prompt, 4)  # warm-up
+    float_ms, fixed_ms = [], []
+    for _ in range(3):  # alternate, so both see the same machine load
+        float_ms.append(_decode_ms(flt, prompt, 32))
+        fixed_ms.append(_decode_ms(fix, prompt, 32))
+    _random_checkpoint(GPT2_124M, tmp / "gpt2-124m")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "host.cli", "quantize", str(tmp / "gpt2-124m"), "-o",
+                    str(tmp / "gpt2-124m.img")], check=True, cwd=REPO)
+    quantize_s = time.perf_counter() - t0
+    result = {"float": {"decode_ms_per_token": min(float_ms)}, "fixed": {"decode_ms_per_token": min(fixed_ms)},
+              "fixed_to_float_speed": min(float_ms) / min(fixed_ms),
+              "quantize_gpt2_124m_seconds": quantize_s, "model": "random TinyStories-33M shape, int8"}
+    shutil.rmtree(tmp, ignore_errors=True)
+    (out / "fixed.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _random_checkpoint(config: dict, path: Path, seed: int = 0) -> Path:
+    """A random-weight HF-format checkpoint of the given transformers config (numpy, no torch)."""
+    from safetensors.numpy import save_file
+
+    from host.checkpoint import _expected_shapes, parse_config
+
+    cfg = parse_config(config)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in _expected_shapes(cfg).items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            tensors["transformer." + name] = np.ones(shape, np.float32)
+        else:
+            tensors["transformer." + name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config))
+    return path

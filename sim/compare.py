@@ -1,0 +1,118 @@
+"""`gpt-fpga compare`: where does the integer model lose accuracy against float?
+
+Runs the float model (checkpoint) and the fixed model (image) on the same tokens, captures every
+intermediate of every layer, dequantizes the fixed ones with the image's scales, and reports
+SNR (dB), cosine similarity and max abs error per layer and operation, plus the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from host.errors import InputError
+from sim import numerics as nx
+
+OPS = ("ln1", "q", "k", "v", "ctx", "resid_attn", "ln2", "fc", "gelu", "resid_mlp")
+
+
+def error_stats(ref, test) -> dict:
+    ref, test = np.asarray(ref, np.float64).ravel(), np.asarray(test, np.float64).ravel()
+    err = ref - test
+    signal, noise = float(ref @ ref), float(err @ err)
+    denom = math.sqrt(signal * float(test @ test))
+    return {"snr_db": 10 * math.log10(signal / noise) if noise > 0 else float("inf"),
+            "cosine": float(ref @ test) / denom if denom > 0 else 1.0,
+            "max_abs_err": float(np.abs(err).max()) if err.size else 0.0}
+
+
+def dequant_scale(header: dict, name: str, layer: int) -> float:
+    if name in ("resid_attn", "resid_mlp"):
+        return 2.0 ** -nx.RESID_FRAC
+    if name == "lnf":
+        return header["lnf_scale"]
+    return header["layers"][layer]["scales"][name]
+
+
+def capture(model, ids) -> dict:
+    seen = {}
+
+    def observe(name, layer, value):
+        seen[(name, layer)] = np.array(value, dtype=np.float64)
+
+    model.reset()
+    logits = model.forward(ids, observe=observe)
+    return seen, logits
+
+
+def compare_models(float_model, fixed_model, header: dict, ids) -> dict:
+    ref, ref_logits = capture(float_model, ids)
+    fix, fix_logits = capture(fixed_model, ids)
+    layers = []
+    for layer in range(float_model.cfg.n_layer):
+        row = {}
+        for op in OPS:
+            row[op] = error_stats(ref[(op, layer)], fix[(op, layer)] * dequant_scale(header, op, layer))
+        layers.append(row)
+    n = float_model.cfg.n_layer
+    lnf = error_stats(ref[("lnf", n)], fix[("lnf", n)] * dequant_scale(header, "lnf", n))
+    agree = float(np.mean(ref_logits.argmax(-1) == fix_logits.argmax(-1)))
+    return {"tokens": len(ids), "layers": layers, "lnf": lnf, "logits": error_stats(ref_logits, fix_logits),
+            "top1_agreement": agree}
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = summary["layers"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    x = np.arange(len(layers))
+    for op in OPS:
+        snr = [min(l[op]["snr_db"], 99) for l in layers]
+        ax1.plot(x, snr, marker="o", label=op)
+    ax1.axhline(summary["logits"]["snr_db"], color="k", ls="--", label="logits")
+    ax1.set_xlabel("layer")
+    ax1.set_ylabel("SNR of fixed vs float (dB)")
+    ax1.set_xticks(x)
+    ax1.legend(ncol=2, fontsize=8)
+    ax1.grid(alpha=0.3)
+    ax1.set_title("per layer and operation")
+    mean_snr = [np.mean([min(l[op]["snr_db"], 99) for l in layers]) for op in OPS]
+    ax2.barh(list(OPS)[::-1], mean_snr[::-1], color="tab:blue")
+    ax2.set_xlabel("mean SNR over layers (dB)")
+    ax2.set_title(f"top-1 agreement {summary['top1_agreement']:.3f}, logits cos "
+                  f"{summary['logits']['cosine']:.4f}")
+    ax2.grid(alpha=0.3, axis="x")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(model_dir, image_path, text_path, out_dir, tokens: int = 256) -> dict:
+    from host.backends import FixedBackend, FloatBackend
+
+    text_path, out_dir = Path(text_path), Path(out_dir)
+    if not text_path.is_file():
+        raise InputError(f"{text_path}: no such text file")
+    flt, fix = FloatBackend(Path(model_dir)), FixedBackend(Path(image_path))
+    if flt.config != fix.config:
+        raise InputError(f"{image_path} was not made from {model_dir}: their configs differ")
+    if flt.codec is None:
+        raise InputError(f"{model_dir} has no tokenizer.json: compare needs it to tokenize {text_path}")
+    ids = flt.codec.encode(text_path.read_text(encoding="utf-8", errors="replace"))[:min(tokens, flt.config.n_ctx)]
+    if len(ids) < 2:
+        raise InputError(f"{text_path}: needs at least 2 tokens, has {len(ids)}")
+    summary = compare_models(flt.model, fix.model, fix.model.image.header, flt.check_ids(ids))
+    summary.update(model=str(model_dir), image=str(image_path), text=str(text_path),
+                   hardware=fix.model.image.header["hardware"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
+    plot(summary, out_dir / "compare.png", f"{Path(model_dir).name} vs {Path(image_path).name}")
+    return summary
