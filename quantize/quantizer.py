@@ -49,12 +49,12 @@ class QuantOptions:
 
 
 # ---- calibration ------------------------------------------------------------------------------
-def self_generated_ids(model: FloatModel, n_tokens: int, seed: int = 0) -> list[int]:
+def self_generated_ids(model: FloatModel, n_tokens: int, seed: int = 0, progress: bool = True) -> list[int]:
     """Default calibration text: sample from the float model itself (temperature 1), no data needed."""
     rng = np.random.default_rng(seed)
     ids, cfg = [], model.cfg
     start = cfg.eos_token_id if cfg.eos_token_id is not None else 0
-    with tqdm(total=n_tokens, desc="calibration text (self-generated)", unit="tok") as bar:
+    with tqdm(total=n_tokens, desc="calibration text (self-generated)", unit="tok", disable=not progress) as bar:
         while len(ids) < n_tokens:
             model.reset()
             tok = start
@@ -67,7 +67,7 @@ def self_generated_ids(model: FloatModel, n_tokens: int, seed: int = 0) -> list[
     return ids
 
 
-def calibrate(model: FloatModel, ids: list[int]) -> dict[str, np.ndarray]:
+def calibrate(model: FloatModel, ids: list[int], progress: bool = True) -> dict[str, np.ndarray]:
     """absmax of every calibrated activation over the calibration ids, per layer: name -> [n_layer]."""
     cfg = model.cfg
     peaks = {name: np.zeros(cfg.n_layer + 1) for name in CALIBRATED + ("lnf",)}
@@ -77,7 +77,7 @@ def calibrate(model: FloatModel, ids: list[int]) -> dict[str, np.ndarray]:
             peaks[name][layer] = max(peaks[name][layer], float(np.max(np.abs(value))))
 
     chunks = range(0, len(ids), cfg.n_ctx)
-    for begin in tqdm(chunks, desc="calibration", unit="win"):
+    for begin in tqdm(chunks, desc="calibration", unit="win", disable=not progress):
         model.reset()
         model.forward(ids[begin:begin + cfg.n_ctx], observe=observe)
     return peaks
@@ -153,6 +153,18 @@ def act_scale(peak: float) -> float:
     return max(peak, 1e-6) / 127.0
 
 
+def source_fingerprint(model_dir: Path) -> str:
+    """sha256 of config.json and the safetensors header: ties an image to the checkpoint it came from."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256(Path(model_dir, "config.json").read_bytes())
+    with open(Path(model_dir, "model.safetensors"), "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        h.update(f.read(n))
+    return h.hexdigest()
+
+
 # ---- the whole model --------------------------------------------------------------------------
 def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], calib_source: str,
                 out_path: Path, progress: bool = True) -> dict:
@@ -160,7 +172,7 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
     opts.validate(cfg)
     hw = HwLayout(bus_bits=opts.bus_bits, weights=opts.weights, group=opts.group)
     model = FloatModel(cfg, p)
-    peaks = calibrate(model, calib_ids)
+    peaks = calibrate(model, calib_ids, progress)
     d, hd = cfg.d_model, cfg.head_dim
     sections: dict[str, bytes] = {}
     layers = []
@@ -206,7 +218,7 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
               "layers": layers, "lnf_shift": shf, "lnf_scale": s_lnf,
               "ln_eps_table": nx.layernorm_eps_table(cfg.layer_norm_eps, d).tolist(),
               "calibration": {"source": calib_source, "tokens": len(calib_ids), "method": "absmax"},
-              "source_model": str(ckpt.path)}
+              "source_model": str(ckpt.path), "source_fingerprint": source_fingerprint(ckpt.path)}
     write_image(out_path, header, sections)
     return header
 
@@ -225,15 +237,14 @@ def quantize_checkpoint(model_dir, out_path, weights="int8", group=32, bus_bits=
         if ckpt.tokenizer_path is None:
             raise InputError(f"{model_dir} has no tokenizer.json: --calib text cannot be tokenized")
         ids = TextCodec(ckpt.tokenizer_path).encode(calib.read_text(encoding="utf-8", errors="replace"))
-        ids = ids[:calib_tokens or DEFAULT_CALIB_TOKENS]
+        ids = [i for i in ids if i < ckpt.config.vocab_size][:calib_tokens or DEFAULT_CALIB_TOKENS]
         if len(ids) < 16:
             raise InputError(f"{calib}: only {len(ids)} tokens; calibration needs at least 16")
-        ids = [i for i in ids if i < ckpt.config.vocab_size]
         source = str(calib)
     else:
         n = calib_tokens or DEFAULT_SELF_CALIB_TOKENS
         print(f"gpt-fpga quantize: no --calib text given; calibrating on {n} tokens sampled from the model "
               f"itself (seed 0)", flush=True)
-        ids = self_generated_ids(FloatModel(ckpt.config, ckpt.params), n)
+        ids = self_generated_ids(FloatModel(ckpt.config, ckpt.params), n, progress=progress)
         source = "self-generated"
     return build_image(ckpt, opts, ids, source, Path(out_path), progress)

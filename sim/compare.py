@@ -102,8 +102,11 @@ def compare(model_dir, image_path, text_path, out_dir, tokens: int = 256) -> dic
     if not text_path.is_file():
         raise InputError(f"{text_path}: no such text file")
     flt, fix = FloatBackend(Path(model_dir)), FixedBackend(Path(image_path))
-    if flt.config != fix.config:
-        raise InputError(f"{image_path} was not made from {model_dir}: their configs differ")
+    from quantize.quantizer import source_fingerprint
+
+    if flt.config != fix.config or fix.model.image.header.get("source_fingerprint") != source_fingerprint(model_dir):
+        raise InputError(f"{image_path} was not made from {model_dir} (their config or tensor layout differ); "
+                         f"quantize this model to compare against it")
     if flt.codec is None:
         raise InputError(f"{model_dir} has no tokenizer.json: compare needs it to tokenize {text_path}")
     ids = flt.codec.encode(text_path.read_text(encoding="utf-8", errors="replace"))[:min(tokens, flt.config.n_ctx)]

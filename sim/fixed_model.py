@@ -54,27 +54,63 @@ class LayerNormQ:
         return nx.layernorm(x, self.gamma_mult, self.beta, self.out_shift, eps_table)
 
 
+def _int_in(value, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def check_model_header(path, h: dict) -> ModelConfig:
+    """Every number the integer model takes from the header is present and in its contract range."""
+    def bad(what):
+        return ImageError(f"{path}: header field {what} is missing or out of range")
+
+    try:
+        cfg = ModelConfig.from_dict(h["config"])
+    except (KeyError, TypeError, ValueError):
+        raise bad("'config'") from None
+    dims = (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.d_ff, cfg.vocab_size, cfg.n_ctx)
+    if not all(_int_in(v, 1, 1 << 24) for v in dims) or cfg.d_model % cfg.n_head \
+            or len(cfg.local_layers) != cfg.n_layer or not _int_in(cfg.window_size, 0, 1 << 24):
+        raise bad("'config' (dimensions)")
+    layers = h.get("layers")
+    if not isinstance(layers, list) or len(layers) != cfg.n_layer:
+        raise bad("'layers'")
+    for i, lh in enumerate(layers):
+        if not isinstance(lh, dict):
+            raise bad(f"'layers[{i}]'")
+        for key, lo, hi in (("score_mult", 0, (1 << nx.MULT_BITS) - 1), ("score_shift", 0, nx.MAX_SHIFT),
+                            ("ctx_mult", 0, (1 << nx.MULT_BITS) - 1), ("ctx_shift", 0, nx.MAX_SHIFT),
+                            ("ln1_shift", 0, 62), ("ln2_shift", 0, 62), ("window", 0, 1 << 24)):
+            if not _int_in(lh.get(key), lo, hi):
+                raise bad(f"'layers[{i}].{key}'")
+        if not isinstance(lh.get("scales"), dict):
+            raise bad(f"'layers[{i}].scales'")
+    if not _int_in(h.get("lnf_shift"), 0, 62):
+        raise bad("'lnf_shift'")
+    eps = h.get("ln_eps_table")
+    if not (isinstance(eps, list) and len(eps) == nx.LN_MAX_SHIFT + 1 and all(_int_in(e, 1, 1 << 62) for e in eps)):
+        raise bad(f"'ln_eps_table' ({nx.LN_MAX_SHIFT + 1} entries expected)")
+    return cfg
+
+
 class FixedModel:
     """Stateful like FloatModel: ``forward(ids)`` returns dequantized float32 logits [n, v]."""
 
     def __init__(self, image: Image):
         self.image = image
         h = image.header
+        self.cfg = check_model_header(image.path, h)
         try:
-            self.cfg = ModelConfig.from_dict(h["config"])
             hw = image.hw
             cfg = self.cfg
             self.eps_table = np.asarray(h["ln_eps_table"], dtype=np.int64)
             self.layers = []
-            for i, lh in enumerate(h["layers"][:cfg.n_layer]):
+            for i, lh in enumerate(h["layers"]):
                 mats = {name: Matrix.from_stream(image.section(f"L{i}.{name}"), o, n_in, hw)
                         for name, o, n_in in layer_matrices(cfg)}
                 self.layers.append(dict(
                     lh, **mats, ln1=LayerNormQ.from_stream(image.section(f"L{i}.ln1"), lh["ln1_shift"]),
                     ln2=LayerNormQ.from_stream(image.section(f"L{i}.ln2"), lh["ln2_shift"]),
                     gelu=np.frombuffer(image.section(f"L{i}.gelu"), dtype=np.int8).astype(np.int64)))
-            if len(self.layers) != cfg.n_layer:
-                raise ImageError(f"{image.path}: header describes {len(self.layers)} layers, config says {cfg.n_layer}")
             self.lnf = LayerNormQ.from_stream(image.section("lnf"), h["lnf_shift"])
             self.head = Matrix.from_stream(image.section("lm_head"), cfg.vocab_size, cfg.d_model, hw)
             emb = np.frombuffer(image.section("embed_scale"), dtype=np.uint8).reshape(cfg.vocab_size, 4)

@@ -171,7 +171,11 @@ def layernorm_eps_table(eps: float, d: int) -> np.ndarray:
 
 
 def layernorm_input_shift(x):
-    """Per row: the smallest sh >= 0 such that every (x >> sh) fits int16."""
+    """Per row: sh = max(0, bit_length(max |x|) - 15), so every x >> sh fits int16.
+
+    (Not always the smallest such shift: a peak of exactly -2**15 gets 1. The rule is chosen because it
+    needs only |x| and a leading-zero count; sh is 17 only for x = -2**31.)
+    """
     peak = np.max(np.abs(_i64(x)), axis=-1)
     return np.maximum(bit_length(peak) - (LN_IN_BITS - 1), 0)
 
@@ -220,7 +224,7 @@ RECIP_TABLE = recip_table()
 
 
 def attention_scores(q, k):
-    """scores[..., n, t] = sum_e q[..., n, e] * k[..., t, e]: int8 . int8 over the head dim (|s| < 2**22)."""
+    """scores[..., n, t] = sum_e q[..., n, e] * k[..., t, e]: int8 . int8 over the head dim (|s| <= 2**22)."""
     prod = np.asarray(q, dtype=np.float64) @ np.swapaxes(np.asarray(k, dtype=np.float64), -1, -2)
     return prod.astype(np.int64)
 
