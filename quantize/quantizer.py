@@ -44,6 +44,9 @@ class QuantOptions:
         for name, d in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff)):
             if d > nx.MAX_D_IN:
                 raise InputError(f"{name}={d} exceeds the accelerator's limit of {nx.MAX_D_IN} inputs per matvec")
+        if cfg.layer_norm_eps * cfg.d_model ** 2 >= 2 ** 16:  # E[0] = eps d^2 2^32 must fit the 48-bit eps port
+            raise InputError(f"layer_norm_epsilon={cfg.layer_norm_eps} is too large for d_model={cfg.d_model}: "
+                             f"the LayerNorm core needs eps * d^2 < 65536")
         if cfg.head_dim > 256:
             raise InputError(f"head_dim={cfg.head_dim} exceeds the supported 256")
 

@@ -1,0 +1,243 @@
+"""Masked softmax over one row of int32 attention scores (``sim.numerics.softmax``), bit exact."""
+
+from __future__ import annotations
+
+from amaranth import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import bits_for, ceil_log2
+
+from hw.axis import AxiStreamSignature
+from sim import numerics
+
+__all__ = ["Softmax"]
+
+MAX_LEN_LIMIT = 1 << 16
+
+# z pipeline (pass 1): input register, partial products, sum, shift, round+saturate.
+_Z_STAGES = 5
+# e pipeline (passes 2 and 4): BRAM read, BRAM register, zmax - z, exp ROM read, ROM register, e.
+_E_STAGES = 6
+# output tail (pass 4): e * r, >> (k - 1), round into the output register.
+_P_STAGES = 3
+
+
+class Softmax(wiring.Component):
+    """Masked softmax of one row of int32 scores into uint16 probabilities (15 fraction bits).
+
+    Computes ``sim.numerics.softmax(scores, mask, mult, shift)`` for one row, bit for bit:
+    ``z = requantize(score, mult, shift, 32)``; ``zmax`` over visible positions;
+    ``e = EXP2_TABLE[(zmax - z) & 255] >> min((zmax - z) >> 8, 16)`` (0 where masked);
+    ``S = sum(e)``; ``r = RECIP_TABLE[...]`` after normalising ``max(S, 2**15)`` to its top 16 bits;
+    ``p = round_shift(e * r, k)``. A row with no visible position gives all zeros.
+
+    The row is buffered in one ``max_len`` x 33-bit memory (z and the visibility bit; 2 BRAM36 at
+    2048). Four phases per row:
+
+    1. receive: one score per cycle; z is computed by a 5-stage pipeline, written to the buffer, and
+       ``zmax`` tracked;
+    2. exp and sum: the buffer is read once, ``S`` accumulated (``n + 6`` cycles);
+    3. reciprocal: ``max(S, 2**15)`` is normalised by a binary search (one step per cycle) and
+       ``RECIP_TABLE`` read;
+    4. send: the buffer is read again, e recomputed, multiplied by ``r`` and rounded; one
+       probability per cycle unless ``m_probs`` stalls.
+
+    ``s_scores.tready`` is high only in phase 1, so rows are processed one at a time.
+    With no stalls the first probability is valid ``latency(n)`` cycles after the transfer of the
+    row's last score and the row occupies the core for ``cycles_per_row(n)`` cycles
+    (:meth:`latency`, :meth:`cycles_per_row`; both linear in ``n``, e.g. ~3n for long rows).
+    Multipliers: 32x15 split into two 16x15 products, and one 16x16 (3 DSP48E1). Tables
+    ``EXP2_TABLE`` (256 x 16) and ``RECIP_TABLE`` (1024 x 16) are ROMs initialised from
+    ``sim.numerics.exp2_table()`` and ``recip_table()``.
+
+    ``mult`` and ``shift`` must be stable from the first score of a row until its last one has
+    been received. A synchronous reset abandons the row in progress; the next row is exact.
+    Rows longer than ``max_len`` are not supported (the buffer address wraps).
+
+    Parameters
+    ----------
+    max_len : int
+        Longest row, 1..65536 (the buffer depth).
+
+    Attributes
+    ----------
+    s_scores : In(AxiStreamSignature(32, user_width=1))
+        One signed int32 score per beat; ``tuser`` = 1 when the position is visible; ``tlast`` on
+        the row's last score.
+    m_probs : Out(AxiStreamSignature(16))
+        One uint16 probability per position, in order; ``tlast`` on the last.
+    mult : In(15)
+        Requantization multiplier of the scores (unsigned).
+    shift : In(6)
+        Requantization shift, 0..63 (values above 47 give z = 0, as the contract does).
+    """
+
+    def __init__(self, *, max_len: int = 2048):
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or not 1 <= max_len <= MAX_LEN_LIMIT:
+            self._MustUse__silence = True  # a rejected component is not an unused one
+            raise ValueError(f"max_len must be an int in [1, {MAX_LEN_LIMIT}], got {max_len!r}")
+        self.max_len = max_len
+        self._sum_width = bits_for(max_len << numerics.EXP_FRAC)  # S <= max_len * 2**15
+        self._norm_steps = self._steps(self._sum_width - 16)
+        super().__init__({
+            "s_scores": In(AxiStreamSignature(32, user_width=1)),
+            "m_probs": Out(AxiStreamSignature(16)),
+            "mult": In(numerics.MULT_BITS),
+            "shift": In(6),
+        })
+
+    @staticmethod
+    def _steps(max_shift: int) -> list[int]:
+        """Binary-search shift steps (descending powers of two) that reach any shift <= max_shift."""
+        return [1 << j for j in reversed(range(bits_for(max_shift)))] if max_shift > 0 else []
+
+    def latency(self, n: int) -> int:
+        """Cycles from the transfer of the last score of an ``n``-element row to the first
+        probability's ``tvalid``, when nothing stalls: z pipeline, exp pass, reciprocal
+        (SAFE, normalisation steps, ROM address, ROM data), then the e and output pipelines."""
+        return _Z_STAGES + (n + _E_STAGES) + (1 + len(self._norm_steps) + 2) + (1 + _E_STAGES + _P_STAGES)
+
+    def cycles_per_row(self, n: int) -> int:
+        """Cycles between the first-score transfers of two back-to-back ``n``-element rows when
+        nothing stalls: receive, latency, send (``3 n + 27`` at ``max_len`` = 2048)."""
+        return (n - 1) + self.latency(n) + n
+
+    def elaborate(self, platform):
+        m = Module()
+        sw, aw = self._sum_width, max(1, ceil_log2(self.max_len))
+        nw = bits_for(self.max_len)
+
+        m.submodules.buf = buf = Memory(shape=unsigned(33), depth=self.max_len, init=[])
+        wp, rp = buf.write_port(), buf.read_port()
+        m.submodules.exp_rom = exp_rom = Memory(shape=unsigned(16), depth=256,
+                                                init=[int(v) for v in numerics.exp2_table()])
+        m.submodules.recip_rom = recip_rom = Memory(shape=unsigned(16), depth=1 << numerics.RECIP_INDEX_BITS,
+                                                    init=[int(v) for v in numerics.recip_table()])
+        exp_rp, recip_rp = exp_rom.read_port(), recip_rom.read_port()
+
+        s_in, out = self.s_scores, self.m_probs
+        receiving = Signal()
+        m.d.comb += s_in.tready.eq(receiving)
+        in_fire = s_in.tvalid & s_in.tready
+
+        # ---- pass 1: z = saturate(round_shift(score * mult, shift), 32), free-running pipeline ----
+        z1_v, z1_m, z1_l, z1_s = Signal(), Signal(), Signal(), Signal(signed(32))
+        m.d.sync += z1_v.eq(in_fire)
+        with m.If(in_fire):
+            m.d.sync += [z1_s.eq(s_in.tdata), z1_m.eq(s_in.tuser), z1_l.eq(s_in.tlast)]
+        z2_v, z2_m, z2_l = Signal(), Signal(), Signal()
+        z2_hi, z2_lo = Signal(signed(32)), Signal(unsigned(31))
+        m.d.sync += [z2_v.eq(z1_v), z2_m.eq(z1_m), z2_l.eq(z1_l),
+                     z2_hi.eq(z1_s[16:32].as_signed() * self.mult), z2_lo.eq(z1_s[0:16] * self.mult)]
+        z3_v, z3_m, z3_l, z3_p = Signal(), Signal(), Signal(), Signal(signed(48))
+        m.d.sync += [z3_v.eq(z2_v), z3_m.eq(z2_m), z3_l.eq(z2_l), z3_p.eq((z2_hi << 16) + z2_lo)]
+        # round_shift(p, s) == ((2p >> s) + 1) >> 1 for every s >= 0
+        z4_v, z4_m, z4_l, z4_q = Signal(), Signal(), Signal(), Signal(signed(49))
+        m.d.sync += [z4_v.eq(z3_v), z4_m.eq(z3_m), z4_l.eq(z3_l), z4_q.eq((z3_p << 1) >> self.shift)]
+        z5_v, z5_m, z5_l, z5_z = Signal(), Signal(), Signal(), Signal(signed(32))
+        m.d.sync += [z5_v.eq(z4_v), z5_m.eq(z4_m), z5_l.eq(z4_l)]
+        with m.If(z4_q >= (1 << 32) - 1):
+            m.d.sync += z5_z.eq((1 << 31) - 1)
+        with m.Elif(z4_q <= -(1 << 32) - 2):
+            m.d.sync += z5_z.eq(-(1 << 31))
+        with m.Else():
+            m.d.sync += z5_z.eq((z4_q[0:34].as_signed() + 1) >> 1)
+
+        wcnt = Signal(nw)            # scores written so far
+        n = Signal(nw)               # row length
+        zmax = Signal(signed(32), init=-(1 << 31))
+        m.d.comb += [wp.addr.eq(wcnt[:aw]), wp.data.eq(Cat(z5_z, z5_m)), wp.en.eq(z5_v)]
+        with m.If(z5_v):
+            m.d.sync += wcnt.eq(wcnt + 1)
+            with m.If(z5_m & (z5_z > zmax)):
+                m.d.sync += zmax.eq(z5_z)
+
+        # ---- passes 2 and 4: e from the buffer, shared pipeline, stalled as a whole by `adv` ----
+        adv = ~out.tvalid | out.tready
+        in_pass, sending = Signal(), Signal()
+        raddr = Signal(nw)
+        issue = in_pass & (raddr != n) & adv
+        m.d.comb += [rp.addr.eq(raddr[:aw]), rp.en.eq(adv)]
+        with m.If(issue):
+            m.d.sync += raddr.eq(raddr + 1)
+
+        # BRAM and ROM outputs are registered before any logic (ECP5 DP16KD clk-to-q is ~6 ns)
+        e1_v, e1_l = Signal(), Signal()
+        e2_v, e2_l, e2_m, e2_z = Signal(), Signal(), Signal(), Signal(signed(32))
+        e3_v, e3_l, e3_m, e3_lo, e3_sh = Signal(), Signal(), Signal(), Signal(8), Signal(5)
+        e4_v, e4_l, e4_m, e4_sh = Signal(), Signal(), Signal(), Signal(5)
+        e5_v, e5_l, e5_m, e5_sh, e5_x = Signal(), Signal(), Signal(), Signal(5), Signal(16)
+        e6_v, e6_l, e6_e = Signal(), Signal(), Signal(16)
+        diff = Signal(signed(34))
+        m.d.comb += [diff.eq(zmax - e2_z), exp_rp.addr.eq(e3_lo), exp_rp.en.eq(adv)]
+        with m.If(adv):
+            m.d.sync += [
+                e1_v.eq(issue), e1_l.eq(raddr == n - 1),
+                e2_v.eq(e1_v), e2_l.eq(e1_l), e2_z.eq(rp.data[0:32]), e2_m.eq(rp.data[32]),
+                # diff >= 0 at visible positions; the table index is diff & 255, the shift
+                # min(diff >> 8, 16)
+                e3_v.eq(e2_v), e3_l.eq(e2_l), e3_m.eq(e2_m), e3_lo.eq(diff[0:8]),
+                e3_sh.eq(Mux(diff[12:] != 0, 16, diff[8:12])),
+                e4_v.eq(e3_v), e4_l.eq(e3_l), e4_m.eq(e3_m), e4_sh.eq(e3_sh),
+                e5_v.eq(e4_v), e5_l.eq(e4_l), e5_m.eq(e4_m), e5_sh.eq(e4_sh), e5_x.eq(exp_rp.data),
+                e6_v.eq(e5_v), e6_l.eq(e5_l), e6_e.eq(Mux(e5_m, e5_x >> e5_sh, 0)),
+            ]
+
+        total = Signal(sw)
+        k16 = Signal(range(max(2, sw - 15)))   # k - 16, k = bit_length(max(S, 2**15))
+        r = Signal(16)
+
+        # pass 4 tail: p = round_shift(e * r, k) = ((e * r >> (k - 1)) + 1) >> 1
+        p5_v, p5_l, p5_prod = Signal(), Signal(), Signal(32)
+        p6_v, p6_l, p6_q = Signal(), Signal(), Signal(17)
+        with m.If(adv):
+            m.d.sync += [
+                p5_v.eq(e6_v & sending), p5_l.eq(e6_l), p5_prod.eq(e6_e * r),
+                p6_v.eq(p5_v), p6_l.eq(p5_l), p6_q.eq((p5_prod >> 15) >> k16),
+                out.tvalid.eq(p6_v), out.tlast.eq(p6_l), out.tdata.eq((p6_q + 1) >> 1),
+            ]
+
+        # ---- reciprocal: normalise max(S, 2**15) so its top bit is bit sw-1 ----
+        norm = Signal(sw)
+        lz = Signal(range(sw))
+        m.d.comb += recip_rp.addr.eq(norm[sw - 11: sw - 1])
+
+        with m.FSM():
+            with m.State("RECV"):
+                m.d.comb += receiving.eq(1)
+                with m.If(in_fire & s_in.tlast):
+                    m.next = "FLUSH"
+            with m.State("FLUSH"):  # the z pipeline drains into the buffer
+                with m.If(z5_v & z5_l):
+                    m.d.sync += [n.eq(wcnt + 1), raddr.eq(0), total.eq(0)]
+                    m.next = "EXP"
+            with m.State("EXP"):
+                m.d.comb += in_pass.eq(1)
+                with m.If(e6_v):
+                    m.d.sync += total.eq(total + e6_e)
+                    with m.If(e6_l):
+                        m.next = "SAFE"
+            with m.State("SAFE"):
+                m.d.sync += [norm.eq(Mux(total < (1 << numerics.EXP_FRAC), 1 << numerics.EXP_FRAC, total)),
+                             lz.eq(0)]
+                m.next = f"NORM{self._norm_steps[0]}" if self._norm_steps else "RADDR"
+            for i, step in enumerate(self._norm_steps):
+                with m.State(f"NORM{step}"):
+                    with m.If(norm[sw - step:] == 0):
+                        m.d.sync += [norm.eq(norm << step), lz.eq(lz + step)]
+                    nxt = self._norm_steps[i + 1] if i + 1 < len(self._norm_steps) else None
+                    m.next = f"NORM{nxt}" if nxt else "RADDR"
+            with m.State("RADDR"):
+                m.d.comb += recip_rp.en.eq(1)
+                m.d.sync += k16.eq(sw - 16 - lz)
+                m.next = "RDATA"
+            with m.State("RDATA"):
+                m.d.sync += [r.eq(recip_rp.data), raddr.eq(0)]
+                m.next = "SEND"
+            with m.State("SEND"):
+                m.d.comb += [in_pass.eq(1), sending.eq(1)]
+                with m.If(out.tvalid & out.tready & out.tlast):
+                    m.d.sync += [wcnt.eq(0), zmax.eq(-(1 << 31))]
+                    m.next = "RECV"
+        return m

@@ -1,0 +1,290 @@
+"""cocotb testbench for hw.softmax.Softmax: every probability equals sim.numerics.softmax.
+
+``SoftmaxTB`` drives ``s_scores`` (score, visibility in tuser) from a cocotbext-axi source and
+drains ``m_probs`` into a sink, both with random valid/ready stalls; the model computes expected
+rows only by calling sim.numerics.softmax; a monitor coroutine passes every received row to the
+scoreboard, which checks it by equality. TB_PARAMS (JSON): max_len, and the latency /
+cycles-per-row formulas of the component as (constant, per-element) pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import deque
+
+import cocotb
+import numpy as np
+from cocotb.clock import Clock
+from cocotb.triggers import ClockCycles, RisingEdge
+from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStreamSource
+
+from sim import numerics
+
+PARAMS = json.loads(os.environ.get("TB_PARAMS", "{}"))
+MAX_LEN = int(PARAMS.get("max_len", 2048))
+M32 = (1 << 32) - 1
+
+
+def stalls(rng: random.Random, p: float):
+    """Endless pause pattern: True (stall) with probability p per cycle."""
+    while True:
+        yield rng.random() < p
+
+
+def linear(key: str, n: int) -> int:
+    c0, c1 = PARAMS[key]
+    return c0 + c1 * n
+
+
+class SoftmaxModel:
+    @staticmethod
+    def __call__(scores, mask, mult: int, shift: int) -> list[int]:
+        p = numerics.softmax(np.asarray(scores, dtype=np.int64)[None], np.asarray(mask, dtype=bool)[None],
+                             mult, shift)[0]
+        return [int(v) for v in p]
+
+
+class Scoreboard:
+    def __init__(self):
+        self.expected, self.checked = deque(), 0
+
+    def expect(self, row: list[int], tag: str):
+        self.expected.append((row, tag))
+
+    def compare(self, got: list[int]):
+        assert self.expected, f"unexpected output row of {len(got)} elements"
+        exp, tag = self.expected.popleft()
+        assert len(got) == len(exp), f"{tag}: got {len(got)} elements, expected {len(exp)}"
+        if got != exp:
+            bad = next(i for i, (g, e) in enumerate(zip(got, exp)) if g != e)
+            raise AssertionError(f"{tag}: element {bad}: got {got[bad]}, expected {exp[bad]}")
+        self.checked += 1
+
+
+class SoftmaxTB:
+    def __init__(self, dut, seed: int):
+        self.dut, self.rng = dut, random.Random(seed)
+        self.np_rng = np.random.default_rng(seed)
+        Clock(dut.clk, 10, unit="ns").start()
+        self.source = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_scores", bus_separator="__"),
+                                      dut.clk, dut.rst, byte_size=32)
+        self.sink = AxiStreamSink(AxiStreamBus.from_prefix(dut, "m_probs", bus_separator="__"),
+                                  dut.clk, dut.rst, byte_size=16)
+        for ext in (self.source, self.sink):
+            ext.log.setLevel("WARNING")
+        self.model = SoftmaxModel()
+        self.scoreboard = Scoreboard()
+        self.monitor = cocotb.start_soon(self._monitor())
+        self.config(1 << 14, 14)
+
+    async def _monitor(self):
+        while True:
+            frame = await self.sink.recv()
+            self.scoreboard.compare([int(v) for v in frame.tdata])
+
+    def config(self, mult: int, shift: int):
+        assert 0 <= mult < 1 << 15 and 0 <= shift < 64
+        self.mult, self.shift = mult, shift
+        self.dut.mult.value = mult
+        self.dut.shift.value = shift
+
+    def set_stalls(self, p_in: float, p_out: float):
+        self.source.set_pause_generator(stalls(self.rng, p_in) if p_in else None)
+        self.sink.set_pause_generator(stalls(self.rng, p_out) if p_out else None)
+
+    async def reset(self, cycles: int = 3):
+        self.dut.rst.value = 1
+        await ClockCycles(self.dut.clk, cycles)
+        self.dut.rst.value = 0
+        await RisingEdge(self.dut.clk)
+
+    async def send(self, scores, mask, tag: str):
+        scores, mask = [int(s) for s in scores], [int(bool(v)) for v in mask]
+        assert 1 <= len(scores) == len(mask) <= MAX_LEN
+        self.scoreboard.expect(self.model(scores, mask, self.mult, self.shift), tag)
+        await self.source.send(AxiStreamFrame([s & M32 for s in scores], tuser=mask))
+
+    async def drain(self, timeout: int = 100000):
+        """Wait until every expected row has been received and checked."""
+        for _ in range(timeout):
+            if not self.scoreboard.expected:
+                return
+            await RisingEdge(self.dut.clk)
+        raise AssertionError(f"timeout: {len(self.scoreboard.expected)} rows still expected")
+
+    async def row(self, scores, mask, tag: str, mult: int | None = None, shift: int | None = None):
+        """One row with its own (mult, shift): the configuration changes only between rows."""
+        await self.drain()
+        if mult is not None:
+            self.config(mult, shift)
+        await self.send(scores, mask, tag)
+        await self.drain()
+
+    # ---- stimulus ----
+    def scores(self, n: int, spread: int = 1 << 21):
+        return self.np_rng.integers(-spread, spread, n)
+
+    def causal_mask(self, n: int):
+        """Visible prefix (a query attends to keys 0..i) with an optional local window."""
+        i = self.rng.randrange(n)
+        window = self.rng.choice([0, 0, max(1, n // 4)])
+        return numerics.visible_keys([i], n, window)[0]
+
+
+def realistic_config():
+    """GPT-2 head: s_q = s_k ~ 0.05, hd = 64: ratio s_q s_k log2(e) 2**8 / sqrt(64)."""
+    return numerics.multiplier_for(0.05 * 0.05 * 1.4426950408889634 * 256 / 8)
+
+
+@cocotb.test()
+async def test_random_rows(dut):
+    """Rows of lengths 1, 2, 17, 100, 1024 and max_len with causal / local / random masks, stalls."""
+    tb = SoftmaxTB(dut, seed=11)
+    await tb.reset()
+    tb.config(*realistic_config())
+    lengths = sorted({n for n in (1, 2, 17, 100, 1024, MAX_LEN) if n <= MAX_LEN})
+    for k, n in enumerate(lengths):
+        tb.set_stalls(*[(0.3, 0.3), (0.5, 0.1), (0.1, 0.5)][k % 3])
+        await tb.send(tb.scores(n), tb.causal_mask(n), f"causal n={n}")
+        m = tb.np_rng.random(n) < 0.7
+        m[tb.rng.randrange(n)] = True
+        await tb.send(tb.scores(n, 1 << 14), m, f"random-mask n={n}")
+    await tb.drain()
+    assert tb.scoreboard.checked == 2 * len(lengths)
+
+
+@cocotb.test()
+async def test_edge_rows(dut):
+    """All equal, single visible, fully masked, masked positions with wild scores, huge differences."""
+    tb = SoftmaxTB(dut, seed=12)
+    await tb.reset()
+    tb.set_stalls(0.3, 0.3)
+    tb.config(*realistic_config())
+    n = min(33, MAX_LEN)
+    ones = np.ones(n, dtype=bool)
+    await tb.send([12345] * n, ones, "all-equal")
+    await tb.send([-(1 << 31)] * n, ones, "all-equal int32 min")
+    await tb.send([7], [1], "single element")
+    single = np.zeros(n, dtype=bool)
+    single[n // 2] = True
+    await tb.send(tb.scores(n), single, "single visible")
+    await tb.send(tb.scores(n), np.zeros(n, dtype=bool), "fully masked")
+    await tb.send([0], [0], "fully masked n=1")
+    wild = tb.np_rng.integers(-(1 << 31), 1 << 31, n)
+    half = np.arange(n) % 2 == 0
+    wild[half] = tb.np_rng.integers(-1000, 1000, half.sum())
+    await tb.send(wild, half, "masked positions hold extreme scores")
+    # identity requantization (z = score) from here: differences are exact
+    await tb.drain()
+    tb.config(1 << 14, 14)
+    # differences (zmax - z) >> 8 at and around 15 and 16, and far beyond (e underflows to 0)
+    base = np.array([0, -15 * 256, -15 * 256 - 1, -16 * 256 + 1, -16 * 256, -16 * 256 - 1, -17 * 256,
+                     -(1 << 20), -(1 << 30), -(1 << 31) + 1, 100 - (1 << 31)])
+    await tb.send(base, np.ones(len(base), dtype=bool), "large negative differences")
+    await tb.send(np.maximum(base - (1 << 30), -(1 << 31)), np.ones(len(base), dtype=bool), "clipped at int32 min")
+    # long row where almost every difference is large: S just above 2**15
+    n = min(MAX_LEN, 300)
+    s = np.full(n, -(1 << 20))
+    s[0] = 1 << 20
+    await tb.send(s, np.ones(n, dtype=bool), "one dominant score")
+    # every position with the same diff: S = 1 + (n-1) * EXP2_TABLE[f] sweeps the reciprocal index
+    for f in (1, 128, 255, 256, 3000, 3839, 3840):
+        s = np.full(n, -f)
+        s[0] = 0
+        await tb.send(s, np.ones(n, dtype=bool), f"uniform diff {f}")
+    for m in (2, 3, 1000, 2047):  # S = m * 2**15: exact powers and just above
+        m = min(m, MAX_LEN)
+        await tb.send(np.zeros(m, dtype=np.int64), np.ones(m, dtype=bool), f"{m} equal scores")
+    await tb.drain()
+
+
+@cocotb.test()
+async def test_config_extremes(dut):
+    """mult 0 / max, shift 0 (z saturates at int32) / 47 / 63, with extreme scores."""
+    tb = SoftmaxTB(dut, seed=13)
+    await tb.reset()
+    tb.set_stalls(0.2, 0.2)
+    n = min(24, MAX_LEN)
+    extreme = np.concatenate([[-(1 << 31), (1 << 31) - 1, 0, 1, -1], tb.np_rng.integers(-(1 << 31), 1 << 31, 19)])[:n]
+    mask = tb.np_rng.random(n) < 0.8
+    mask[1] = True
+    for mult, shift in [(0, 0), (0, 63), ((1 << 15) - 1, 0), ((1 << 15) - 1, 63), ((1 << 15) - 1, 47),
+                        ((1 << 15) - 1, 46), (1, 0), (1 << 14, 31), (12345, 24), ((1 << 15) - 1, 38)]:
+        await tb.row(extreme, mask, f"extreme scores mult={mult} shift={shift}", mult, shift)
+        await tb.row(tb.scores(n, 1 << 22), mask, f"attention scores mult={mult} shift={shift}", mult, shift)
+    # z exactly at the int32 saturation boundaries: 196611 * 21845 == 2**32 - 1
+    edge = [196611, -196611, 196610, -196612, 196612, 98305, -98306, 0]
+    await tb.row(edge, [1] * len(edge), "z at 2**31 after rounding", 21845, 1)
+    edge = [(1 << 31) - 1, 1 << 30, (1 << 30) - 1, -(1 << 30), -(1 << 30) - 1, -(1 << 31)]
+    for mult in (1, 2):
+        await tb.row(edge, [1] * len(edge), f"z at the int32 limits, mult={mult}", mult, 0)
+
+
+@cocotb.test()
+async def test_reset_mid_stream(dut):
+    """Reset while receiving, summing, and sending: the abandoned row is dropped, the next is exact."""
+    tb = SoftmaxTB(dut, seed=14)
+    await tb.reset()
+    tb.config(*realistic_config())
+    n = min(MAX_LEN, 200)
+    for when in ("receive", "exp", "send"):
+        tb.set_stalls(0.2, 0.2)
+        # the abandoned row's scores are far above the next row's: a stale zmax would show
+        await tb.source.send(AxiStreamFrame([int(s) & M32 for s in tb.scores(n) + (1 << 28)], tuser=[1] * n))
+        if when == "exp":
+            await RisingEdge(dut.clk)
+            while dut.s_scores__tready.value:  # low once the row's last score is in
+                await RisingEdge(dut.clk)
+        if when == "send":
+            while not dut.m_probs__tvalid.value:
+                await RisingEdge(dut.clk)
+        await ClockCycles(dut.clk, n // 3)
+        tb.source.clear()
+        await tb.reset()
+        assert tb.sink.empty() and not tb.scoreboard.expected
+        await tb.send(tb.scores(n), tb.causal_mask(n), f"after a reset mid-{when}")
+        await tb.drain()
+
+
+@cocotb.test()
+async def test_latency_throughput(dut):
+    """No stalls: rows back to back; check the documented latency and cycles per row."""
+    tb = SoftmaxTB(dut, seed=15)
+    await tb.reset()
+    tb.config(*realistic_config())
+    edges = {"first_in": [], "last_in": [], "first_out": [], "last_out": []}
+
+    async def watch():
+        cycle, in_row, out_row = 0, False, False
+        while True:
+            await RisingEdge(dut.clk)
+            cycle += 1
+            if dut.s_scores__tvalid.value and dut.s_scores__tready.value:
+                if not in_row:
+                    edges["first_in"].append(cycle)
+                in_row = not dut.s_scores__tlast.value
+                if not in_row:
+                    edges["last_in"].append(cycle)
+            if dut.m_probs__tvalid.value and not out_row:
+                edges["first_out"].append(cycle)
+                out_row = True
+            if dut.m_probs__tvalid.value and dut.m_probs__tready.value and dut.m_probs__tlast.value:
+                edges["last_out"].append(cycle)
+                out_row = False
+
+    w = cocotb.start_soon(watch())
+    lengths = [1, 5, min(64, MAX_LEN)]
+    for n in lengths:
+        await tb.send(tb.scores(n), np.ones(n, dtype=bool), f"timing n={n}")
+    await tb.drain()
+    w.cancel()
+    for i, n in enumerate(lengths):
+        assert edges["last_in"][i] - edges["first_in"][i] == n - 1, "scores not accepted one per cycle"
+        lat = edges["first_out"][i] - edges["last_in"][i]
+        assert lat == linear("latency", n), f"latency n={n}: {lat} cycles, documented {linear('latency', n)}"
+        assert edges["last_out"][i] - edges["first_out"][i] == n - 1, "probabilities not sent one per cycle"
+        if i + 1 < len(lengths):
+            cyc = edges["first_in"][i + 1] - edges["first_in"][i]
+            assert cyc == linear("cycles_per_row", n), f"n={n}: {cyc} cycles per row, documented {linear('cycles_per_row', n)}"

@@ -1,0 +1,22 @@
+"""Gelu core: cocotb simulation against sim.numerics.gelu (tables from numerics.gelu_table)."""
+
+import pytest
+
+from hw.gelu import Gelu
+from sim.runner import SIMULATORS, have_simulator, run_cocotb
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("lanes", [1, 4])
+@pytest.mark.parametrize("sim", SIMULATORS)
+def test_gelu(sim, lanes):
+    if not have_simulator(sim):
+        pytest.skip(f"{sim} not installed")
+    dut = Gelu(lanes=lanes)
+    run_cocotb("gelu", dut, "sim.tb_gelu", sim, params={"lanes": lanes}, tb_params={"latency": dut.latency})
+
+
+@pytest.mark.parametrize("lanes", [0, 65, 1.0, True, "2"])
+def test_gelu_rejects_bad_lanes(lanes):
+    with pytest.raises(ValueError, match="lanes"):
+        Gelu(lanes=lanes)
