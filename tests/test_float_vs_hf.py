@@ -18,12 +18,13 @@ TOL = 1e-4
 SHAPES = [
     pytest.param("gpt2", {}, 20, id="gpt2-default"),
     pytest.param("gpt2", dict(n_layer=3, n_head=2, n_embd=24, n_inner=40), 31, id="gpt2-n_inner40-3L"),
-    pytest.param("gpt2", dict(scale_attn_weights=False, n_inner=72), 16, id="gpt2-noscale"),
+    pytest.param("gpt2", dict(scale_attn_weights=False, n_inner=72, layer_norm_epsilon=1e-2), 16,
+                 id="gpt2-noscale-eps1e-2"),
     pytest.param("gpt2", dict(n_head=8, activation_function="gelu_pytorch_tanh"), 32, id="gpt2-8heads-fullctx"),
     pytest.param("gpt_neo", dict(window_size=8, attention_types=[[["global", "local"], 1]]), 24,
                  id="neo-window8-seq24"),
     pytest.param("gpt_neo", dict(num_layers=3, attention_types=[[["local"], 3]], window_size=5,
-                                 intermediate_size=40), 30, id="neo-all-local-w5-ff40"),
+                                 intermediate_size=40, layer_norm_epsilon=1e-2), 30, id="neo-all-local-w5-ff40-eps"),
     pytest.param("gpt_neo", dict(hidden_size=24, num_heads=2, attention_types=[[["global"], 2]],
                                  intermediate_size=56), 32, id="neo-all-global-fullctx"),
     pytest.param("gpt_neo", dict(num_layers=4, attention_types=[[["global", "local"], 2]], window_size=1), 12,
@@ -213,7 +214,22 @@ def test_cached_decode_equals_full_recompute(tmp_path, family, kw, chunks):
 
 
 # ---------------------------------------------------------------------------------------------
-# greedy generation on the bundled trained models
+# the bundled trained models
+
+@pytest.mark.parametrize("name", ["neo-kjv", "gpt2-kjv"])
+def test_bundled_logits_match_transformers(name):
+    """Whole context (256 > the Neo window of 128) of held-out text, HF loading the same fp16 file."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    d = MODELS / name
+    ids = Tokenizer.from_file(str(d / "tokenizer.json")).encode(
+        (MODELS / "kjv-heldout.txt").read_text()[:4000], add_special_tokens=False).ids
+    hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    ids = ids[:hf.config.max_position_embeddings]
+    assert len(ids) == 256
+    _assert_close(float_model(d).forward(ids), hf_logits(hf, ids))
+
 
 @pytest.mark.parametrize("name", ["neo-kjv", "gpt2-kjv"])
 def test_greedy_matches_transformers_generate(name):

@@ -1,0 +1,268 @@
+"""Benchmarks: ``python -m sim.bench --out build/bench [--only float ...]``.
+
+Each section is a function ``bench_<name>(out: Path) -> dict`` registered in :data:`BENCHES`; it writes
+``out/<name>.json`` and returns what it wrote. Sections added later follow the same pattern.
+
+float
+    The float32 golden model (sim/float_model.py) against transformers, side by side in one process on
+    a random GPT-Neo of TinyStories-33M shape: prefill of a 256-token prompt and decode ms/token with
+    the KV cache. Also ``load_memory``: peak RSS of loading a GPT-2-124M-shaped fp32 checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+
+# TinyStories-33M (roneneldan/TinyStories-33M) shape
+TINYSTORIES_33M = dict(model_type="gpt_neo", vocab_size=50257, max_position_embeddings=2048, hidden_size=768,
+                       num_layers=4, num_heads=16, window_size=256, attention_types=[[["global", "local"], 2]],
+                       intermediate_size=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                       embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, bos_token_id=50256,
+                       eos_token_id=50256)
+# GPT-2 124M shape (openai-community/gpt2)
+GPT2_124M = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                 n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=50256,
+                 eos_token_id=50256)
+
+PROMPT_LEN = 256
+DECODE_STEPS = 64
+WARMUP_STEPS = 8
+ROUNDS = 3  # alternating golden / transformers rounds; each a prefill then DECODE_STEPS steps
+
+
+def _write_json(path: Path, obj: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# load memory
+
+# ru_maxrss is not enough on its own: Linux carries the parent's high-water mark into a forked and exec'd
+# child, so a child of this (large) process would report the parent's RSS. VmHWM in /proc/self/status
+# belongs to the child's own address space; ru_maxrss is recorded next to it.
+_LOAD_CHILD = r"""
+import json, resource, sys
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+from host.checkpoint import load_checkpoint
+base = status("VmRSS")
+ck = load_checkpoint(sys.argv[1])
+n = sum(a.nbytes for a in ck.params.values())
+print(json.dumps({"baseline_rss": base, "peak_rss": status("VmHWM"), "params_bytes": n,
+                  "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def write_random_gpt2_124m(model_dir: Path, seed: int = 0) -> Path:
+    """A random fp32 GPT-2-124M-shaped checkpoint (HF names, Conv1D layouts, no lm_head), ~0.5 GB."""
+    from safetensors.numpy import save_file
+
+    c = GPT2_124M
+    d, v, n, f = c["n_embd"], c["vocab_size"], c["n_positions"], 4 * c["n_embd"]
+    rng = np.random.default_rng(seed)
+    shapes = {"wte.weight": (v, d), "wpe.weight": (n, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for i in range(c["n_layer"]):
+        p = f"h.{i}."
+        shapes.update({p + "ln_1.weight": (d,), p + "ln_1.bias": (d,), p + "ln_2.weight": (d,),
+                       p + "ln_2.bias": (d,), p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
+                       p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
+                       p + "mlp.c_fc.weight": (d, f), p + "mlp.c_fc.bias": (f,),
+                       p + "mlp.c_proj.weight": (f, d), p + "mlp.c_proj.bias": (d,)})
+    tensors = {}
+    for name, shape in tqdm(shapes.items(), desc="random GPT-2 124M", unit="tensor", leave=False):
+        tensors["transformer." + name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(c))
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    return model_dir
+
+
+def bench_load_memory(tmp: Path) -> dict:
+    """Peak RSS of a fresh process that loads a GPT-2-124M fp32 checkpoint, relative to the file size."""
+    model_dir = tmp / "gpt2-124m-random"
+    try:
+        write_random_gpt2_124m(model_dir)
+        file_bytes = (model_dir / "model.safetensors").stat().st_size
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        run = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(model_dir)], capture_output=True, text=True,
+                             env=env, cwd=REPO, check=False)
+        if run.returncode:
+            raise RuntimeError(f"load_checkpoint child failed:\n{run.stderr}")
+        child = json.loads(run.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    peak, base = child["peak_rss"], child["baseline_rss"]
+    return {"model": "random GPT-2 124M shape, fp32", "file_bytes": file_bytes, "params_bytes": child["params_bytes"],
+            "baseline_rss_bytes": base, "peak_rss_bytes": peak, "rss_ratio": peak / file_bytes,
+            "rss_ratio_above_baseline": (peak - base) / file_bytes, "ru_maxrss_bytes": child["ru_maxrss"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# float golden model vs transformers
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+class _GoldenRunner:
+    """One prefill then cached decode steps on the float32 golden model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def prefill(self, prompt):
+        self.model.reset()
+        logits = self.model.forward(prompt)
+        assert logits.dtype == np.float32
+
+    def step(self, tok):
+        return self.model.forward([tok])
+
+
+class _TransformersRunner:
+    """The same with transformers' own forward and its KV cache (no generate() overhead)."""
+
+    def __init__(self, model):
+        import torch
+
+        self.torch, self.model, self.pkv = torch, model, None
+
+    def prefill(self, prompt):
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([prompt]), use_cache=True)
+        assert out.logits.dtype == self.torch.float32
+        self.pkv = out.past_key_values
+
+    def step(self, tok):
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([[tok]]), past_key_values=self.pkv, use_cache=True)
+        self.pkv = out.past_key_values
+        return out.logits
+
+
+def _time_round(runner, prompt: list[int], steps: list[int], desc: str) -> tuple[float, float]:
+    """(prefill seconds, decode seconds per token) for one fresh prompt."""
+    t0 = time.perf_counter()
+    runner.prefill(prompt)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for tok in tqdm(steps, desc=desc, unit="tok", leave=False):
+        runner.step(tok)
+    return prefill, (time.perf_counter() - t0) / len(steps)
+
+
+def _time_side_by_side(runners: dict, prompt: list[int], steps: list[int]) -> dict:
+    """Warm both up, then alternate rounds so that any load on the machine hits both alike; medians."""
+    for r in runners.values():
+        r.prefill(prompt)
+        for tok in steps[:WARMUP_STEPS]:
+            r.step(tok)
+    times = {name: [] for name in runners}
+    for i in range(ROUNDS):
+        for name, r in runners.items():
+            times[name].append(_time_round(r, prompt, steps, f"{name} decode {i + 1}/{ROUNDS}"))
+    return {name: {"decode_ms_per_token": _ms(float(np.median([d for _, d in t]))),
+                   "prefill_ms": _ms(float(np.median([p for p, _ in t])))} for name, t in times.items()}
+
+
+def bench_float(out: Path) -> dict:
+    import torch
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from host.checkpoint import load_checkpoint
+    from sim.float_model import FloatModel
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    tmp = out / "tmp"
+    model_dir = tmp / "tinystories-33m-random"
+    try:
+        torch.manual_seed(0)
+        cfg = {k: v for k, v in TINYSTORIES_33M.items() if k != "model_type"}
+        print("building a random TinyStories-33M-shaped GPT-Neo ...", flush=True)
+        hf = GPTNeoForCausalLM(GPTNeoConfig(**cfg)).to(torch.float32).eval()
+        hf.save_pretrained(model_dir, safe_serialization=True)
+        ck = load_checkpoint(model_dir)
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    golden = FloatModel(ck.config, ck.params)
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, ck.config.vocab_size, PROMPT_LEN).tolist()
+    steps = rng.integers(0, ck.config.vocab_size, DECODE_STEPS).tolist()
+
+    # same numbers on both sides before timing anything
+    golden.reset()
+    with torch.inference_mode():
+        ref = hf(torch.tensor([prompt[:32]])).logits[0].numpy()
+    max_diff = float(np.abs(golden.forward(prompt[:32]) - ref).max())
+
+    result = _time_side_by_side({"golden": _GoldenRunner(golden), "transformers": _TransformersRunner(hf)},
+                                prompt, steps)
+    result["decode_speed_ratio"] = round(result["transformers"]["decode_ms_per_token"]
+                                         / result["golden"]["decode_ms_per_token"], 3)
+    del hf, golden, ck  # free ~0.5 GB before writing the next checkpoint
+    print("measuring checkpoint load memory (GPT-2 124M shape) ...", flush=True)
+    result["load_memory"] = bench_load_memory(tmp)
+    result["setup"] = {"model": "random GPT-Neo, TinyStories-33M shape", "dtype": "float32",
+                       "prompt_tokens": PROMPT_LEN, "decode_steps": DECODE_STEPS, "warmup_steps": WARMUP_STEPS,
+                       "rounds": ROUNDS,
+                       "torch_threads": threads, "max_abs_logit_diff_32_tokens": max_diff,
+                       "numpy": np.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        tmp.rmdir()
+    except OSError:
+        pass
+    return _write_json(out / "float.json", result)
+
+
+def _summary_float(r: dict) -> str:
+    g, t, m = r["golden"], r["transformers"], r["load_memory"]
+    return (f"float: decode golden {g['decode_ms_per_token']:.2f} ms/tok, transformers "
+            f"{t['decode_ms_per_token']:.2f} ms/tok (ratio {r['decode_speed_ratio']:.2f}x); prefill "
+            f"{PROMPT_LEN} tok golden {g['prefill_ms']:.1f} ms, transformers {t['prefill_ms']:.1f} ms\n"
+            f"       load memory: peak RSS {m['peak_rss_bytes'] / 2**20:.0f} MiB for a "
+            f"{m['file_bytes'] / 2**20:.0f} MiB file (ratio {m['rss_ratio']:.2f})")
+
+
+BENCHES = {"float": (bench_float, _summary_float)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "build" / "bench", help="output directory")
+    ap.add_argument("--only", nargs="+", choices=sorted(BENCHES), metavar="NAME",
+                    help=f"run only these sections ({', '.join(BENCHES)})")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.only or list(BENCHES):
+        fn, summary = BENCHES[name]
+        result = fn(args.out)
+        print(summary(result))
+        print(f"wrote {args.out / (name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
