@@ -1,7 +1,8 @@
 """Backends behind one interface: ``forward(ids) -> logits [n, vocab] float32``, with a KV cache.
 
 ``float``: the float32 golden model (sim/float_model.py) on a Hugging Face directory.
-Later backends (fixed, rtl, pynq) take a weight image and present the same interface.
+``fixed``: the bit-exact integer model of the accelerator (sim/fixed_model.py) on a weight image.
+Later backends (rtl, pynq) take a weight image and present the same interface.
 """
 
 from __future__ import annotations
@@ -18,19 +19,21 @@ BACKENDS = ("float", "fixed")
 
 
 class Backend:
+    """A model with a KV cache: ``self.model`` has reset(), forward(ids) and position."""
+
     name: str
     config: ModelConfig
     codec: TextCodec | None
 
     def reset(self) -> None:
-        raise NotImplementedError
+        self.model.reset()
 
-    def forward(self, ids) -> np.ndarray:
-        raise NotImplementedError
+    def forward(self, ids) -> np.ndarray:  # [n] ids -> [n, vocab] float32 logits; extends the cache
+        return self.model.forward(self.check_ids(ids))
 
     @property
     def position(self) -> int:
-        raise NotImplementedError
+        return self.model.position
 
     def check_ids(self, ids) -> list[int]:
         ids = [int(i) for i in ids]
@@ -52,16 +55,6 @@ class FloatBackend(Backend):
         self.codec = TextCodec(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
         self.model = FloatModel(ckpt.config, ckpt.params)
 
-    def reset(self):
-        self.model.reset()
-
-    @property
-    def position(self):
-        return self.model.position
-
-    def forward(self, ids):
-        return self.model.forward(self.check_ids(ids))
-
 
 class FixedBackend(Backend):
     """The bit-exact integer golden model on a weight image."""
@@ -79,16 +72,6 @@ class FixedBackend(Backend):
         self.model = FixedModel(image)
         self.config = self.model.cfg
         self.codec = TextCodec.from_bytes(image.section("tokenizer")) if image.has_section("tokenizer") else None
-
-    def reset(self):
-        self.model.reset()
-
-    @property
-    def position(self):
-        return self.model.position
-
-    def forward(self, ids):
-        return self.model.forward(self.check_ids(ids))
 
 
 def open_backend(name: str, model: str | Path) -> Backend:

@@ -246,7 +246,36 @@ def _summary_float(r: dict) -> str:
             f"{m['file_bytes'] / 2**20:.0f} MiB file (ratio {m['rss_ratio']:.2f})")
 
 
-BENCHES = {"float": (bench_float, _summary_float)}
+def _summary_accuracy(r: dict) -> str:
+    lines = []
+    for model, e in r.items():
+        for fmt in ("int8", "int4"):
+            a = e[fmt]
+            lines.append(f"accuracy {model} {fmt}: ppl {a['ppl']:.3f} vs float {a['float_ppl']:.3f} "
+                         f"(x{a['ratio']:.4f}), top-1 agreement {a['top1_agreement']:.4f}")
+        st = e["activation_scale_study"]
+        lines.append(f"accuracy {model} activation scales (fake-quant, float weights): static {st['static']:.3f}, "
+                     f"dynamic {st['dynamic']:.3f}, float {st['float']:.3f}")
+    return "\n".join(lines)
+
+
+def _summary_fixed(r: dict) -> str:
+    return (f"fixed: decode {r['fixed']['decode_ms_per_token']:.2f} ms/tok vs float "
+            f"{r['float']['decode_ms_per_token']:.2f} ms/tok ({r['fixed_to_float_speed']:.2f}x float speed); "
+            f"quantize GPT-2 124M {r['quantize_gpt2_124m_seconds']:.1f} s")
+
+
+def _lazy(module: str, name: str):
+    def run(out: Path) -> dict:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(out)
+    return run
+
+
+BENCHES = {"float": (bench_float, _summary_float),
+           "accuracy": (_lazy("sim.bench_accuracy", "bench_accuracy"), _summary_accuracy),
+           "fixed": (_lazy("sim.bench_accuracy", "bench_fixed"), _summary_fixed)}
 
 
 def main(argv: list[str] | None = None) -> int:
