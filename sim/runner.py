@@ -58,6 +58,20 @@ def _results(xml: Path) -> tuple[int, int]:
     return get_results(xml)
 
 
+def _failures(xml: Path) -> list[tuple[str, str]]:
+    """(name, first line of the message) of each failed or errored cocotb test in a results file."""
+    import xml.etree.ElementTree as ET
+
+    out = []
+    for case in ET.parse(xml).iter("testcase"):
+        bad = case.find("failure")
+        bad = case.find("error") if bad is None else bad
+        if bad is not None:
+            msg = (bad.get("message") or "").strip().splitlines()
+            out.append((case.get("name", "?"), msg[0][:300] if msg else ""))
+    return out
+
+
 def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | None = None,
                tb_params: dict | None = None, testcase: str | None = None) -> Path:
     """Generate Verilog for `component`, build it for `sim`, run `test_module`; raise on any failure.
@@ -76,7 +90,7 @@ def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | 
     build_args = ["-g2005"] if sim == "icarus" else ["-Wno-fatal", "-Wno-WIDTH"]
     env = {"TB_PARAMS": json.dumps({**params, **(tb_params or {})}), "PYTHONPATH": str(REPO)}
 
-    def attempt(waves: bool) -> tuple[int, int, Path]:
+    def attempt(waves: bool, cases) -> tuple[int, int, Path]:
         runner = get_runner(sim)
         args = list(build_args)
         if waves and sim == "verilator":
@@ -97,7 +111,7 @@ def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | 
         xml = bdir / "results.xml"
         try:
             runner.test(test_module=test_module, hdl_toplevel=top, build_dir=bdir, test_dir=bdir,
-                        extra_env=env, waves=waves, testcase=testcase, timescale=("1ns", "1ps"),
+                        extra_env=env, waves=waves, testcase=cases, timescale=("1ns", "1ps"),
                         results_xml=str(xml))
         except SystemExit:  # under pytest, cocotb_tools exits when a test fails; count from the XML
             if not xml.is_file():
@@ -105,13 +119,16 @@ def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | 
         total, failed = _results(xml)
         return total, failed, bdir
 
-    total, failed, bdir = attempt(waves=False)
+    total, failed, bdir = attempt(waves=False, cases=testcase)
     if total == 0:
         raise AssertionError(f"{core} [{sim}] ran no cocotb test")
     if failed:
-        _, _, wdir = attempt(waves=True)
+        # Only the failed tests run again with tracing: a passing long test would dump gigabytes.
+        failures = _failures(bdir / "results.xml")
+        _, _, wdir = attempt(waves=True, cases=[name for name, _ in failures] or testcase)
         dumps = sorted(p for ext in ("*.fst", "*.vcd") for p in wdir.rglob(ext))
         where = ", ".join(str(p.relative_to(REPO)) for p in dumps) or f"(no dump found under {wdir})"
-        raise AssertionError(f"{core} [{sim}, {param_slug(params)}]: {failed} of {total} cocotb tests failed; "
-                             f"waveform: {where}; log: {bdir}")
+        what = "; ".join(f"{name}: {msg}" for name, msg in failures)
+        raise AssertionError(f"{core} [{sim}, {param_slug(params)}]: {failed} of {total} cocotb tests failed "
+                             f"({what}); waveform: {where}; log: {bdir}")
     return bdir

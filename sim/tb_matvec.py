@@ -1,0 +1,454 @@
+"""cocotb testbench for hw/matvec.py: every output checked for equality with sim/numerics.py.
+
+Run through tests/test_hw_matvec.py (sim/runner.run_cocotb), which builds the core for one
+parameter set and passes it here as JSON in TB_PARAMS:
+``bus_bits, weights, group, max_d_in`` (the core's elaboration parameters), ``latency`` (the core's
+``latency`` property), ``big`` (run the d_in 3072 random case; default true), ``throughput``
+(run the 768 x 3072 throughput test; default false) and optionally ``result_json`` (a file the
+throughput test writes ``{weights: {beats, cycles, efficiency}}`` to).
+
+Structure (after cocotb's matrix_multiplier example and taxi's AXI-Stream tests):
+* :class:`Case` - one matvec: the integer arrays, packed with quantize/layout.pack_matrix;
+* :func:`model` - the expected outputs, computed only by sim/numerics.py from the unpacked stream;
+* :class:`TB` - clock, reset, cocotbext-axi sources/sink with pause generators, a weight-beat
+  monitor (handshakes and cycles) and the scoreboard, which compares each m_out frame (tlast
+  delimits it) with the model's outputs, in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cocotb
+import numpy as np
+from cocotb.clock import Clock
+from cocotb.triggers import ClockCycles, RisingEdge
+from cocotbext.axi import AxiStreamBus, AxiStreamSink, AxiStreamSource
+
+from quantize.layout import HwLayout, ceil_div, pack_matrix, unpack_matrix
+from sim import numerics as nx
+
+PARAMS = json.loads(os.environ.get("TB_PARAMS", "{}"))
+LAYOUT = HwLayout(bus_bits=PARAMS.get("bus_bits", 64), weights=PARAMS.get("weights", "int8"),
+                  group=PARAMS.get("group", 32))
+MAX_D_IN = PARAMS.get("max_d_in", nx.MAX_D_IN)
+INT4 = LAYOUT.weights == "int4"
+W_MIN, W_MAX = (nx.INT4_MIN, nx.INT4_MAX) if INT4 else (-128, 127)
+PERIOD_NS = 10
+
+
+# ---- stimulus and model ---------------------------------------------------------------------
+@dataclass
+class Case:
+    """One matvec: w [d_out, d_in] (int8, or int4 values), group scales (int4), a [d_in], row params."""
+
+    name: str
+    w: np.ndarray
+    gs: np.ndarray | None
+    a: np.ndarray
+    bias: np.ndarray
+    mult: np.ndarray
+    shift: np.ndarray
+    out_int8: bool
+
+    @property
+    def d_out(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.w.shape[1]
+
+    def weight_stream(self) -> bytes:
+        return pack_matrix(self.w, self.gs, self.bias, self.mult, self.shift, LAYOUT)
+
+    def act_stream(self, rng) -> bytes:
+        """The activations, padded to whole beats with random bytes (the weights there are zero)."""
+        pad = ceil_div(self.d_in, LAYOUT.bus_bytes) * LAYOUT.bus_bytes - self.d_in
+        return self.a.astype(np.int8).tobytes() + rng.integers(0, 256, pad, dtype=np.uint8).tobytes()
+
+
+def model(case: Case) -> np.ndarray:
+    """Expected m_out values, from the packed stream through sim/numerics.py only."""
+    u = unpack_matrix(case.weight_stream(), case.d_out, case.d_in, LAYOUT)
+    w_eff = nx.expand_int4(u["w"], u["group_scale"], LAYOUT.group) if INT4 else u["w"]
+    return nx.matvec(w_eff, case.a, u["bias"], u["mult"], u["shift"], 8 if case.out_int8 else 32)
+
+
+def shifts_for(w_eff, a, bias, mult, rng, spread=(-2, 3)) -> np.ndarray:
+    """Per-row shifts putting most outputs in range and some past it (test data, not expectations)."""
+    p = np.abs(nx.matvec_acc(w_eff, a, bias) * mult)
+    return np.clip(nx.bit_length(p) - 7 + rng.integers(*spread, size=p.shape), 0, nx.MAX_SHIFT)
+
+
+def random_case(rng, name, d_out, d_in, out_int8, bias_bits=20) -> Case:
+    w = rng.integers(W_MIN, W_MAX + 1, (d_out, d_in))
+    gs = rng.integers(1, nx.GROUP_SCALE_MAX + 1, (d_out, ceil_div(d_in, LAYOUT.group))) if INT4 else None
+    a = rng.integers(-128, 128, d_in)
+    bias = rng.integers(-(1 << bias_bits), 1 << bias_bits, d_out)
+    mult = rng.integers(1 << 14, 1 << 15, d_out)
+    w_eff = nx.expand_int4(w, gs, LAYOUT.group) if INT4 else w
+    if out_int8:
+        shift = shifts_for(w_eff, a, bias, mult, rng)
+    else:
+        shift = rng.integers(0, nx.MAX_SHIFT + 1, d_out)
+    return Case(name, w, gs, a, bias, mult, shift, out_int8)
+
+
+def extreme_case(out_int8: bool) -> Case:
+    """d_in = max_d_in, a = -128: the accumulator's contract bounds, saturation at both ends, shift 0/47."""
+    d_in, big = MAX_D_IN, nx.MAX_BIAS
+    rows = [  # (weight fill, bias, mult, shift)
+        (W_MIN, big, (1 << 15) - 1, 0),        # largest positive acc -> saturate high
+        (W_MAX, -big, (1 << 15) - 1, 0),       # largest negative acc -> saturate low
+        (W_MIN, big, (1 << 15) - 1, 47),       # |acc * mult| near 2**46, shifted by 47
+        (W_MAX, -big, (1 << 15) - 1, 47),
+        (W_MIN, big, 0xFFFF, 47),              # |acc * mult| > 2**46: shift 47 gives +-1
+        (W_MAX, -big, 0xFFFF, 47),
+        (0, big, 1, 0),                        # bias +2**30 alone
+        (0, -big, 1, 0),                       # bias -2**30 alone
+        (W_MIN, 0, 1 << 14, 30),
+        (W_MAX, big, 0xFFFF, 20),              # the header's full uint16 multiplier
+        (W_MIN, -big, 0, 5),                   # mult 0
+        ("alt", 12345, (1 << 15) - 1, 24),     # alternating min / max weights
+    ]
+    w = np.zeros((len(rows), d_in), np.int64)
+    for r, (fill, *_rest) in enumerate(rows):
+        w[r] = np.where(np.arange(d_in) % 2, W_MAX, W_MIN) if fill == "alt" else fill
+    gs = np.full((len(rows), ceil_div(d_in, LAYOUT.group)), nx.GROUP_SCALE_MAX) if INT4 else None
+    col = lambda i: np.array([row[i] for row in rows])  # noqa: E731
+    return Case(f"extremes-out{8 if out_int8 else 32}", w, gs, np.full(d_in, -128), col(1), col(2), col(3),
+                out_int8)
+
+
+def rounding_case(rng, out_int8: bool) -> Case:
+    """Every shift 0..47 (and 48..63); exact round-half ties of both signs (acc * mult = odd * 2**(shift-1))."""
+    d_in = LAYOUT.weights_per_beat + 3
+    bias, mult, shift = [], [], []
+    for s in range(nx.MAX_SHIFT + 1):
+        for sign in (1, -1):
+            if 1 <= s <= 46:
+                j = min(s - 1, 15)  # mult = 2**j (j = 15 uses the header's 16th bit)
+                odd = int(rng.integers(0, 1 << max(0, 14 - (s - 1 - j)))) * 2 + 1
+                bias.append(sign * odd * (1 << (s - 1 - j)))
+                mult.append(1 << j)
+            else:
+                bias.append(sign * int(rng.integers(1 << 29, 1 << 30)))
+                mult.append(int(rng.integers(1 << 14, 1 << 15)))
+            shift.append(s)
+        bias.append(int(rng.integers(-(1 << 30), 1 << 30)))  # and a random row with this shift
+        mult.append(int(rng.integers(1 << 14, 1 << 15)))
+        shift.append(s)
+    n = len(shift)
+    w = np.zeros((n, d_in), np.int64)
+    w[2::3] = rng.integers(W_MIN, W_MAX + 1, (n // 3, d_in))  # the random rows get weights too
+    for s in range(nx.MAX_SHIFT + 1, 64):  # past the contract: the 6-bit shift field still matches
+        bias.append(int(rng.integers(-(1 << 30), 1 << 30)))
+        mult.append(int(rng.integers(1 << 14, 1 << 16)))
+        shift.append(s)
+    w = np.concatenate([w, np.zeros((len(shift) - n, d_in), np.int64)])
+    n = len(shift)
+    gs = rng.integers(1, 256, (n, ceil_div(d_in, LAYOUT.group))) if INT4 else None
+    return Case(f"rounding-out{8 if out_int8 else 32}", w, gs, rng.integers(-128, 128, d_in),
+                np.array(bias), np.array(mult), np.array(shift), out_int8)
+
+
+def corner_values_case(rng, out_int8: bool, d_out=24, d_in=200) -> Case:
+    """Weights and activations drawn from the corners of their ranges (-128, int4 -8, +-1, 0, max)."""
+    w = rng.choice([W_MIN, W_MIN + 1, -1, 0, 1, W_MAX], (d_out, d_in))
+    gs = rng.choice([1, 2, 128, 255], (d_out, ceil_div(d_in, LAYOUT.group))) if INT4 else None
+    a = rng.choice([-128, -127, -1, 0, 1, 127], d_in)
+    bias = rng.choice([-nx.MAX_BIAS, -1, 0, 1, nx.MAX_BIAS], d_out)
+    mult = rng.choice([0, 1, 1 << 14, (1 << 15) - 1], d_out)
+    shift = rng.choice([0, 1, 7, 15, 31, 46, 47], d_out)
+    return Case(f"corners-out{8 if out_int8 else 32}", w, gs, a, bias, mult, shift, out_int8)
+
+
+def pauses(rng, p: float):
+    """Pause generator: True (stall) with probability p on each cycle."""
+    if p <= 0:
+        return None
+    bits = rng.random(4096) < p
+    return itertools.cycle(bits.tolist())
+
+
+# ---- testbench ------------------------------------------------------------------------------
+class WeightMonitor:
+    """Counts s_weights handshakes and the cycles from the first one to the last one."""
+
+    def __init__(self, dut):
+        self.clk, self.valid, self.ready = dut.clk, dut.s_weights__tvalid, dut.s_weights__tready
+        self.cycle = 0
+        self.beats = 0
+        self.first = self.last = None
+        self._task = None
+
+    def start(self):
+        self.beats, self.first, self.last = 0, None, None
+        self._task = cocotb.start_soon(self._run())
+
+    def stop(self):
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    @property
+    def cycles(self) -> int:
+        return 0 if self.first is None else self.last - self.first + 1
+
+    async def _run(self):
+        edge = RisingEdge(self.clk)
+        while True:
+            await edge
+            self.cycle += 1
+            if self.valid.value == 1 and self.ready.value == 1:
+                self.beats += 1
+                if self.first is None:
+                    self.first = self.cycle
+                self.last = self.cycle
+
+
+class TB:
+    def __init__(self, dut, seed: int = 0):
+        self.dut = dut
+        self.log = logging.getLogger("cocotb.tb")
+        self.rng = np.random.default_rng(seed)
+        cocotb.start_soon(Clock(dut.clk, PERIOD_NS, unit="ns").start())
+
+        def bus(prefix):
+            return AxiStreamBus.from_prefix(dut, prefix, bus_separator="__")
+
+        self.act = AxiStreamSource(bus("s_act"), dut.clk, dut.rst)
+        self.wts = AxiStreamSource(bus("s_weights"), dut.clk, dut.rst)
+        self.out = AxiStreamSink(bus("m_out"), dut.clk, dut.rst)
+        for s in (self.act, self.wts, self.out):
+            s.log.setLevel(logging.WARNING)  # no per-frame logging
+        self.monitor = WeightMonitor(dut)
+        dut.d_in.value = 1
+        dut.n_rows.value = 1
+        dut.out_int8.value = 1
+
+    def stalls(self, act=0.0, wts=0.0, out=0.0):
+        """Random valid stalls on the inputs and ready stalls on the output, with these probabilities."""
+        for port, p in ((self.act, act), (self.wts, wts), (self.out, out)):
+            gen = pauses(self.rng, p)
+            if gen is None:
+                port.clear_pause_generator()
+                port.pause = False
+            else:
+                port.set_pause_generator(gen)
+
+    async def reset(self, cycles=3):
+        self.dut.rst.value = 1
+        await ClockCycles(self.dut.clk, cycles)
+        self.dut.rst.value = 0
+        await RisingEdge(self.dut.clk)
+
+    def configure(self, case: Case):
+        self.dut.d_in.value = case.d_in
+        self.dut.n_rows.value = case.d_out
+        self.dut.out_int8.value = int(case.out_int8)
+
+    async def drive(self, cases):
+        """Queue the matvecs back to back. The config of the next one is applied once this one's
+        activations have all been accepted (the core samples it during the activation load)."""
+        for case in cases:
+            self.configure(case)
+            await self.act.send(case.act_stream(self.rng))
+            blob, row = case.weight_stream(), LAYOUT.row_beats(case.d_in) * LAYOUT.bus_bytes
+            for r in range(case.d_out):
+                self.wts.send_nowait(blob[r * row:(r + 1) * row])
+            await self.act.wait()
+
+    async def check(self, case: Case, expected: np.ndarray):
+        """Scoreboard: the next m_out frame (tlast-delimited) must equal the model, value for value."""
+        frame = await self.out.recv()
+        data = bytes(frame.tdata)
+        assert len(data) == 4 * case.d_out, (
+            f"{case.name}: m_out frame has {len(data) // 4} values (tlast placement), expected {case.d_out}")
+        got = np.frombuffer(data, "<i4").astype(np.int64)
+        bad = np.flatnonzero(got != expected)
+        if bad.size:
+            rows = bad[:8]
+            raise AssertionError(
+                f"{case.name} (d_out {case.d_out}, d_in {case.d_in}, out_int8 {case.out_int8}): "
+                f"{bad.size} mismatches; rows {rows.tolist()}: got {got[rows].tolist()}, "
+                f"expected {expected[rows].tolist()}, bias {case.bias[rows].tolist()}, "
+                f"mult {case.mult[rows].tolist()}, shift {case.shift[rows].tolist()}")
+        self.log.info("%s: %d outputs match", case.name, case.d_out)
+
+    async def run(self, cases):
+        expected = [model(c) for c in cases]
+        driver = cocotb.start_soon(self.drive(cases))
+        for case, exp in zip(cases, expected):
+            await self.check(case, exp)
+        await driver
+        assert self.out.empty(), "m_out produced more frames than matvecs"
+
+
+async def start(dut, seed=0) -> TB:
+    tb = TB(dut, seed)
+    await tb.reset()
+    return tb
+
+
+# ---- tests ----------------------------------------------------------------------------------
+@cocotb.test(timeout_time=100, timeout_unit="us")
+async def test_random_small(dut):
+    """Small random matvecs (d_in not a multiple of the beat or the group, d_in 1), both output modes."""
+    tb = await start(dut, 1)
+    cases = [random_case(tb.rng, "small-out8", 9, 37 if not INT4 else 100, True),
+             random_case(tb.rng, "small-out32", 7, 37 if not INT4 else 100, False),
+             random_case(tb.rng, "d_in-1", 5, 1, True),
+             random_case(tb.rng, "one-row", 1, LAYOUT.weights_per_beat, True)]
+    await tb.run(cases)
+    tb.stalls(act=0.3, wts=0.3, out=0.3)
+    await tb.run([random_case(tb.rng, "small-stalls", 11, 45 if not INT4 else 160, True)])
+
+
+@cocotb.test(timeout_time=500, timeout_unit="us")
+async def test_random_768(dut):
+    """d_in 768 (GPT-2 small width) with random stalls on all three streams."""
+    tb = await start(dut, 2)
+    tb.stalls(act=0.2, wts=0.2, out=0.5)
+    await tb.run([random_case(tb.rng, "768-out8", 8, 768, True),
+                  random_case(tb.rng, "768-out32", 4, 768, False, bias_bits=30)])
+
+
+@cocotb.test(timeout_time=500, timeout_unit="us", skip=not PARAMS.get("big", True))
+async def test_random_3072(dut):
+    """d_in 3072 (GPT-2 MLP projection input) with random stalls."""
+    tb = await start(dut, 3)
+    tb.stalls(act=0.1, wts=0.1, out=0.3)
+    await tb.run([random_case(tb.rng, "3072-out8", 4, 3072, True)])
+
+
+@cocotb.test(timeout_time=2000, timeout_unit="us")
+async def test_edges(dut):
+    """Saturation at both ends (int8 and int32 out), -128 / int4 -8 extremes, shift 0..47 with ties,
+    bias +-2**30, mult 0 and 0xFFFF."""
+    tb = await start(dut, 4)
+    await tb.run([extreme_case(True), extreme_case(False)])
+    tb.stalls(wts=0.2, out=0.2)
+    await tb.run([rounding_case(tb.rng, True), rounding_case(tb.rng, False),
+                  corner_values_case(tb.rng, True), corner_values_case(tb.rng, False)])
+
+
+@cocotb.test(timeout_time=500, timeout_unit="us")
+async def test_back_to_back(dut):
+    """Five matvecs of different shapes and output modes queued back to back, with and without
+    m_out back-pressure; no weight bubble inside a matvec when m_out keeps up."""
+    tb = await start(dut, 5)
+    shapes = [(6, 96, True), (3, 200, False), (12, 17, True), (1, 64, False), (20, 8, True)]
+    cases = [random_case(tb.rng, f"b2b-{i}", o, i_, q) for i, (o, i_, q) in enumerate(shapes)]
+    tb.monitor.start()
+    await tb.run(cases)
+    tb.monitor.stop()
+    act_cycles = sum(ceil_div(c.d_in, LAYOUT.bus_bytes) for c in cases[1:])
+    beats = sum(c.d_out * LAYOUT.row_beats(c.d_in) for c in cases)
+    assert tb.monitor.beats == beats, (tb.monitor.beats, beats)
+    # between the first and the last weight beat only the activation loads of matvecs 2..5 may stall
+    assert tb.monitor.cycles <= beats + act_cycles + 4 * len(cases), (tb.monitor.cycles, beats, act_cycles)
+    tb.stalls(act=0.3, wts=0.3, out=0.7)
+    await tb.run([random_case(tb.rng, f"b2b-stall-{i}", o, i_, q) for i, (o, i_, q) in enumerate(shapes)])
+
+
+@cocotb.test(timeout_time=2000, timeout_unit="us")
+async def test_reset_mid_stream(dut):
+    """A synchronous reset during the activations, during the weights, and with results held back by
+    m_out; each is followed by a correct matvec."""
+    tb = await start(dut, 6)
+    d_in = 768
+
+    async def abort(after_cycles, hold_output=False):
+        case = random_case(tb.rng, "aborted", 16, d_in, True)
+        tb.out.pause = hold_output
+        driver = cocotb.start_soon(tb.drive([case]))
+        await ClockCycles(dut.clk, after_cycles)
+        driver.cancel()
+        tb.act.clear()
+        tb.wts.clear()
+        await tb.reset()
+        tb.out.clear()
+        tb.out.pause = False
+        await tb.run([random_case(tb.rng, f"after-reset-{after_cycles}", 10, 768, True)])
+
+    await abort(20)  # inside the activation load (96 or 48 beats)
+    await abort(150 + ceil_div(d_in, LAYOUT.bus_bytes))  # inside the weights, mid-row
+    await abort(16 * LAYOUT.row_beats(d_in), hold_output=True)  # queue full, credits out, m_out held
+    tb.stalls(act=0.3, wts=0.3, out=0.3)
+    await abort(400)
+
+
+@cocotb.test(timeout_time=500, timeout_unit="us")
+async def test_output_backpressure(dut):
+    """m_out held while many short rows stream: the core stops taking weights (no result is lost),
+    then everything drains in order once m_out is released."""
+    tb = await start(dut, 9)
+    case = random_case(tb.rng, "held-output", 48, LAYOUT.weights_per_beat, True)
+    expected = model(case)
+    total = case.d_out * LAYOUT.row_beats(case.d_in)
+    tb.out.pause = True
+    tb.monitor.start()
+    driver = cocotb.start_soon(tb.drive([case]))
+    await ClockCycles(dut.clk, 4 * total)
+    held = tb.monitor.beats
+    assert 0 < held < total, f"s_weights took {held} of {total} beats while m_out was held"
+    assert dut.m_out__tvalid.value == 1
+    tb.out.pause = False
+    await tb.check(case, expected)
+    await driver
+    tb.monitor.stop()
+    assert tb.monitor.beats == total
+
+
+@cocotb.test(timeout_time=50, timeout_unit="us")
+async def test_latency(dut):
+    """Cycles from the last weight beat of a row to m_out.tvalid equal the core's latency property."""
+    tb = await start(dut, 7)
+    case = random_case(tb.rng, "latency", 1, 2 * LAYOUT.weights_per_beat, True)
+    beats = LAYOUT.row_beats(case.d_in)
+    seen = {}
+
+    async def watch():
+        cycle = 0
+        while "out" not in seen:
+            await RisingEdge(dut.clk)
+            cycle += 1
+            if dut.s_weights__tvalid.value == 1 and dut.s_weights__tready.value == 1:
+                seen["beats"] = seen.get("beats", 0) + 1
+                if seen["beats"] == beats:
+                    seen["last_beat"] = cycle
+            if dut.m_out__tvalid.value == 1:
+                seen["out"] = cycle
+
+    w = cocotb.start_soon(watch())
+    await tb.run([case])
+    await w
+    measured = seen["out"] - seen["last_beat"]
+    assert measured == PARAMS["latency"], f"latency measured {measured}, property says {PARAMS['latency']}"
+
+
+@cocotb.test(timeout_time=10, timeout_unit="ms", skip=not PARAMS.get("throughput"))
+async def test_throughput(dut):
+    """768 x 3072 matvec with no back-pressure: weight beats / cycles (first to last beat) >= 0.98."""
+    tb = await start(dut, 8)
+    results = {}
+    case = random_case(tb.rng, "throughput-768x3072", 768, 3072, True)
+    tb.monitor.start()
+    await tb.run([case])
+    tb.monitor.stop()
+    expect = case.d_out * LAYOUT.row_beats(case.d_in)
+    assert tb.monitor.beats == expect, (tb.monitor.beats, expect)
+    eff = tb.monitor.beats / tb.monitor.cycles
+    results[LAYOUT.weights] = {"beats": tb.monitor.beats, "cycles": tb.monitor.cycles, "efficiency": eff}
+    tb.log.info("throughput %s: %d beats in %d cycles, efficiency %.5f", LAYOUT.weights, tb.monitor.beats,
+                tb.monitor.cycles, eff)
+    if PARAMS.get("result_json"):
+        Path(PARAMS["result_json"]).write_text(json.dumps(results))
+    assert eff >= 0.98, f"efficiency {eff:.4f} < 0.98"
