@@ -8,7 +8,7 @@ DEMO_MODEL ?= models/gpt2-kjv
 DEMO_PROMPT ?= And God said
 export XDG_CACHE_HOME ?= $(CURDIR)/build/cache
 
-.PHONY: help demo test bench install install-dev clean
+.PHONY: help demo test sim verilog synth bench install install-dev iverilog clean
 
 help: ## list every target
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,10 +30,24 @@ demo: $(VENV)/.runtime ## generate text with the bundled demo model
 	$(BIN)/gpt-fpga generate $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" --max-new-tokens 80 \
 		--temperature 0.8 --top-k 40 --seed 7
 
-test: $(VENV)/.dev ## run the whole test suite
+iverilog: ## install Icarus Verilog (Debian package) if it is missing
+	@command -v iverilog >/dev/null || { echo "installing iverilog (apt-get)"; \
+		(apt-get update -qq && apt-get install -y -qq iverilog >/dev/null) || \
+		{ echo "error: Icarus Verilog is needed: apt-get install iverilog (as root)"; exit 1; }; }
+
+test: $(VENV)/.dev iverilog ## run the whole test suite (includes make sim)
 	$(BIN)/pytest -q
 
-bench: $(VENV)/.dev ## speed and accuracy benchmarks -> build/bench/*.json
+sim: $(VENV)/.dev iverilog ## cocotb: every core against the golden model, Icarus and Verilator
+	$(BIN)/pytest -q -m sim
+
+verilog: $(VENV)/.dev ## write the cores' Verilog to build/verilog and lint it with Verilator
+	$(PY) -m hw.synth verilog
+
+synth: $(VENV)/.dev ## yosys xc7 utilization + nextpnr-ecp5 Fmax per core -> build/synth/*.json
+	$(PY) -m hw.synth synth
+
+bench: $(VENV)/.dev ## speed, accuracy and core-throughput benchmarks -> build/bench/*.json
 	$(PY) -m sim.bench --out build/bench
 
 clean: ## remove build outputs (keeps .venv)

@@ -217,7 +217,7 @@ class MatVec(wiring.Component):
 
         # ---- weight stream: S0 (handshake)
         hdr_phase = Signal(init=1)
-        hdr_cnt = Signal(range(self.max_header_beats))
+        hdr_cnt = Signal(range(max(2, self.max_header_beats)))  # >= 1 bit: a 0-bit signal lints as [-1:0]
         wt_cnt = Signal(range(max_wb))
         row_cnt = Signal(ROWS_BITS)
         credits = OUT_FIFO_DEPTH - 1

@@ -273,7 +273,13 @@ def _lazy(module: str, name: str):
     return run
 
 
+def _summary_cores(r: dict) -> str:
+    return "\n".join(f"cores: matvec {fmt}: {v['beats']} beats in {v['cycles']} cycles, efficiency {v['efficiency']:.5f}"
+                     for fmt, v in r["matvec"].items())
+
+
 BENCHES = {"float": (bench_float, _summary_float),
+           "cores": (_lazy("sim.bench_cores", "bench_cores"), _summary_cores),
            "accuracy": (_lazy("sim.bench_accuracy", "bench_accuracy"), _summary_accuracy),
            "fixed": (_lazy("sim.bench_accuracy", "bench_fixed"), _summary_fixed)}
 
