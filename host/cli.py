@@ -123,6 +123,10 @@ def cmd_quantize(args):
 
     if args.calib_tokens is not None and args.calib_tokens < 16:
         raise InputError(f"--calib-tokens must be >= 16, got {args.calib_tokens}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise InputError(f"-o {out}: is a directory; give the image file to write")
+    out.parent.mkdir(parents=True, exist_ok=True)
     header = quantize_checkpoint(args.model, args.out, args.weights, args.group, args.bus_bits, args.calib,
                                  args.calib_tokens)
     size = Path(args.out).stat().st_size

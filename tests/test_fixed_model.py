@@ -422,6 +422,18 @@ def test_quantize_cli_refusals(capsys, tiny_dir, tmp_path, argv, needle):
     assert rc == 2 and needle in err and "Traceback" not in err, err
 
 
+def test_quantize_output_is_a_directory(capsys, tiny_dir, tmp_path):
+    rc, out, err = run_cli(capsys, "quantize", tiny_dir, "-o", tmp_path)
+    assert rc == 2 and "is a directory" in err and "Traceback" not in err, err
+
+
+def test_quantize_creates_missing_output_folders(capsys, tiny_dir, tmp_path):
+    target = tmp_path / "new" / "deeper" / "e.img"
+    rc, out, err = run_cli(capsys, "quantize", tiny_dir, "-o", target, "--calib-tokens", "16")
+    assert rc == 0, err
+    assert read_image(target).header["config"]["vocab_size"] > 0
+
+
 def test_quantize_calib_tokens_outside_the_model_vocab_do_not_count(capsys, tmp_path):
     """Ids the model cannot embed are dropped *before* the 16-token minimum is checked.
 
