@@ -40,6 +40,29 @@ def have_simulator(sim: str) -> bool:
     return False
 
 
+def simulator_cases(cases, ids=None) -> list:
+    """pytest.mark.parametrize values for a simulation test: each case is a simulator name or a tuple
+    whose first item is one (the test's `sim` argument); a case whose simulator is not installed is
+    skipped."""
+    import pytest
+
+    out = []
+    for i, case in enumerate(cases):
+        case = case if isinstance(case, tuple) else (case,)
+        skip = pytest.mark.skipif(not have_simulator(case[0]), reason=f"{case[0]} not installed")
+        out.append(pytest.param(*case, marks=skip, id=None if ids is None else ids[i]))
+    return out
+
+
+def row_timing(component) -> dict:
+    """TB_PARAMS ``latency`` and ``cycles_per_row`` of a core whose cycle counts are linear in the row
+    length: each formula as (constant, per-element), evaluated by sim/tb_common.linear."""
+    def linear(f):
+        return [f(0), f(1) - f(0)]
+
+    return {"latency": linear(component.latency), "cycles_per_row": linear(component.cycles_per_row)}
+
+
 def param_slug(params: dict) -> str:
     return "-".join(f"{k}{v}" for k, v in sorted(params.items())) or "default"
 

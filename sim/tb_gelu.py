@@ -8,27 +8,17 @@ every beat by equality. TB_PARAMS (JSON) carries ``lanes``.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-from collections import deque
 
 import cocotb
 import numpy as np
-from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
-from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStreamSource
+from cocotbext.axi import AxiStreamFrame
 
 from sim import numerics
+from sim.tb_common import PARAMS, Scoreboard, StreamTB, int8_values, stalls
 
-PARAMS = json.loads(os.environ.get("TB_PARAMS", "{}"))
 LANES = int(PARAMS.get("lanes", 1))
-
-
-def stalls(rng: random.Random, p: float):
-    """Endless pause pattern: True (stall) with probability p per cycle."""
-    while True:
-        yield rng.random() < p
 
 
 class GeluModel:
@@ -39,33 +29,12 @@ class GeluModel:
         return [int(v) for v in numerics.gelu(np.asarray(x, dtype=np.int64), self.table)]
 
 
-class Scoreboard:
-    def __init__(self):
-        self.expected, self.checked = deque(), 0
-
-    def expect(self, row: list[int], tag: str):
-        self.expected.append((row, tag))
-
-    def compare(self, got: list[int]):
-        assert self.expected, f"unexpected output row of {len(got)} elements"
-        exp, tag = self.expected.popleft()
-        assert len(got) == len(exp), f"{tag}: got {len(got)} elements, expected {len(exp)}"
-        if got != exp:
-            bad = next(i for i, (g, e) in enumerate(zip(got, exp)) if g != e)
-            raise AssertionError(f"{tag}: element {bad}: got {got[bad]}, expected {exp[bad]}")
-        self.checked += 1
-
-
-class GeluTB:
+class GeluTB(StreamTB):
     def __init__(self, dut, seed: int):
-        self.dut, self.rng = dut, random.Random(seed)
-        Clock(dut.clk, 10, unit="ns").start()
-        self.source = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_x", bus_separator="__"),
-                                      dut.clk, dut.rst, byte_size=8)
-        self.sink = AxiStreamSink(AxiStreamBus.from_prefix(dut, "m_y", bus_separator="__"),
-                                  dut.clk, dut.rst, byte_size=8)
-        for ext in (self.source, self.sink):
-            ext.log.setLevel("WARNING")
+        super().__init__(dut)
+        self.rng = random.Random(seed)
+        self.source = self.axis_source("s_x", byte_size=8)
+        self.sink = self.axis_sink("m_y", byte_size=8)
         self.model = GeluModel()
         self.scoreboard = Scoreboard()
         self.monitor = cocotb.start_soon(self._monitor())
@@ -76,18 +45,11 @@ class GeluTB:
     async def _monitor(self):
         while True:
             frame = await self.sink.recv()
-            got = [int(v) - 256 if v >= 128 else int(v) for v in frame.tdata]
-            self.scoreboard.compare(got)
+            self.scoreboard.compare(int8_values(frame.tdata))
 
     def set_stalls(self, p_in: float, p_out: float):
         self.source.set_pause_generator(stalls(self.rng, p_in) if p_in else None)
         self.sink.set_pause_generator(stalls(self.rng, p_out) if p_out else None)
-
-    async def reset(self, cycles: int = 3):
-        self.dut.rst.value = 1
-        await ClockCycles(self.dut.clk, cycles)
-        self.dut.rst.value = 0
-        await RisingEdge(self.dut.clk)
 
     async def load_table(self, table):
         table = np.asarray(table, dtype=np.int64)
@@ -106,13 +68,10 @@ class GeluTB:
         await self.source.send(AxiStreamFrame([int(v) & 0xFF for v in x]))
 
     async def drain(self, timeout: int = 20000):
-        for _ in range(timeout):
-            if not self.scoreboard.expected and self.source.empty() and self.source.idle():
-                await ClockCycles(self.dut.clk, 4)
-                assert not self.scoreboard.expected
-                return
-            await RisingEdge(self.dut.clk)
-        raise AssertionError(f"timeout: {len(self.scoreboard.expected)} rows still expected")
+        await self.scoreboard.wait_empty(self.dut.clk, timeout,
+                                         idle=lambda: self.source.empty() and self.source.idle())
+        await ClockCycles(self.dut.clk, 4)
+        assert not self.scoreboard.expected
 
 
 def all_inputs(rng: random.Random, reps: int = 1) -> list[int]:

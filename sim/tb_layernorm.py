@@ -10,34 +10,19 @@ of the component as (constant, per-element) pairs.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-from collections import deque
 
 import cocotb
 import numpy as np
-from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
-from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStreamSource
+from cocotbext.axi import AxiStreamFrame
 
 from sim import numerics
+from sim.tb_common import PARAMS, Scoreboard, StreamTB, int8_values, linear, stalls, watch_rows
 
-PARAMS = json.loads(os.environ.get("TB_PARAMS", "{}"))
 MAX_D = int(PARAMS.get("max_d", 4096))
 M32 = (1 << 32) - 1
 EPS = 1e-5
-
-
-def stalls(rng: random.Random, p: float):
-    """Endless pause pattern: True (stall) with probability p per cycle."""
-    while True:
-        yield rng.random() < p
-
-
-def linear(key: str, n: int) -> int:
-    c0, c1 = PARAMS[key]
-    return c0 + c1 * n
 
 
 def eps_table(d: int, eps: float = EPS) -> np.ndarray:
@@ -53,34 +38,13 @@ class LayerNormModel:
         return [int(v) for v in y]
 
 
-class Scoreboard:
-    def __init__(self):
-        self.expected, self.checked = deque(), 0
-
-    def expect(self, row: list[int], tag: str):
-        self.expected.append((row, tag))
-
-    def compare(self, got: list[int]):
-        assert self.expected, f"unexpected output row of {len(got)} elements"
-        exp, tag = self.expected.popleft()
-        assert len(got) == len(exp), f"{tag}: got {len(got)} elements, expected {len(exp)}"
-        if got != exp:
-            bad = next(i for i, (g, e) in enumerate(zip(got, exp)) if g != e)
-            raise AssertionError(f"{tag}: element {bad}: got {got[bad]}, expected {exp[bad]}")
-        self.checked += 1
-
-
-class LayerNormTB:
+class LayerNormTB(StreamTB):
     def __init__(self, dut, seed: int):
-        self.dut, self.rng = dut, random.Random(seed)
-        self.np_rng = np.random.default_rng(seed)
-        Clock(dut.clk, 10, unit="ns").start()
-        bus = lambda name: AxiStreamBus.from_prefix(dut, name, bus_separator="__")  # noqa: E731
-        self.x_source = AxiStreamSource(bus("s_x"), dut.clk, dut.rst, byte_size=32)
-        self.p_source = AxiStreamSource(bus("s_params"), dut.clk, dut.rst, byte_size=64)
-        self.sink = AxiStreamSink(bus("m_y"), dut.clk, dut.rst, byte_size=8)
-        for ext in (self.x_source, self.p_source, self.sink):
-            ext.log.setLevel("WARNING")
+        super().__init__(dut)
+        self.rng, self.np_rng = random.Random(seed), np.random.default_rng(seed)
+        self.x_source = self.axis_source("s_x", byte_size=32)
+        self.p_source = self.axis_source("s_params", byte_size=64)
+        self.sink = self.axis_sink("m_y", byte_size=8)
         self.model = LayerNormModel()
         self.scoreboard = Scoreboard()
         self.monitor = cocotb.start_soon(self._monitor())
@@ -93,17 +57,11 @@ class LayerNormTB:
     async def _monitor(self):
         while True:
             frame = await self.sink.recv()
-            self.scoreboard.compare([int(v) - 256 if v >= 128 else int(v) for v in frame.tdata])
+            self.scoreboard.compare(int8_values(frame.tdata))
 
     def set_stalls(self, p_x: float, p_params: float, p_out: float):
         for ext, p in ((self.x_source, p_x), (self.p_source, p_params), (self.sink, p_out)):
             ext.set_pause_generator(stalls(self.rng, p) if p else None)
-
-    async def reset(self, cycles: int = 3):
-        self.dut.rst.value = 1
-        await ClockCycles(self.dut.clk, cycles)
-        self.dut.rst.value = 0
-        await RisingEdge(self.dut.clk)
 
     async def config(self, table, out_shift: int):
         """Load the eps table and out_shift (between rows only)."""
@@ -127,11 +85,7 @@ class LayerNormTB:
                                                  for g, b in zip(gamma, beta)]))
 
     async def drain(self, timeout: int = 200000):
-        for _ in range(timeout):
-            if not self.scoreboard.expected:
-                return
-            await RisingEdge(self.dut.clk)
-        raise AssertionError(f"timeout: {len(self.scoreboard.expected)} rows still expected")
+        await self.scoreboard.wait_empty(self.dut.clk, timeout)
 
     async def row(self, x, gamma, beta, tag: str, out_shift: int, eps: float = EPS):
         """One row with its own configuration (table for its d, out_shift), after the previous."""
@@ -280,27 +234,7 @@ async def test_latency_throughput(dut):
     """No stalls: rows back to back; check the documented latency and cycles per row."""
     tb = LayerNormTB(dut, seed=25)
     await tb.reset()
-    edges = {"first_in": [], "last_in": [], "first_out": [], "last_out": []}
-
-    async def watch():
-        cycle, in_row, out_row = 0, False, False
-        while True:
-            await RisingEdge(dut.clk)
-            cycle += 1
-            if dut.s_x__tvalid.value and dut.s_x__tready.value:
-                if not in_row:
-                    edges["first_in"].append(cycle)
-                in_row = not dut.s_x__tlast.value
-                if not in_row:
-                    edges["last_in"].append(cycle)
-            if dut.m_y__tvalid.value and not out_row:
-                edges["first_out"].append(cycle)
-                out_row = True
-            if dut.m_y__tvalid.value and dut.m_y__tready.value and dut.m_y__tlast.value:
-                edges["last_out"].append(cycle)
-                out_row = False
-
-    w = cocotb.start_soon(watch())
+    edges, w = watch_rows(dut, "s_x", "m_y")
     lengths = [1, min(48, MAX_D), 7]
     await tb.config(eps_table(48), 18)  # any valid table: the model uses the one loaded
     for d in lengths:

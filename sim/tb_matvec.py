@@ -10,9 +10,9 @@ throughput test writes ``{weights: {beats, cycles, efficiency}}`` to).
 Structure (after cocotb's matrix_multiplier example and taxi's AXI-Stream tests):
 * :class:`Case` - one matvec: the integer arrays, packed with quantize/layout.pack_matrix;
 * :func:`model` - the expected outputs, computed only by sim/numerics.py from the unpacked stream;
-* :class:`TB` - clock, reset, cocotbext-axi sources/sink with pause generators, a weight-beat
-  monitor (handshakes and cycles) and the scoreboard, which compares each m_out frame (tlast
-  delimits it) with the model's outputs, in order.
+* :class:`TB` - clock, reset, cocotbext-axi sources/sink (sim/tb_common.StreamTB) with pause
+  generators, a weight-beat monitor (handshakes and cycles) and the scoreboard, which compares
+  each m_out frame (tlast delimits it) with the model's outputs, in order.
 """
 
 from __future__ import annotations
@@ -20,20 +20,17 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import cocotb
 import numpy as np
-from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
-from cocotbext.axi import AxiStreamBus, AxiStreamSink, AxiStreamSource
 
 from quantize.layout import HwLayout, ceil_div, pack_matrix, unpack_matrix
 from sim import numerics as nx
+from sim.tb_common import PARAMS, StreamTB
 
-PARAMS = json.loads(os.environ.get("TB_PARAMS", "{}"))
 LAYOUT = HwLayout(bus_bits=PARAMS.get("bus_bits", 64), weights=PARAMS.get("weights", "int8"),
                   group=PARAMS.get("group", 32))
 MAX_D_IN = PARAMS.get("max_d_in", nx.MAX_D_IN)
@@ -213,21 +210,14 @@ class WeightMonitor:
                 self.last = self.cycle
 
 
-class TB:
+class TB(StreamTB):
     def __init__(self, dut, seed: int = 0):
-        self.dut = dut
+        super().__init__(dut, PERIOD_NS)
         self.log = logging.getLogger("cocotb.tb")
         self.rng = np.random.default_rng(seed)
-        cocotb.start_soon(Clock(dut.clk, PERIOD_NS, unit="ns").start())
-
-        def bus(prefix):
-            return AxiStreamBus.from_prefix(dut, prefix, bus_separator="__")
-
-        self.act = AxiStreamSource(bus("s_act"), dut.clk, dut.rst)
-        self.wts = AxiStreamSource(bus("s_weights"), dut.clk, dut.rst)
-        self.out = AxiStreamSink(bus("m_out"), dut.clk, dut.rst)
-        for s in (self.act, self.wts, self.out):
-            s.log.setLevel(logging.WARNING)  # no per-frame logging
+        self.act = self.axis_source("s_act")
+        self.wts = self.axis_source("s_weights")
+        self.out = self.axis_sink("m_out")
         self.monitor = WeightMonitor(dut)
         dut.d_in.value = 1
         dut.n_rows.value = 1
@@ -242,12 +232,6 @@ class TB:
                 port.pause = False
             else:
                 port.set_pause_generator(gen)
-
-    async def reset(self, cycles=3):
-        self.dut.rst.value = 1
-        await ClockCycles(self.dut.clk, cycles)
-        self.dut.rst.value = 0
-        await RisingEdge(self.dut.clk)
 
     def configure(self, case: Case):
         self.dut.d_in.value = case.d_in

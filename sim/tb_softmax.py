@@ -9,33 +9,18 @@ cycles-per-row formulas of the component as (constant, per-element) pairs.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-from collections import deque
 
 import cocotb
 import numpy as np
-from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
-from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStreamSource
+from cocotbext.axi import AxiStreamFrame
 
 from sim import numerics
+from sim.tb_common import PARAMS, Scoreboard, StreamTB, linear, stalls, watch_rows
 
-PARAMS = json.loads(os.environ.get("TB_PARAMS", "{}"))
 MAX_LEN = int(PARAMS.get("max_len", 2048))
 M32 = (1 << 32) - 1
-
-
-def stalls(rng: random.Random, p: float):
-    """Endless pause pattern: True (stall) with probability p per cycle."""
-    while True:
-        yield rng.random() < p
-
-
-def linear(key: str, n: int) -> int:
-    c0, c1 = PARAMS[key]
-    return c0 + c1 * n
 
 
 class SoftmaxModel:
@@ -46,34 +31,12 @@ class SoftmaxModel:
         return [int(v) for v in p]
 
 
-class Scoreboard:
-    def __init__(self):
-        self.expected, self.checked = deque(), 0
-
-    def expect(self, row: list[int], tag: str):
-        self.expected.append((row, tag))
-
-    def compare(self, got: list[int]):
-        assert self.expected, f"unexpected output row of {len(got)} elements"
-        exp, tag = self.expected.popleft()
-        assert len(got) == len(exp), f"{tag}: got {len(got)} elements, expected {len(exp)}"
-        if got != exp:
-            bad = next(i for i, (g, e) in enumerate(zip(got, exp)) if g != e)
-            raise AssertionError(f"{tag}: element {bad}: got {got[bad]}, expected {exp[bad]}")
-        self.checked += 1
-
-
-class SoftmaxTB:
+class SoftmaxTB(StreamTB):
     def __init__(self, dut, seed: int):
-        self.dut, self.rng = dut, random.Random(seed)
-        self.np_rng = np.random.default_rng(seed)
-        Clock(dut.clk, 10, unit="ns").start()
-        self.source = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_scores", bus_separator="__"),
-                                      dut.clk, dut.rst, byte_size=32)
-        self.sink = AxiStreamSink(AxiStreamBus.from_prefix(dut, "m_probs", bus_separator="__"),
-                                  dut.clk, dut.rst, byte_size=16)
-        for ext in (self.source, self.sink):
-            ext.log.setLevel("WARNING")
+        super().__init__(dut)
+        self.rng, self.np_rng = random.Random(seed), np.random.default_rng(seed)
+        self.source = self.axis_source("s_scores", byte_size=32)
+        self.sink = self.axis_sink("m_probs", byte_size=16)
         self.model = SoftmaxModel()
         self.scoreboard = Scoreboard()
         self.monitor = cocotb.start_soon(self._monitor())
@@ -94,12 +57,6 @@ class SoftmaxTB:
         self.source.set_pause_generator(stalls(self.rng, p_in) if p_in else None)
         self.sink.set_pause_generator(stalls(self.rng, p_out) if p_out else None)
 
-    async def reset(self, cycles: int = 3):
-        self.dut.rst.value = 1
-        await ClockCycles(self.dut.clk, cycles)
-        self.dut.rst.value = 0
-        await RisingEdge(self.dut.clk)
-
     async def send(self, scores, mask, tag: str):
         scores, mask = [int(s) for s in scores], [int(bool(v)) for v in mask]
         assert 1 <= len(scores) == len(mask) <= MAX_LEN
@@ -108,11 +65,7 @@ class SoftmaxTB:
 
     async def drain(self, timeout: int = 100000):
         """Wait until every expected row has been received and checked."""
-        for _ in range(timeout):
-            if not self.scoreboard.expected:
-                return
-            await RisingEdge(self.dut.clk)
-        raise AssertionError(f"timeout: {len(self.scoreboard.expected)} rows still expected")
+        await self.scoreboard.wait_empty(self.dut.clk, timeout)
 
     async def row(self, scores, mask, tag: str, mult: int | None = None, shift: int | None = None):
         """One row with its own (mult, shift): the configuration changes only between rows."""
@@ -254,27 +207,7 @@ async def test_latency_throughput(dut):
     tb = SoftmaxTB(dut, seed=15)
     await tb.reset()
     tb.config(*realistic_config())
-    edges = {"first_in": [], "last_in": [], "first_out": [], "last_out": []}
-
-    async def watch():
-        cycle, in_row, out_row = 0, False, False
-        while True:
-            await RisingEdge(dut.clk)
-            cycle += 1
-            if dut.s_scores__tvalid.value and dut.s_scores__tready.value:
-                if not in_row:
-                    edges["first_in"].append(cycle)
-                in_row = not dut.s_scores__tlast.value
-                if not in_row:
-                    edges["last_in"].append(cycle)
-            if dut.m_probs__tvalid.value and not out_row:
-                edges["first_out"].append(cycle)
-                out_row = True
-            if dut.m_probs__tvalid.value and dut.m_probs__tready.value and dut.m_probs__tlast.value:
-                edges["last_out"].append(cycle)
-                out_row = False
-
-    w = cocotb.start_soon(watch())
+    edges, w = watch_rows(dut, "s_scores", "m_probs")
     lengths = [1, 5, min(64, MAX_LEN)]
     for n in lengths:
         await tb.send(tb.scores(n), np.ones(n, dtype=bool), f"timing n={n}")

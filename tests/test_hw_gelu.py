@@ -3,15 +3,13 @@
 import pytest
 
 from hw.gelu import Gelu
-from sim.runner import SIMULATORS, have_simulator, run_cocotb
+from sim.runner import SIMULATORS, run_cocotb, simulator_cases
 
 
 @pytest.mark.sim
 @pytest.mark.parametrize("lanes", [1, 4])
-@pytest.mark.parametrize("sim", SIMULATORS)
+@pytest.mark.parametrize("sim", simulator_cases(SIMULATORS))
 def test_gelu(sim, lanes):
-    if not have_simulator(sim):
-        pytest.skip(f"{sim} not installed")
     dut = Gelu(lanes=lanes)
     run_cocotb("gelu", dut, "sim.tb_gelu", sim, params={"lanes": lanes}, tb_params={"latency": dut.latency})
 

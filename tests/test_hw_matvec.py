@@ -12,7 +12,7 @@ import json
 import pytest
 
 from hw.matvec import MatVec
-from sim.runner import BUILD, have_simulator, param_slug, run_cocotb
+from sim.runner import BUILD, param_slug, run_cocotb, simulator_cases
 
 CONFIGS = {  # name: (elaboration parameters, run the throughput test)
     "b64-int8": (dict(bus_bits=64, weights="int8", group=32), True),
@@ -31,10 +31,8 @@ MATRIX = [("verilator", name, thr) for name, (_, thr) in CONFIGS.items()] + \
 
 
 @pytest.mark.sim
-@pytest.mark.parametrize("sim,name,throughput", MATRIX, ids=[f"{s}-{n}" for s, n, _ in MATRIX])
+@pytest.mark.parametrize("sim,name,throughput", simulator_cases(MATRIX, ids=[f"{s}-{n}" for s, n, _ in MATRIX]))
 def test_matvec(sim, name, throughput):
-    if not have_simulator(sim):
-        pytest.skip(f"{sim} not installed")
     params = CONFIGS[name][0]
     dut = MatVec(**params)
     tb = {"latency": dut.latency, "throughput": throughput}
