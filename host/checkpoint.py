@@ -239,8 +239,11 @@ def _canonical_name(name: str) -> str | None:
     return name
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name (without 'transformer.') -> shape as stored in the file."""
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor :func:`load_checkpoint` requires: HF name (without 'transformer.') -> shape as stored in the file.
+
+    Buffers the loader ignores (attn.bias, masked_bias) and the optional tied lm_head.weight are not listed.
+    """
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
     shapes = {"wte.weight": (v, d), "wpe.weight": (cfg.n_ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
     for i in range(cfg.n_layer):
@@ -297,7 +300,7 @@ def load_checkpoint(model_dir: str | Path) -> Checkpoint:
         canon = _canonical_name(raw)
         if canon is not None:
             names[canon] = raw
-    expected = _expected_shapes(cfg)
+    expected = expected_shapes(cfg)
     for name, shape in expected.items():
         if name not in names:
             raise CheckpointError(f"{st_path}: missing tensor '{name}'")

@@ -94,10 +94,12 @@ def bench_fixed(out: Path) -> dict:
     from sim.bench import GPT2_124M, TINYSTORIES_33M
     from sim.fixed_model import FixedModel
     from sim.float_model import FloatModel
+    from sim.random_checkpoint import random_tensors, write_checkpoint
 
     tmp = out / "tmp-fixed"
     tmp.mkdir(parents=True, exist_ok=True)
-    _random_checkpoint(TINYSTORIES_33M, tmp / "ts33m")
+    # GPT-2-style init: weights and biases N(0, 0.02), LayerNorm gains 1
+    write_checkpoint(tmp / "ts33m", TINYSTORIES_33M, random_tensors(TINYSTORIES_33M, std=0.02, ln_jitter=False))
     quantize_checkpoint(tmp / "ts33m", tmp / "ts33m.img", calib_tokens=64, progress=False)
     ckpt = load_checkpoint(tmp / "ts33m")
     flt, fix = FloatModel(ckpt.config, ckpt.params), FixedModel(read_image(tmp / "ts33m.img"))
@@ -107,7 +109,7 @@ def bench_fixed(out: Path) -> dict:
     for _ in range(3):  # alternate, so both see the same machine load
         float_ms.append(_decode_ms(flt, prompt, 32))
         fixed_ms.append(_decode_ms(fix, prompt, 32))
-    _random_checkpoint(GPT2_124M, tmp / "gpt2-124m")
+    write_checkpoint(tmp / "gpt2-124m", GPT2_124M, random_tensors(GPT2_124M, std=0.02, ln_jitter=False))
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "host.cli", "quantize", str(tmp / "gpt2-124m"), "-o",
                     str(tmp / "gpt2-124m.img")], check=True, cwd=REPO)
@@ -118,23 +120,3 @@ def bench_fixed(out: Path) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     (out / "fixed.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _random_checkpoint(config: dict, path: Path, seed: int = 0) -> Path:
-    """A random-weight HF-format checkpoint of the given transformers config (numpy, no torch)."""
-    from safetensors.numpy import save_file
-
-    from host.checkpoint import _expected_shapes, parse_config
-
-    cfg = parse_config(config)
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, shape in _expected_shapes(cfg).items():
-        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            tensors["transformer." + name] = np.ones(shape, np.float32)
-        else:
-            tensors["transformer." + name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(config))
-    return path

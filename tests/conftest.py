@@ -6,12 +6,12 @@ and the tiny checkpoints for the error tests are written with NumPy.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -90,43 +90,24 @@ def float_model(model_dir: Path):
 
 
 # ---------------------------------------------------------------------------------------------
-# tiny NumPy-written GPT-2 checkpoint for CLI / error tests (no torch needed)
+# tiny NumPy-written GPT-2 checkpoint for CLI / error tests (no torch needed; see sim/random_checkpoint.py)
 
 TINY_GPT2 = dict(vocab=4096, d=16, heads=2, layers=2, n_ctx=32, d_ff=48)
 
 
-def tiny_gpt2_tensors(seed: int = 0, vocab=4096, d=16, layers=2, n_ctx=32, d_ff=48) -> dict[str, np.ndarray]:
-    """HF GPT-2 tensor names and [in, out] Conv1D layouts, random float32."""
-    rng = np.random.default_rng(seed)
-    r = lambda *s: rng.normal(0.0, 0.2, s).astype(np.float32)  # noqa: E731
-    t = {"transformer.wte.weight": r(vocab, d), "transformer.wpe.weight": r(n_ctx, d),
-         "transformer.ln_f.weight": 1 + r(d), "transformer.ln_f.bias": r(d)}
-    for i in range(layers):
-        p = f"transformer.h.{i}."
-        t.update({p + "ln_1.weight": 1 + r(d), p + "ln_1.bias": r(d), p + "ln_2.weight": 1 + r(d),
-                  p + "ln_2.bias": r(d), p + "attn.c_attn.weight": r(d, 3 * d), p + "attn.c_attn.bias": r(3 * d),
-                  p + "attn.c_proj.weight": r(d, d), p + "attn.c_proj.bias": r(d),
-                  p + "mlp.c_fc.weight": r(d, d_ff), p + "mlp.c_fc.bias": r(d_ff),
-                  p + "mlp.c_proj.weight": r(d_ff, d), p + "mlp.c_proj.bias": r(d)})
-    return t
+def tiny_gpt2_config(**kw) -> dict:
+    """The config.json dict of the tiny GPT-2 (TINY_GPT2, overridden by `kw`: vocab, d, heads, ...)."""
+    return make_config("gpt2", **{**TINY_GPT2, **kw})
 
 
-def tiny_gpt2_config(vocab=4096, d=16, heads=2, layers=2, n_ctx=32, d_ff=48) -> dict:
-    return {"model_type": "gpt2", "activation_function": "gelu_new", "vocab_size": vocab, "n_embd": d,
-            "n_head": heads, "n_layer": layers, "n_positions": n_ctx, "n_inner": d_ff,
-            "layer_norm_epsilon": 1e-5, "eos_token_id": 0, "bos_token_id": 0}
+def tiny_gpt2_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    """HF GPT-2 tensor names and [in, out] Conv1D layouts of the tiny GPT-2, random float32."""
+    return random_tensors(tiny_gpt2_config(), seed)
 
 
 def write_model_dir(out: Path, config: dict, tensors: dict[str, np.ndarray], tokenizer: bool = True) -> Path:
-    from safetensors.numpy import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config))
-    save_file(tensors, str(out / "model.safetensors"))
-    if tokenizer:
-        shutil.copy(KJV_TOKENIZER, out / "tokenizer.json")
-    return out
+    """config.json + model.safetensors, plus the KJV tokenizer.json when `tokenizer`."""
+    return write_checkpoint(out, config, tensors, KJV_TOKENIZER if tokenizer else None)
 
 
 @pytest.fixture

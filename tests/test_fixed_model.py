@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from pathlib import Path
@@ -26,49 +25,17 @@ from quantize.layout import HwLayout, layer_matrices, pack_matrix, unpack_matrix
 from quantize.quantizer import quantize_checkpoint
 from sim import numerics as nx
 from sim.fixed_model import FixedModel
+from sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
 VOCAB, D, LAYERS, HEADS, N_CTX = 64, 32, 2, 2, 32
 
 
-# ---- tiny checkpoints (same recipe as tests/test_image.py) -------------------------------------
-def tiny_tensors(family: str, seed: int, d=D) -> dict:
-    rng = np.random.default_rng(seed)
-    r = lambda *s: rng.normal(0.0, 0.2, s).astype(np.float32)  # noqa: E731
-    f = 4 * d
-    t = {"transformer.wte.weight": r(VOCAB, d), "transformer.wpe.weight": r(N_CTX, d),
-         "transformer.ln_f.weight": 1 + r(d), "transformer.ln_f.bias": r(d)}
-    for i in range(LAYERS):
-        p = f"transformer.h.{i}."
-        t.update({p + "ln_1.weight": 1 + r(d), p + "ln_1.bias": r(d), p + "ln_2.weight": 1 + r(d),
-                  p + "ln_2.bias": r(d), p + "mlp.c_fc.bias": r(f), p + "mlp.c_proj.bias": r(d)})
-        if family == "gpt2":
-            t.update({p + "attn.c_attn.weight": r(d, 3 * d), p + "attn.c_attn.bias": r(3 * d),
-                      p + "attn.c_proj.weight": r(d, d), p + "attn.c_proj.bias": r(d),
-                      p + "mlp.c_fc.weight": r(d, f), p + "mlp.c_proj.weight": r(f, d)})
-        else:
-            a = p + "attn.attention."
-            t.update({a + "q_proj.weight": r(d, d), a + "k_proj.weight": r(d, d), a + "v_proj.weight": r(d, d),
-                      a + "out_proj.weight": r(d, d), a + "out_proj.bias": r(d),
-                      p + "mlp.c_fc.weight": r(f, d), p + "mlp.c_proj.weight": r(d, f)})
-    return t
-
-
+# ---- tiny checkpoints (sim/random_checkpoint.py) -----------------------------------------------
 def write_tiny_model(out: Path, family: str, seed: int = 0, window: int = 3) -> Path:
-    from safetensors.numpy import save_file
-
-    if family == "gpt2":
-        cfg = {"model_type": "gpt2", "activation_function": "gelu_new", "vocab_size": VOCAB, "n_embd": D,
-               "n_head": HEADS, "n_layer": LAYERS, "n_positions": N_CTX, "layer_norm_epsilon": 1e-5,
-               "eos_token_id": 0}
-    else:  # layer 0 local (window shorter than the test sequences), layer 1 global
-        cfg = {"model_type": "gpt_neo", "activation_function": "gelu_new", "vocab_size": VOCAB, "hidden_size": D,
-               "num_heads": HEADS, "num_layers": LAYERS, "max_position_embeddings": N_CTX,
-               "attention_types": [[["local", "global"], 1]], "window_size": window,
-               "layer_norm_epsilon": 1e-5, "eos_token_id": 0}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg))
-    save_file(tiny_tensors(family, seed), str(out / "model.safetensors"))
-    return out
+    """No tokenizer.json. Neo: layer 0 local (window shorter than the test sequences), layer 1 global."""
+    cfg = make_config(family, vocab=VOCAB, d=D, heads=HEADS, layers=LAYERS, n_ctx=N_CTX,
+                      attention_types=[[["local", "global"], 1]], window_size=window)
+    return write_checkpoint(out, cfg, random_tensors(cfg, seed))
 
 
 VARIANTS = {  # name: (family, weights, group, bus_bits)

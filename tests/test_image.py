@@ -22,51 +22,17 @@ from quantize.layout import SECTION_ALIGN, HwLayout
 from quantize.quantizer import quantize_checkpoint
 from sim.fixed_model import FixedModel
 from sim.numerics import CONTRACT_VERSION
+from sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
 VOCAB, D, LAYERS, HEADS, N_CTX = 64, 32, 2, 2, 32
 
 
-# ---- tiny checkpoints --------------------------------------------------------------------------
-def tiny_tensors(family: str, seed: int = 0, vocab=VOCAB, d=D, layers=LAYERS, n_ctx=N_CTX) -> dict:
-    rng = np.random.default_rng(seed)
-    r = lambda *s: rng.normal(0.0, 0.2, s).astype(np.float32)  # noqa: E731
-    f = 4 * d
-    t = {"transformer.wte.weight": r(vocab, d), "transformer.wpe.weight": r(n_ctx, d),
-         "transformer.ln_f.weight": 1 + r(d), "transformer.ln_f.bias": r(d)}
-    for i in range(layers):
-        p = f"transformer.h.{i}."
-        t.update({p + "ln_1.weight": 1 + r(d), p + "ln_1.bias": r(d), p + "ln_2.weight": 1 + r(d),
-                  p + "ln_2.bias": r(d), p + "mlp.c_fc.bias": r(f), p + "mlp.c_proj.bias": r(d)})
-        if family == "gpt2":  # Conv1D [in, out]
-            t.update({p + "attn.c_attn.weight": r(d, 3 * d), p + "attn.c_attn.bias": r(3 * d),
-                      p + "attn.c_proj.weight": r(d, d), p + "attn.c_proj.bias": r(d),
-                      p + "mlp.c_fc.weight": r(d, f), p + "mlp.c_proj.weight": r(f, d)})
-        else:  # Linear [out, in], q/k/v without bias
-            a = p + "attn.attention."
-            t.update({a + "q_proj.weight": r(d, d), a + "k_proj.weight": r(d, d), a + "v_proj.weight": r(d, d),
-                      a + "out_proj.weight": r(d, d), a + "out_proj.bias": r(d),
-                      p + "mlp.c_fc.weight": r(f, d), p + "mlp.c_proj.weight": r(d, f)})
-    return t
-
-
-def tiny_config(family: str, window: int = 4, vocab=VOCAB, d=D, layers=LAYERS, heads=HEADS, n_ctx=N_CTX) -> dict:
-    if family == "gpt2":
-        return {"model_type": "gpt2", "activation_function": "gelu_new", "vocab_size": vocab, "n_embd": d,
-                "n_head": heads, "n_layer": layers, "n_positions": n_ctx, "layer_norm_epsilon": 1e-5,
-                "eos_token_id": 0, "bos_token_id": 0}
-    return {"model_type": "gpt_neo", "activation_function": "gelu_new", "vocab_size": vocab, "hidden_size": d,
-            "num_heads": heads, "num_layers": layers, "max_position_embeddings": n_ctx,
-            "attention_types": [[["global", "local"], layers // 2]], "window_size": window,
-            "layer_norm_epsilon": 1e-5, "eos_token_id": 0, "bos_token_id": 0}
-
-
-def write_tiny_model(out: Path, family: str, seed: int = 0, **cfg) -> Path:
-    from safetensors.numpy import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(tiny_config(family, **cfg)))
-    save_file(tiny_tensors(family, seed), str(out / "model.safetensors"))
-    return out
+# ---- tiny checkpoints (sim/random_checkpoint.py) -----------------------------------------------
+def write_tiny_model(out: Path, family: str, seed: int = 0, window: int = 4) -> Path:
+    """No tokenizer.json. Neo: layer 0 global, layer 1 local."""
+    cfg = make_config(family, vocab=VOCAB, d=D, heads=HEADS, layers=LAYERS, n_ctx=N_CTX,
+                      attention_types=[[["global", "local"], LAYERS // 2]], window_size=window)
+    return write_checkpoint(out, cfg, random_tensors(cfg, seed))
 
 
 @pytest.fixture(scope="module")
