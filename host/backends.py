@@ -66,12 +66,13 @@ class FixedBackend(Backend):
         from sim.fixed_model import FixedModel
 
         if Path(image_path).is_dir():
-            raise GptFpgaError(f"{image_path}: is a directory; --backend fixed takes a weight image made by "
-                               f"'gpt-fpga quantize MODEL -o IMAGE'")
+            raise GptFpgaError(f"{image_path}: is a directory (a Hugging Face model?); a weight image is the "
+                               f"file made by 'gpt-fpga quantize MODEL -o IMAGE'")
         image = read_image(image_path)
         self.model = FixedModel(image)
         self.config = self.model.cfg
-        self.codec = TextCodec.from_bytes(image.section("tokenizer")) if image.has_section("tokenizer") else None
+        self.codec = TextCodec.from_bytes(image.section("tokenizer"), f"{image_path} (embedded tokenizer)") \
+            if image.has_section("tokenizer") else None
 
 
 def open_backend(name: str, model: str | Path) -> Backend:

@@ -288,6 +288,9 @@ def load_config(model_dir: Path) -> ModelConfig:
 def load_checkpoint(model_dir: str | Path) -> Checkpoint:
     """Load config, tensors (lazily mapped, converted to float32 canonical form) and tokenizer path."""
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise CheckpointError(f"{model_dir}: is a file (a weight image?); this takes a Hugging Face model "
+                              f"directory with config.json and model.safetensors")
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: no such model directory")
     cfg = load_config(model_dir)

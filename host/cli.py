@@ -13,11 +13,45 @@ from host.errors import GptFpgaError, InputError
 
 
 def parse_ids(text: str) -> list[int]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not text.strip():
+        return []  # the caller says what an empty list means
+    parts = [p.strip() for p in text.split(",")]
+    if not any(parts):
+        return []
+    if any(not p.lstrip("-").isascii() or not p.lstrip("-").isdigit() for p in parts):
+        raise InputError(f"--ids must be comma-separated integers like 1,2,3, got '{text}'")
+    return [int(p) for p in parts]
+
+
+def output_file(path: str, what: str) -> Path:
+    """An output file path that is not a directory, with its folder created."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"{what} {out}: is a directory; give the file to write")
     try:
-        return [int(p) for p in parts]
-    except ValueError:
-        raise InputError(f"--ids must be comma-separated integers, got '{text}'") from None
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{what} {out}: cannot create its folder: {e.strerror}") from None
+    return out
+
+
+def check_writable(path: Path, what: str):
+    """Fail before long work, not after it."""
+    probe = path.with_name(path.name + ".partial")
+    try:
+        probe.open("wb").close()
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot write there: {e.strerror}") from None
+
+
+def text_file(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, not a text file")
+    if not p.is_file():
+        raise InputError(f"{p}: no such text file")
+    return p
 
 
 def _open(args):
@@ -30,7 +64,7 @@ def _input_ids(backend, args) -> list[int]:
     if args.ids is not None:
         return backend.check_ids(parse_ids(args.ids))
     if backend.codec is None:
-        raise InputError(f"{args.model} has no tokenizer.json: use --ids instead of --prompt")
+        raise InputError(f"{args.model} has no tokenizer (tokenizer.json): use --ids instead of --prompt")
     return backend.codec.encode(args.prompt)
 
 
@@ -50,6 +84,8 @@ def cmd_generate(args):
     else:
         on_token = lambda t: (sys.stdout.write(f"{t} "), sys.stdout.flush())  # noqa: E731
     generate(backend, ids, args.max_new_tokens, sampling, on_token)
+    if backend.codec is not None:
+        sys.stdout.write(stream.flush())
     sys.stdout.write("\n")
 
 
@@ -62,9 +98,9 @@ def cmd_logits(args):
         raise InputError(f"{len(ids)} ids exceed the model's context of {backend.config.n_ctx} tokens")
     backend.reset()
     logits = backend.forward(ids).astype(np.float32)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, logits)
+    out = output_file(args.out, "--out")
+    with open(out, "wb") as f:  # exactly this path: np.save(str) would append .npy
+        np.save(f, logits)
     print(f"wrote {out}: float32 {list(logits.shape)}", file=sys.stderr)
 
 
@@ -72,9 +108,7 @@ def cmd_perplexity(args):
     from host.perplexity import perplexity
 
     backend = _open(args)
-    path = Path(args.text)
-    if not path.is_file():
-        raise InputError(f"{path}: no such text file")
+    path = text_file(args.text)
     if backend.codec is None:
         raise InputError(f"{args.model} has no tokenizer.json: perplexity needs one to tokenize {path}")
     ids = backend.codec.encode(path.read_text(encoding="utf-8", errors="replace"))
@@ -87,20 +121,32 @@ def cmd_perplexity(args):
 
 
 def model_info(model: str) -> dict:
+    """Shape, parameters and DDR bytes per decoded token of a model directory or a weight image."""
     from host.checkpoint import load_config
     from quantize.layout import HwLayout, decode_bytes_per_token
 
     path = Path(model)
-    if not path.is_dir():
-        raise InputError(f"{path}: no such model directory")
-    cfg = load_config(path)
+    image = None
+    if path.is_file():
+        from quantize.image import read_image
+        from sim.fixed_model import check_model_header
+
+        image = read_image(path)
+        cfg = check_model_header(path, image.header)
+        layouts = {image.hw.weights: image.hw}
+    elif path.is_dir():
+        cfg = load_config(path)
+        layouts = {fmt: HwLayout(bus_bits=64, weights=fmt, group=32) for fmt in ("int8", "int4")}
+    else:
+        raise InputError(f"{path}: no such model directory or weight image")
     info = {"family": cfg.family, "layers": cfg.n_layer, "d_model": cfg.d_model, "heads": cfg.n_head,
             "head_dim": cfg.head_dim, "d_ff": cfg.d_ff, "vocab": cfg.vocab_size, "n_ctx": cfg.n_ctx,
             "window_size": cfg.window_size, "local_layers": [i for i, l in enumerate(cfg.local_layers) if l],
-            "params": cfg.param_count(), "bytes_per_token": {}}
-    for fmt in ("int8", "int4"):
-        hw = HwLayout(bus_bits=64, weights=fmt, group=32)
-        info["bytes_per_token"][fmt] = decode_bytes_per_token(cfg, hw)
+            "params": cfg.param_count(),
+            "bytes_per_token": {fmt: decode_bytes_per_token(cfg, hw) for fmt, hw in layouts.items()}}
+    if image is not None:
+        info.update(image={"hardware": image.header["hardware"], "calibration": image.header.get("calibration"),
+                           "file_bytes": path.stat().st_size})
     return info
 
 
@@ -113,6 +159,9 @@ def cmd_info(args):
               "local_layers"):
         print(f"{k:>14}: {info[k]}")
     print(f"{'params':>14}: {info['params']:,}")
+    if "image" in info:
+        im = info["image"]
+        print(f"{'image':>14}: {im['file_bytes']:,} bytes, hardware {im['hardware']}, calibration {im['calibration']}")
     for fmt, b in info["bytes_per_token"].items():
         print(f"{fmt + ' bytes/tok':>14}: {b['total']:,} at position {b['position']} "
               f"(weights {b['weights']:,}, lm_head {b['lm_head']:,}, KV cache {b['kv_cache']:,})")
@@ -123,29 +172,44 @@ def cmd_quantize(args):
 
     if args.calib_tokens is not None and args.calib_tokens < 16:
         raise InputError(f"--calib-tokens must be >= 16, got {args.calib_tokens}")
-    out = Path(args.out)
-    if out.is_dir():
-        raise InputError(f"-o {out}: is a directory; give the image file to write")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    header = quantize_checkpoint(args.model, args.out, args.weights, args.group, args.bus_bits, args.calib,
+    if args.weights == "int8" and args.group is not None:
+        raise InputError("--group applies only to --weights int4 (int8 weights have one scale per row)")
+    group = args.group or 32
+    out = output_file(args.out, "-o")
+    check_writable(out, "-o")
+    header = quantize_checkpoint(args.model, out, args.weights, group, args.bus_bits, args.calib,
                                  args.calib_tokens)
-    size = Path(args.out).stat().st_size
-    print(f"wrote {args.out}: {size / 1e6:.2f} MB, {args.weights}"
-          f"{' group ' + str(args.group) if args.weights == 'int4' else ''}, {args.bus_bits}-bit beats, "
-          f"calibrated on {header['calibration']['tokens']} tokens ({header['calibration']['source']})")
+    size = out.stat().st_size
+    print(f"wrote {out}: {size / 1e6:.2f} MB, {args.weights}"
+          f"{' group ' + str(group) if args.weights == 'int4' else ''}, {args.bus_bits}-bit beats, "
+          f"calibrated on {header['calibration']['tokens']} tokens ({header['calibration']['source']})",
+          file=sys.stderr)
 
 
 def cmd_compare(args):
     from sim.compare import compare
 
-    summary = compare(args.model, args.image, args.text, args.out, args.tokens)
+    if args.tokens < 2:
+        raise InputError(f"--tokens must be >= 2, got {args.tokens}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file; give a directory")
+    summary = compare(args.model, args.image, text_file(args.text), out, args.tokens)
     print(f"wrote {args.out}/compare.json and {args.out}/compare.png; logits SNR "
-          f"{summary['logits']['snr_db']:.1f} dB, top-1 agreement {summary['top1_agreement']:.3f}")
+          f"{summary['logits']['snr_db']:.1f} dB, top-1 agreement {summary['top1_agreement']:.3f} "
+          f"over {summary['tokens']} tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("gpt-fpga")
+    except PackageNotFoundError:
+        ver = "unknown"
     p = argparse.ArgumentParser(prog="gpt-fpga", description="GPT-2 / GPT-Neo on a Zynq FPGA: golden models, "
                                 "quantizer and host driver.")
+    p.add_argument("--version", action="version", version=f"gpt-fpga {ver}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_backend(sp):
@@ -158,11 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
     src.add_argument("--ids", help="prompt as comma-separated token ids")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, help="sample with this temperature (0 means greedy)")
+    g.add_argument("--top-k", type=int, help="sample from the K most likely tokens")
+    g.add_argument("--top-p", type=float, help="sample from the smallest set with probability >= P")
+    g.add_argument("--seed", type=int, help="random seed for sampling (>= 0); greedy without a sampling flag")
     g.set_defaults(func=cmd_generate)
 
     lg = sub.add_parser("logits", help="save float32 logits [n_ids, vocab] for every position")
@@ -183,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("model", help="Hugging Face model directory")
     qz.add_argument("-o", "--out", required=True, help="output image file")
     qz.add_argument("--weights", default="int8", choices=["int8", "int4"])
-    qz.add_argument("--group", type=int, default=32, choices=[32, 64, 128], help="int4 group size")
+    qz.add_argument("--group", type=int, choices=[32, 64, 128], help="int4 group size (default 32)")
     qz.add_argument("--bus-bits", type=int, default=64, choices=[64, 128], help="DDR stream width it is tiled for")
     qz.add_argument("--calib", help="calibration text (default: text sampled from the model itself)")
     qz.add_argument("--calib-tokens", type=int, help="tokens of calibration (default 2048 from --calib, "
@@ -199,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=cmd_compare)
 
     inf = sub.add_parser("info", help="model shape, parameters and DDR bytes per decoded token")
-    inf.add_argument("model")
+    inf.add_argument("model", help="Hugging Face model directory or weight image")
     inf.add_argument("--json", action="store_true")
     inf.set_defaults(func=cmd_info)
     return p
@@ -212,10 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     except GptFpgaError as e:
         print(f"gpt-fpga: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. an unwritable output path: name the file, no traceback
+        if isinstance(e, BrokenPipeError):
+            return 0
+        print(f"gpt-fpga: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        return 0
     return 0
 
 

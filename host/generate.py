@@ -20,11 +20,14 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature is None and self.top_k is None and self.top_p is None
+        """No sampling flag, or temperature 0 (the usual spelling of greedy)."""
+        return self.temperature == 0 or (self.temperature is None and self.top_k is None and self.top_p is None)
 
     def validate(self):
-        if self.temperature is not None and not self.temperature > 0:
-            raise InputError(f"--temperature must be > 0, got {self.temperature}")
+        if self.temperature is not None and not self.temperature >= 0:
+            raise InputError(f"--temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if self.seed is not None and self.seed < 0:
+            raise InputError(f"--seed must be >= 0, got {self.seed}")
         if self.top_k is not None and self.top_k < 1:
             raise InputError(f"--top-k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -33,10 +33,10 @@ def windows(n_tokens: int, ctx: int, stride: int):
 def perplexity(backend: Backend, ids: list[int], ctx: int | None = None, stride: int | None = None,
                progress: bool = True, on_window=None) -> dict:
     n_ctx = backend.config.n_ctx
-    ctx = ctx or n_ctx
+    ctx = n_ctx if ctx is None else ctx
     if not 2 <= ctx <= n_ctx:
         raise InputError(f"--ctx must be between 2 and the model's context {n_ctx}, got {ctx}")
-    stride = stride or max(1, ctx // 2)
+    stride = max(1, ctx // 2) if stride is None else stride
     if not 1 <= stride <= ctx - 1:
         raise InputError(f"--stride must be between 1 and ctx-1 ({ctx - 1}), got {stride}")
     ids = backend.check_ids(ids)

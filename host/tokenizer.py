@@ -17,14 +17,14 @@ class TextCodec:
             raise InputError(f"{path}: cannot load tokenizer: {e}") from None
 
     @classmethod
-    def from_bytes(cls, blob) -> "TextCodec":
+    def from_bytes(cls, blob, origin: str = "embedded tokenizer") -> "TextCodec":
         from tokenizers import Tokenizer
 
         self = cls.__new__(cls)
         try:
             self.tok = Tokenizer.from_str(bytes(blob).decode("utf-8"))
         except Exception as e:
-            raise InputError(f"embedded tokenizer cannot be loaded: {e}") from None
+            raise InputError(f"{origin}: cannot load tokenizer: {e}") from None
         return self
 
     def encode(self, text: str) -> list[int]:
@@ -47,4 +47,11 @@ class StreamDecoder:
         if text.endswith("\ufffd") or not text.startswith(self.emitted):
             return ""  # a multi-byte character is still arriving
         new, self.emitted = text[len(self.emitted):], text
+        return new
+
+    def flush(self) -> str:
+        """Whatever is still held back when generation ends (an incomplete character shows as U+FFFD)."""
+        text = self.codec.decode(self.ids)
+        new = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text
         return new

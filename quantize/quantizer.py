@@ -8,6 +8,7 @@ integer (multiplier, shift), and write the streams in the order the hardware rea
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from sim.float_model import FloatModel
 CALIBRATED = ("ln1", "q", "k", "v", "ctx", "ln2", "fc", "gelu")
 DEFAULT_CALIB_TOKENS = 2048
 DEFAULT_SELF_CALIB_TOKENS = 512
+MAX_CONTEXT = 2048  # the Softmax core's max_len in the engine configuration (hw/synth.py)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class QuantOptions:
         if cfg.layer_norm_eps * cfg.d_model ** 2 >= 2 ** 16:  # E[0] = eps d^2 2^32 must fit the 48-bit eps port
             raise InputError(f"layer_norm_epsilon={cfg.layer_norm_eps} is too large for d_model={cfg.d_model}: "
                              f"the LayerNorm core needs eps * d^2 < 65536")
+        if cfg.n_ctx > MAX_CONTEXT:
+            raise InputError(f"n_ctx={cfg.n_ctx} exceeds the softmax core's row limit of {MAX_CONTEXT} positions")
         if cfg.head_dim > 256:
             raise InputError(f"head_dim={cfg.head_dim} exceeds the supported 256")
 
@@ -110,12 +114,15 @@ def quantize_rows_int4(w, group: int):
     return w4, q, base
 
 
-def requant_params(ratios) -> tuple[np.ndarray, np.ndarray]:
-    pairs = [nx.multiplier_for(float(r)) for r in np.asarray(ratios, dtype=np.float64).ravel()]
+def requant_params(ratios, what: str = "a matrix") -> tuple[np.ndarray, np.ndarray]:
+    try:
+        pairs = [nx.multiplier_for(float(r)) for r in np.asarray(ratios, dtype=np.float64).ravel()]
+    except ValueError as e:
+        raise InputError(f"cannot quantize {what}: {e}") from None
     return np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64)
 
 
-def quantize_matrix(w_in_out, bias, in_scale: float, out_scales, hw: HwLayout):
+def quantize_matrix(w_in_out, bias, in_scale: float, out_scales, hw: HwLayout, what: str = "a matrix"):
     """Quantize x @ W (+ b) into a row stream. W is [in, out] float; out_scales: [out] real output scales.
 
     Returns (packed bytes, dict of integer arrays as the golden model uses them).
@@ -128,7 +135,7 @@ def quantize_matrix(w_in_out, bias, in_scale: float, out_scales, hw: HwLayout):
     acc_scale = row_scale * in_scale  # real value of one accumulator unit, per row
     b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
     bias_int = np.clip(np.floor(b / acc_scale + 0.5), -nx.MAX_BIAS, nx.MAX_BIAS).astype(np.int64)
-    mult, shift = requant_params(acc_scale / np.broadcast_to(out_scales, acc_scale.shape))
+    mult, shift = requant_params(acc_scale / np.broadcast_to(out_scales, acc_scale.shape), what)
     blob = pack_matrix(w_int, q, bias_int, mult, shift, hw)
     return blob, {"row_scale": row_scale}
 
@@ -186,27 +193,31 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
         g1, b1, sh1 = layernorm_params(p[pre + "ln1_g"], p[pre + "ln1_b"], s["ln1"])
         sections[f"L{i}.ln1"] = pack_layernorm(g1, b1)
         qkv_out = np.repeat([s["q"], s["k"], s["v"]], d)
-        sections[f"L{i}.qkv"], _ = quantize_matrix(p[pre + "w_qkv"], p[pre + "b_qkv"], s["ln1"], qkv_out, hw)
-        sections[f"L{i}.attn_out"], _ = quantize_matrix(p[pre + "w_o"], p[pre + "b_o"], s["ctx"], resid_scale, hw)
+        sections[f"L{i}.qkv"], _ = quantize_matrix(p[pre + "w_qkv"], p[pre + "b_qkv"], s["ln1"], qkv_out, hw,
+                                                   f"layer {i} qkv")
+        sections[f"L{i}.attn_out"], _ = quantize_matrix(p[pre + "w_o"], p[pre + "b_o"], s["ctx"], resid_scale, hw,
+                                                        f"layer {i} attn_out")
         g2, b2, sh2 = layernorm_params(p[pre + "ln2_g"], p[pre + "ln2_b"], s["ln2"])
         sections[f"L{i}.ln2"] = pack_layernorm(g2, b2)
-        sections[f"L{i}.fc"], _ = quantize_matrix(p[pre + "w_fc"], p[pre + "b_fc"], s["ln2"], s["fc"], hw)
+        sections[f"L{i}.fc"], _ = quantize_matrix(p[pre + "w_fc"], p[pre + "b_fc"], s["ln2"], s["fc"], hw, f"layer {i} fc")
         sections[f"L{i}.gelu"] = (nx.gelu_table(s["fc"], s["gelu"]).astype(np.int8)).tobytes()
-        sections[f"L{i}.proj"], _ = quantize_matrix(p[pre + "w_proj"], p[pre + "b_proj"], s["gelu"], resid_scale, hw)
+        sections[f"L{i}.proj"], _ = quantize_matrix(p[pre + "w_proj"], p[pre + "b_proj"], s["gelu"], resid_scale, hw,
+                                                    f"layer {i} proj")
         att = s["q"] * s["k"] * (1.0 / math.sqrt(hd) if cfg.scale_attn else 1.0) * math.log2(math.e) \
             * 2.0 ** nx.SCORE_FRAC
-        att_mult, att_shift = nx.multiplier_for(att)
-        ctx_mult, ctx_shift = nx.multiplier_for(2.0 ** -nx.PROB_FRAC * s["v"] / s["ctx"])
+        att_mult, att_shift = (int(v[0]) for v in requant_params([att], f"layer {i} attention scores"))
+        ctx_mult, ctx_shift = (int(v[0]) for v in requant_params([2.0 ** -nx.PROB_FRAC * s["v"] / s["ctx"]],
+                                                                  f"layer {i} ctx"))
         layers.append({"scales": s, "ln1_shift": sh1, "ln2_shift": sh2, "score_mult": att_mult,
                        "score_shift": att_shift, "ctx_mult": ctx_mult, "ctx_shift": ctx_shift,
                        "window": cfg.window_size if cfg.local_layers[i] else 0})
     s_lnf = act_scale(peaks["lnf"][cfg.n_layer])
     gf, bf, shf = layernorm_params(p["lnf_g"], p["lnf_b"], s_lnf)
     sections["lnf"] = pack_layernorm(gf, bf)
-    head_blob, head = quantize_matrix(p["wte"].T, None, s_lnf, 2.0 ** -nx.LOGIT_FRAC, hw)
+    head_blob, head = quantize_matrix(p["wte"].T, None, s_lnf, 2.0 ** -nx.LOGIT_FRAC, hw, "lm_head")
     sections["lm_head"] = head_blob
     # host-side: token embedding reuses lm_head's integer rows, scaled into the residual format
-    emb_mult, emb_shift = requant_params(head["row_scale"] / resid_scale)
+    emb_mult, emb_shift = requant_params(head["row_scale"] / resid_scale, "the token embedding")
     emb = np.zeros((cfg.vocab_size, 4), np.uint8)
     emb[:, 0:2] = emb_mult.astype("<u2").reshape(-1, 1).view(np.uint8)
     emb[:, 2] = emb_shift
@@ -231,6 +242,10 @@ def quantize_checkpoint(model_dir, out_path, weights="int8", group=32, bus_bits=
     ckpt = load_checkpoint(model_dir)
     opts = QuantOptions(weights, group, bus_bits, calib_tokens)
     opts.validate(ckpt.config)
+    if ckpt.tokenizer_path is not None:  # an image with a broken tokenizer would be unusable
+        from host.tokenizer import TextCodec
+
+        TextCodec(ckpt.tokenizer_path)
     if calib is not None:
         from host.tokenizer import TextCodec
 
@@ -242,12 +257,13 @@ def quantize_checkpoint(model_dir, out_path, weights="int8", group=32, bus_bits=
         ids = TextCodec(ckpt.tokenizer_path).encode(calib.read_text(encoding="utf-8", errors="replace"))
         ids = [i for i in ids if i < ckpt.config.vocab_size][:calib_tokens or DEFAULT_CALIB_TOKENS]
         if len(ids) < 16:
-            raise InputError(f"{calib}: only {len(ids)} tokens; calibration needs at least 16")
+            raise InputError(f"{calib}: only {len(ids)} token(s) in the model's vocabulary; calibration needs "
+                             f"at least 16")
         source = str(calib)
     else:
         n = calib_tokens or DEFAULT_SELF_CALIB_TOKENS
         print(f"gpt-fpga quantize: no --calib text given; calibrating on {n} tokens sampled from the model "
-              f"itself (seed 0)", flush=True)
+              f"itself (seed 0)", file=sys.stderr, flush=True)
         ids = self_generated_ids(FloatModel(ckpt.config, ckpt.params), n, progress=progress)
         source = "self-generated"
     return build_image(ckpt, opts, ids, source, Path(out_path), progress)

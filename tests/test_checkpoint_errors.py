@@ -259,7 +259,8 @@ def test_garbage_ids(capsys, tiny_dir, ids):
     expect_error(capsys, ["generate", tiny_dir, "--ids", ids], "--ids", "integers", ids)
 
 
-@pytest.mark.parametrize("opt,val,needle", [("--temperature", "0", "--temperature"), ("--top-k", "0", "--top-k"),
+@pytest.mark.parametrize("opt,val,needle", [("--temperature", "-1", "--temperature"), ("--top-k", "0", "--top-k"),
+                                            ("--seed", "-1", "--seed"),
                                             ("--top-p", "1.5", "--top-p"), ("--top-p", "0", "--top-p"),
                                             ("--max-new-tokens", "0", "--max-new-tokens")])
 def test_bad_sampling_options(capsys, tiny_dir, opt, val, needle):
@@ -341,3 +342,41 @@ def test_subprocess_success(tmp_path):
     r = _run("generate", d, "--ids", "1,2", "--max-new-tokens", "3")
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.split()) >= 1
+
+
+def test_logits_writes_exactly_the_given_path(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "noext"
+    rc, _, err = cli(capsys, "logits", tiny_dir, "--ids", "1,2,3", "--out", out)
+    assert rc == 0 and str(out) in err, err
+    arr = np.load(out)  # no '.npy' appended behind the user's back
+    assert arr.shape == (3, 4096) and arr.dtype == np.float32
+    expect_error(capsys, ["logits", tiny_dir, "--ids", "1", "--out", tmp_path], "is a directory")
+
+
+def test_unwritable_outputs_fail_before_work(capsys, tiny_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    expect_error(capsys, ["quantize", tiny_dir, "-o", blocker / "x.img"], str(blocker))
+    expect_error(capsys, ["logits", tiny_dir, "--ids", "1", "--out", blocker / "x.npy"], str(blocker))
+
+
+def test_group_is_only_for_int4(capsys, tiny_dir, tmp_path):
+    expect_error(capsys, ["quantize", tiny_dir, "-o", tmp_path / "a.img", "--group", "64"], "--group", "int4")
+
+
+def test_image_where_a_model_directory_is_expected(capsys, tiny_dir, tmp_path):
+    img = tmp_path / "a.img"
+    assert cli(capsys, "quantize", tiny_dir, "-o", img, "--calib-tokens", "16")[0] == 0
+    expect_error(capsys, ["quantize", img, "-o", tmp_path / "b.img"], "is a file", "model directory")
+    expect_error(capsys, ["generate", img, "--ids", "1"], "is a file", "--backend fixed")
+
+
+def test_info_on_an_image(capsys, tiny_dir, tmp_path):
+    import json
+
+    img = tmp_path / "a.img"
+    assert cli(capsys, "quantize", tiny_dir, "-o", img, "--weights", "int4", "--calib-tokens", "16")[0] == 0
+    rc, out, err = cli(capsys, "info", img, "--json")
+    info = json.loads(out)
+    assert rc == 0 and info["image"]["hardware"]["weights"] == "int4" and list(info["bytes_per_token"]) == ["int4"]
+    assert info["image"]["calibration"]["tokens"] == 16 and info["vocab"] == 4096

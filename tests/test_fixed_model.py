@@ -353,8 +353,8 @@ def test_quantize_self_generated_calibration(capsys, tmp_path):
     model = write_tiny_model(tmp_path / "m", "gpt2")
     rc, out, err = run_cli(capsys, "quantize", model, "-o", tmp_path / "a.img", "--calib-tokens", "16")
     assert rc == 0, err
-    assert "no --calib text given" in out and "self-generated" in out and "16 tokens" in out
-    assert "(self-generated)" in out.strip().splitlines()[-1]
+    assert "no --calib text given" in err and "self-generated" in err and "16 tokens" in err
+    assert "(self-generated)" in err.strip().splitlines()[-1]
     cal = read_image(tmp_path / "a.img").header["calibration"]
     assert cal["source"] == "self-generated" and cal["tokens"] == 16
 
@@ -365,8 +365,8 @@ def test_quantize_calib_file(capsys, tiny_dir, tmp_path):
     rc, out, err = run_cli(capsys, "quantize", tiny_dir, "-o", tmp_path / "b.img", "--calib", text,
                            "--calib-tokens", "64")
     assert rc == 0, err
-    assert "self-generated" not in out
-    assert f"calibrated on 64 tokens ({text})" in out
+    assert "self-generated" not in err
+    assert f"calibrated on 64 tokens ({text})" in err
     assert read_image(tmp_path / "b.img").header["calibration"] == {"source": str(text), "tokens": 64,
                                                                      "method": "absmax"}
 
@@ -414,7 +414,7 @@ def test_quantize_calib_tokens_outside_the_model_vocab_do_not_count(capsys, tmp_
     text = tmp_path / "long-words.txt"
     text.write_text("righteousness " * 200)  # BPE ids 1164 etc., all >= 64
     rc, out, err = run_cli(capsys, "quantize", model, "-o", tmp_path / "v.img", "--calib", text)
-    assert rc == 2 and "only 0 tokens; calibration needs at least 16" in err, err
+    assert rc == 2 and "only 0 token(s) in the model's vocabulary; calibration needs at least 16" in err, err
     assert not (tmp_path / "v.img").exists()
 
 

@@ -231,3 +231,36 @@ def test_perplexity_single_window_is_full_sequence(tiny_backend, heldout_ids):
 def test_perplexity_default_stride_is_half_context(tiny_backend, heldout_ids):
     r = perplexity(tiny_backend, heldout_ids[:50], progress=False)
     assert (r["ctx"], r["stride"]) == (32, 16)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_temperature_zero_is_greedy(seed):
+    z = _logits(seed)
+    s = Sampling(temperature=0.0, top_k=5, seed=seed)
+    assert s.greedy
+    assert sample_next(z, s, np.random.default_rng(seed)) == int(np.argmax(z))
+
+
+def test_stream_decoder_flushes_a_held_back_character():
+    from host.tokenizer import StreamDecoder, TextCodec
+
+    codec = TextCodec(MODELS / "gpt2-kjv" / "tokenizer.json")
+    ids = codec.encode("é")  # byte-level BPE: one character, possibly split over two ids
+    raw = codec.tok.get_vocab()
+    # a lone lead byte of a 2-byte UTF-8 sequence decodes to U+FFFD until its continuation arrives
+    lead = raw.get("Ã")
+    stream = StreamDecoder(codec, codec.encode("A"))
+    assert lead is not None
+    assert stream.push(lead) == ""  # held back: incomplete character
+    assert stream.flush() == "\ufffd"  # generation ended: what was held back is shown, not lost
+    assert ids  # the tokenizer knows the character at all
+
+
+def test_ctx_and_stride_zero_are_refused(tmp_path):
+    model = write_model_dir(tmp_path / "m", tiny_gpt2_config(), tiny_gpt2_tensors())
+    backend = FloatBackend(model)
+    ids = list(range(1, 20))
+    with pytest.raises(InputError, match="--ctx"):
+        perplexity(backend, ids, ctx=0, progress=False)
+    with pytest.raises(InputError, match="--stride"):
+        perplexity(backend, ids, ctx=8, stride=0, progress=False)
