@@ -32,7 +32,7 @@ demo: $(VENV)/.runtime ## generate text with the bundled demo model
 
 iverilog: ## install Icarus Verilog (Debian package) if it is missing
 	@command -v iverilog >/dev/null || { echo "installing iverilog (apt-get)"; \
-		(apt-get update -qq && apt-get install -y -qq iverilog >/dev/null) || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iverilog >/dev/null) || \
 		{ echo "error: Icarus Verilog is needed: apt-get install iverilog (as root)"; exit 1; }; }
 
 test: $(VENV)/.dev iverilog ## run the whole test suite (includes make sim)
