@@ -74,7 +74,38 @@ def bench_accuracy(out: Path) -> dict:
         result[name] = entry
     shutil.rmtree(tmp, ignore_errors=True)
     (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_accuracy(result, out / "accuracy.png")
     return result
+
+
+def plot_accuracy(result: dict, path: Path) -> None:
+    """Perplexity increase over float and top-1 agreement, per model and weight format."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models, fmts = list(result), ("int8", "int4")
+    x = np.arange(len(models))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, (fmt, bar) in enumerate(zip(fmts, (3.0, 8.0))):
+        vals = [(result[m][fmt]["ratio"] - 1) * 100 for m in models]
+        ax1.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=f"{fmt} (bar +{bar:g} %)")
+        ax2.bar(x + (k - 0.5) * 0.38, [result[m][fmt]["top1_agreement"] for m in models], 0.38, label=fmt)
+    ax1.axhline(1.0, color="tab:blue", ls=":", lw=1)
+    ax1.axhline(4.0, color="tab:orange", ls=":", lw=1)
+    ax1.set_ylabel("held-out perplexity vs float (%)")
+    ax1.set_title("accuracy cost of the integer model (dotted: goals)")
+    ax2.set_ylabel("top-1 agreement with float")
+    ax2.set_ylim(0.8, 1.0)
+    ax2.set_title("next-token agreement")
+    for ax in (ax1, ax2):
+        ax.set_xticks(x, models)
+        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _decode_ms(model, prompt, steps) -> float:
