@@ -201,6 +201,9 @@ def cmd_compare(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from host.backends import BACKENDS
+    from quantize.layout import BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS
+
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -214,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_backend(sp):
         sp.add_argument("model", help="Hugging Face model directory (float) or weight image (fixed)")
-        sp.add_argument("--backend", default="float", choices=["float", "fixed"],
+        sp.add_argument("--backend", default="float", choices=list(BACKENDS),
                         help="float: float32 golden model; fixed: bit-exact integer model of the accelerator")
 
     g = sub.add_parser("generate", help="generate text, streamed as it is decoded")
@@ -246,9 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     qz = sub.add_parser("quantize", help="calibrate and quantize a checkpoint into a weight image")
     qz.add_argument("model", help="Hugging Face model directory")
     qz.add_argument("-o", "--out", required=True, help="output image file")
-    qz.add_argument("--weights", default="int8", choices=["int8", "int4"])
-    qz.add_argument("--group", type=int, choices=[32, 64, 128], help="int4 group size (default 32)")
-    qz.add_argument("--bus-bits", type=int, default=64, choices=[64, 128], help="DDR stream width it is tiled for")
+    qz.add_argument("--weights", default="int8", choices=list(WEIGHT_FORMATS))
+    qz.add_argument("--group", type=int, choices=list(GROUP_CHOICES), help="int4 group size (default 32)")
+    qz.add_argument("--bus-bits", type=int, default=64, choices=list(BUS_BITS_CHOICES),
+                    help="DDR stream width it is tiled for")
     qz.add_argument("--calib", help="calibration text (default: text sampled from the model itself)")
     qz.add_argument("--calib-tokens", type=int, help="tokens of calibration (default 2048 from --calib, "
                     "512 self-generated)")

@@ -46,12 +46,12 @@ def perplexity(backend: Backend, ids: list[int], ctx: int | None = None, stride:
     spans = list(windows(len(ids), ctx, stride))
     for begin, end, first in tqdm(spans, desc=f"perplexity ({backend.name})", disable=not progress, unit="win"):
         backend.reset()
-        logp = log_softmax(backend.forward(ids[begin:end - 1]))  # predicts ids[begin+1:end]
+        logits = backend.forward(ids[begin:end - 1])  # row j predicts ids[begin + j + 1]
+        logp = log_softmax(logits[first - begin - 1:])  # only the scored rows: row j predicts ids[first + j]
         targets = np.asarray(ids[first:end])
-        rows = logp[first - begin - 1:]
-        nll -= float(rows[np.arange(len(targets)), targets].sum())
+        nll -= float(logp[np.arange(len(targets)), targets].sum())
         count += len(targets)
         if on_window:
-            on_window(begin, end, first, logp)
+            on_window(first, end, logp)
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
             "ctx": ctx, "stride": stride, "backend": backend.name}

@@ -11,11 +11,12 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
 from hw.axis import AxiStreamSignature
+from quantize.layout import LN_BETA_BITS, LN_GAMMA_BITS, LN_PARAM_BYTES
 from sim import numerics
 
 __all__ = ["LayerNorm"]
 
-EPS_BITS = 48
+EPS_BITS = numerics.LN_EPS_BITS
 SH_MAX = numerics.LN_MAX_SHIFT  # 17: bit_length(2**31) - 15, only for a row holding -2**31
 EPS_DEPTH = 1 << ceil_log2(SH_MAX + 1)  # entries 0..SH_MAX are used
 assert numerics.RESID_BITS - (numerics.LN_IN_BITS - 1) == SH_MAX  # mag >> 15 has SH_MAX bits
@@ -101,7 +102,7 @@ class LayerNorm(wiring.Component):
         self._sh_steps = _norm_steps(SH_MAX - 1)
         super().__init__({
             "s_x": In(AxiStreamSignature(32)),
-            "s_params": In(AxiStreamSignature(64)),
+            "s_params": In(AxiStreamSignature(8 * LN_PARAM_BYTES)),
             "m_y": Out(AxiStreamSignature(8)),
             "out_shift": In(6),
             "eps_we": In(1),
@@ -172,7 +173,8 @@ class LayerNorm(wiring.Component):
         with m.If(issue):
             m.d.sync += raddr.eq(raddr + 1)
 
-        gamma_in, beta_in = s_p.tdata[0:16].as_signed(), s_p.tdata[32:64].as_signed()
+        gamma_in = s_p.tdata[LN_GAMMA_BITS[0]:LN_GAMMA_BITS[1]].as_signed()
+        beta_in = s_p.tdata[LN_BETA_BITS[0]:LN_BETA_BITS[1]].as_signed()
         # the BRAM output is registered before any logic (ECP5 DP16KD clk-to-q is ~6 ns)
         f1_v, f1_l, f1_g, f1_b = Signal(), Signal(), Signal(signed(16)), Signal(signed(32))
         f2_v, f2_l, f2_g, f2_b, f2_x = Signal(), Signal(), Signal(signed(16)), Signal(signed(32)), Signal(signed(32))

@@ -13,12 +13,13 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from hw.axis import AxiStreamSignature
-from quantize.layout import BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div
-from sim.numerics import ACC_BITS, MAX_D_IN
+from quantize.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div,
+                             header_bits)
+from sim.numerics import ACC_BITS, MAX_D_IN, MAX_ROWS
 
 __all__ = ["MatVec"]
 
-ROWS_BITS = 16  # n_rows is a 16-bit count (the largest matrix, an lm_head, has < 2**16 rows)
+ROWS_BITS = MAX_ROWS.bit_length()  # n_rows: up to numerics.MAX_ROWS (the largest matrix is an lm_head)
 OUT_FIFO_DEPTH = 16  # results waiting for m_out; also bounds the rows in flight (credits)
 TREE_LEVELS_PER_STAGE = 2  # adder-tree levels between pipeline registers
 
@@ -256,8 +257,9 @@ class MatVec(wiring.Component):
         row_mult = reg(unsigned(16), "row_mult")
         row_shift = reg(unsigned(6), "row_shift")
         with m.If(take & row_start):
-            m.d.sync += [row_bias.eq(sw.tdata[0:32]), row_mult.eq(sw.tdata[32:48]),
-                         row_shift.eq(sw.tdata[48:54])]
+            (b_lo, b_hi), (m_lo, m_hi), (s_lo, _) = (header_bits(f) for f in ("bias", "mult", "shift"))
+            m.d.sync += [row_bias.eq(sw.tdata[b_lo:b_hi]), row_mult.eq(sw.tdata[m_lo:m_hi]),
+                         row_shift.eq(sw.tdata[s_lo:s_lo + 6])]  # shifts are 0..47: 6 bits
 
         m.d.comb += act_rd.addr.eq(wt_cnt)  # read in step with the beat: the word is there in S1
 

@@ -73,7 +73,7 @@ class Softmax(wiring.Component):
         Requantization shift, 0..63 (values above 47 give z = 0, as the contract does).
     """
 
-    def __init__(self, *, max_len: int = 2048):
+    def __init__(self, *, max_len: int = numerics.MAX_CONTEXT):
         if not isinstance(max_len, int) or isinstance(max_len, bool) or not 1 <= max_len <= MAX_LEN_LIMIT:
             self._MustUse__silence = True  # a rejected component is not an unused one
             raise ValueError(f"max_len must be an int in [1, {MAX_LEN_LIMIT}], got {max_len!r}")

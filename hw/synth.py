@@ -33,12 +33,13 @@ def pynq_z2_cores() -> dict:
     from hw.layernorm import LayerNorm
     from hw.matvec import MatVec
     from hw.softmax import Softmax
+    from sim.numerics import MAX_CONTEXT, MAX_D_IN
 
     return {
         "matvec_int8": lambda: MatVec(bus_bits=64, weights="int8"),
         "matvec_int4": lambda: MatVec(bus_bits=64, weights="int4", group=32),
-        "softmax": lambda: Softmax(max_len=2048),
-        "layernorm": lambda: LayerNorm(max_d=4096),
+        "softmax": lambda: Softmax(max_len=MAX_CONTEXT),
+        "layernorm": lambda: LayerNorm(max_d=MAX_D_IN),
         "gelu": lambda: Gelu(lanes=1),
     }
 

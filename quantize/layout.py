@@ -18,6 +18,19 @@ from dataclasses import dataclass
 from host.checkpoint import ModelConfig
 
 ROW_HEADER_FIXED_BYTES = 8  # bias int32, multiplier uint16, shift uint8, reserved uint8
+ROW_HEADER_FIELDS = {"bias": (0, "<i4"), "mult": (4, "<u2"), "shift": (6, "u1")}  # byte offset, dtype
+GROUP_SCALE_OFFSET = ROW_HEADER_FIXED_BYTES  # int4: uint8 group scales follow the fixed fields
+# LayerNorm parameter word (the LayerNorm core's s_params beat): gamma_mult int16, beta int32
+LN_PARAM_BYTES = 8
+LN_GAMMA_BITS = (0, 16)
+LN_BETA_BITS = (32, 64)
+EMBED_SCALE_BYTES = 4  # host-only, per token: multiplier uint16, shift uint8, reserved
+
+
+def header_bits(name: str) -> tuple[int, int]:
+    """(lo, hi) bit slice of a row-header field within the first header beat."""
+    off, dtype = ROW_HEADER_FIELDS[name]
+    return 8 * off, 8 * (off + int(dtype[-1]))
 BUS_BITS_CHOICES = (64, 128)
 WEIGHT_FORMATS = ("int8", "int4")
 GROUP_CHOICES = (32, 64, 128)
@@ -96,13 +109,14 @@ def pack_matrix(w, group_scale, bias, mult, shift, hw: HwLayout) -> bytes:
     d_out, d_in = w.shape
     B = hw.bus_bytes
     hdr = np.zeros((d_out, hw.header_beats(d_in) * B), np.uint8)
-    hdr[:, 0:4] = np.asarray(bias, dtype="<i4").reshape(d_out, 1).view(np.uint8)
-    hdr[:, 4:6] = np.asarray(mult, dtype="<u2").reshape(d_out, 1).view(np.uint8)
-    hdr[:, 6] = np.asarray(shift, dtype=np.uint8)
+    for name, values in (("bias", bias), ("mult", mult), ("shift", shift)):
+        off, dtype = ROW_HEADER_FIELDS[name]
+        size = np.dtype(dtype).itemsize
+        hdr[:, off:off + size] = np.asarray(values).astype(dtype).reshape(d_out, 1).view(np.uint8)
     body = np.zeros((d_out, hw.weight_beats(d_in) * B), np.uint8)
     if hw.weights == "int4":
         n_groups = ceil_div(d_in, hw.group)
-        hdr[:, 8:8 + n_groups] = np.asarray(group_scale, dtype=np.uint8)
+        hdr[:, GROUP_SCALE_OFFSET:GROUP_SCALE_OFFSET + n_groups] = np.asarray(group_scale, dtype=np.uint8)
         nib = np.zeros((d_out, body.shape[1] * 2), np.uint8)
         nib[:, :d_in] = (w.astype(np.int16) & 0xF).astype(np.uint8)
         body[:] = nib[:, 0::2] | (nib[:, 1::2] << 4)
@@ -117,16 +131,72 @@ def unpack_matrix(blob, d_out: int, d_in: int, hw: HwLayout) -> dict:
 
     B = hw.bus_bytes
     hb, wb = hw.header_beats(d_in) * B, hw.weight_beats(d_in) * B
-    rows = np.frombuffer(blob, dtype=np.uint8, count=d_out * (hb + wb)).reshape(d_out, hb + wb)
+    _check_size(blob, d_out * (hb + wb), f"matrix stream of {d_out} x {d_in}")
+    rows = np.frombuffer(blob, dtype=np.uint8).reshape(d_out, hb + wb)
     hdr, body = rows[:, :hb], rows[:, hb:]
-    out = {"bias": np.ascontiguousarray(hdr[:, 0:4]).view("<i4")[:, 0].astype(np.int64),
-           "mult": np.ascontiguousarray(hdr[:, 4:6]).view("<u2")[:, 0].astype(np.int64),
-           "shift": hdr[:, 6].astype(np.int64), "group_scale": None}
+    out = {"group_scale": None}
+    for name, (off, dtype) in ROW_HEADER_FIELDS.items():
+        size = np.dtype(dtype).itemsize
+        out[name] = np.ascontiguousarray(hdr[:, off:off + size]).view(dtype)[:, 0].astype(np.int64)
     if hw.weights == "int4":
-        out["group_scale"] = hdr[:, 8:8 + ceil_div(d_in, hw.group)].astype(np.int64)
+        out["group_scale"] = hdr[:, GROUP_SCALE_OFFSET:GROUP_SCALE_OFFSET + ceil_div(d_in, hw.group)].astype(np.int64)
         nib = np.empty((d_out, wb * 2), np.int64)
         nib[:, 0::2], nib[:, 1::2] = body & 0xF, body >> 4
         out["w"] = np.where(nib >= 8, nib - 16, nib)[:, :d_in]
     else:
         out["w"] = body[:, :d_in].view(np.int8).astype(np.int64)
     return out
+
+
+class StreamSizeError(ValueError):
+    """A section's byte count does not match what its shape needs."""
+
+
+def _check_size(blob, expected: int, what: str):
+    if len(blob) != expected:
+        raise StreamSizeError(f"{what} needs {expected} bytes, the section has {len(blob)}")
+
+
+def pack_ln_params(gamma_mult, beta) -> bytes:
+    """One LN_PARAM_BYTES word per element: gamma_mult int16 in LN_GAMMA_BITS, beta int32 in LN_BETA_BITS."""
+    import numpy as np
+
+    words = np.zeros((len(gamma_mult), LN_PARAM_BYTES), np.uint8)
+    g0, b0 = LN_GAMMA_BITS[0] // 8, LN_BETA_BITS[0] // 8
+    words[:, g0:g0 + 2] = np.asarray(gamma_mult).astype("<i2").reshape(-1, 1).view(np.uint8)
+    words[:, b0:b0 + 4] = np.asarray(beta).astype("<i4").reshape(-1, 1).view(np.uint8)
+    return words.tobytes()
+
+
+def unpack_ln_params(blob, d: int) -> tuple:
+    """Inverse of :func:`pack_ln_params`: (gamma_mult, beta) int64 arrays of length d."""
+    import numpy as np
+
+    _check_size(blob, d * LN_PARAM_BYTES, f"LayerNorm parameters for d={d}")
+    words = np.frombuffer(blob, dtype=np.uint8).reshape(d, LN_PARAM_BYTES)
+    g0, b0 = LN_GAMMA_BITS[0] // 8, LN_BETA_BITS[0] // 8
+    gamma = np.ascontiguousarray(words[:, g0:g0 + 2]).view("<i2")[:, 0].astype(np.int64)
+    beta = np.ascontiguousarray(words[:, b0:b0 + 4]).view("<i4")[:, 0].astype(np.int64)
+    return gamma, beta
+
+
+def pack_embed_scale(mult, shift) -> bytes:
+    import numpy as np
+
+    out = np.zeros((len(mult), EMBED_SCALE_BYTES), np.uint8)
+    out[:, 0:2] = np.asarray(mult).astype("<u2").reshape(-1, 1).view(np.uint8)
+    out[:, 2] = np.asarray(shift).astype(np.uint8)
+    return out.tobytes()
+
+
+def unpack_embed_scale(blob, vocab: int) -> tuple:
+    import numpy as np
+
+    _check_size(blob, vocab * EMBED_SCALE_BYTES, f"embedding scales for {vocab} tokens")
+    raw = np.frombuffer(blob, dtype=np.uint8).reshape(vocab, EMBED_SCALE_BYTES)
+    return np.ascontiguousarray(raw[:, 0:2]).view("<u2")[:, 0].astype(np.int64), raw[:, 2].astype(np.int64)
+
+
+def layer_section_names(layer: int) -> list[str]:
+    """Per-layer sections of an image, in the order the hardware streams them."""
+    return [f"L{layer}.{part}" for part in ("ln1", "qkv", "attn_out", "ln2", "fc", "gelu", "proj")]

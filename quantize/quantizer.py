@@ -18,7 +18,7 @@ from tqdm import tqdm
 from host.checkpoint import Checkpoint, ModelConfig, load_checkpoint
 from host.errors import InputError
 from quantize.image import write_image
-from quantize.layout import GROUP_CHOICES, HwLayout, ceil_div, pack_matrix
+from quantize.layout import GROUP_CHOICES, HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix
 from sim import numerics as nx
 from sim.float_model import FloatModel
 
@@ -26,7 +26,6 @@ from sim.float_model import FloatModel
 CALIBRATED = ("ln1", "q", "k", "v", "ctx", "ln2", "fc", "gelu")
 DEFAULT_CALIB_TOKENS = 2048
 DEFAULT_SELF_CALIB_TOKENS = 512
-MAX_CONTEXT = 2048  # the Softmax core's max_len in the engine configuration (hw/synth.py)
 
 
 @dataclass(frozen=True)
@@ -46,13 +45,16 @@ class QuantOptions:
         for name, d in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff)):
             if d > nx.MAX_D_IN:
                 raise InputError(f"{name}={d} exceeds the accelerator's limit of {nx.MAX_D_IN} inputs per matvec")
-        if cfg.layer_norm_eps * cfg.d_model ** 2 >= 2 ** 16:  # E[0] = eps d^2 2^32 must fit the 48-bit eps port
+        for name, rows in (("vocab_size", cfg.vocab_size), ("3 * d_model", 3 * cfg.d_model), ("d_ff", cfg.d_ff)):
+            if rows > nx.MAX_ROWS:
+                raise InputError(f"{name}={rows} exceeds the matvec core's {nx.MAX_ROWS} output rows per call")
+        if nx.layernorm_eps_table(cfg.layer_norm_eps, cfg.d_model)[0] >= 1 << nx.LN_EPS_BITS:
             raise InputError(f"layer_norm_epsilon={cfg.layer_norm_eps} is too large for d_model={cfg.d_model}: "
-                             f"the LayerNorm core needs eps * d^2 < 65536")
-        if cfg.n_ctx > MAX_CONTEXT:
-            raise InputError(f"n_ctx={cfg.n_ctx} exceeds the softmax core's row limit of {MAX_CONTEXT} positions")
-        if cfg.head_dim > 256:
-            raise InputError(f"head_dim={cfg.head_dim} exceeds the supported 256")
+                             f"the LayerNorm eps table entries must fit {nx.LN_EPS_BITS} bits")
+        if cfg.n_ctx > nx.MAX_CONTEXT:
+            raise InputError(f"n_ctx={cfg.n_ctx} exceeds the softmax core's row limit of {nx.MAX_CONTEXT} positions")
+        if cfg.head_dim > nx.MAX_HEAD_DIM:
+            raise InputError(f"head_dim={cfg.head_dim} exceeds the supported {nx.MAX_HEAD_DIM}")
 
 
 # ---- calibration ------------------------------------------------------------------------------
@@ -144,19 +146,11 @@ def layernorm_params(gamma, beta, out_scale: float):
     """gamma_mult int16, beta int32 and the output shift for numerics.layernorm."""
     g = np.asarray(gamma, np.float64) / out_scale
     peak = max(float(np.abs(g).max()), 1e-12)
-    gf = int(np.clip(math.floor(math.log2((2 ** 15 - 1) / peak)), 0, 36))
+    gf = int(np.clip(math.floor(math.log2((2 ** 15 - 1) / peak)), 0, nx.LN_MAX_OUT_SHIFT - nx.LN_NORM_FRAC))
     out_shift = nx.LN_NORM_FRAC + gf
     gamma_mult = np.clip(np.floor(g * 2.0 ** gf + 0.5), -(2 ** 15), 2 ** 15 - 1).astype(np.int64)
     beta_int = nx.saturate(np.floor(np.asarray(beta, np.float64) / out_scale * 2.0 ** out_shift + 0.5), 32)
     return gamma_mult, beta_int, out_shift
-
-
-def pack_layernorm(gamma_mult, beta) -> bytes:
-    """One 64-bit word per element: gamma_mult int16 in bits 15:0, beta int32 in bits 63:32."""
-    words = np.zeros((len(gamma_mult), 2), "<i4")
-    words[:, 0] = np.asarray(gamma_mult) & 0xFFFF
-    words[:, 1] = beta
-    return words.tobytes()
 
 
 def act_scale(peak: float) -> float:
@@ -191,14 +185,14 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
         s = {name: act_scale(peaks[name][i]) for name in CALIBRATED}
         pre = f"h{i}."
         g1, b1, sh1 = layernorm_params(p[pre + "ln1_g"], p[pre + "ln1_b"], s["ln1"])
-        sections[f"L{i}.ln1"] = pack_layernorm(g1, b1)
+        sections[f"L{i}.ln1"] = pack_ln_params(g1, b1)
         qkv_out = np.repeat([s["q"], s["k"], s["v"]], d)
         sections[f"L{i}.qkv"], _ = quantize_matrix(p[pre + "w_qkv"], p[pre + "b_qkv"], s["ln1"], qkv_out, hw,
                                                    f"layer {i} qkv")
         sections[f"L{i}.attn_out"], _ = quantize_matrix(p[pre + "w_o"], p[pre + "b_o"], s["ctx"], resid_scale, hw,
                                                         f"layer {i} attn_out")
         g2, b2, sh2 = layernorm_params(p[pre + "ln2_g"], p[pre + "ln2_b"], s["ln2"])
-        sections[f"L{i}.ln2"] = pack_layernorm(g2, b2)
+        sections[f"L{i}.ln2"] = pack_ln_params(g2, b2)
         sections[f"L{i}.fc"], _ = quantize_matrix(p[pre + "w_fc"], p[pre + "b_fc"], s["ln2"], s["fc"], hw, f"layer {i} fc")
         sections[f"L{i}.gelu"] = (nx.gelu_table(s["fc"], s["gelu"]).astype(np.int8)).tobytes()
         sections[f"L{i}.proj"], _ = quantize_matrix(p[pre + "w_proj"], p[pre + "b_proj"], s["gelu"], resid_scale, hw,
@@ -213,15 +207,12 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
                        "window": cfg.window_size if cfg.local_layers[i] else 0})
     s_lnf = act_scale(peaks["lnf"][cfg.n_layer])
     gf, bf, shf = layernorm_params(p["lnf_g"], p["lnf_b"], s_lnf)
-    sections["lnf"] = pack_layernorm(gf, bf)
+    sections["lnf"] = pack_ln_params(gf, bf)
     head_blob, head = quantize_matrix(p["wte"].T, None, s_lnf, 2.0 ** -nx.LOGIT_FRAC, hw, "lm_head")
     sections["lm_head"] = head_blob
     # host-side: token embedding reuses lm_head's integer rows, scaled into the residual format
     emb_mult, emb_shift = requant_params(head["row_scale"] / resid_scale, "the token embedding")
-    emb = np.zeros((cfg.vocab_size, 4), np.uint8)
-    emb[:, 0:2] = emb_mult.astype("<u2").reshape(-1, 1).view(np.uint8)
-    emb[:, 2] = emb_shift
-    sections["embed_scale"] = emb.tobytes()
+    sections["embed_scale"] = pack_embed_scale(emb_mult, emb_shift)
     sections["wpe"] = nx.saturate(np.floor(p["wpe"].astype(np.float64) / resid_scale + 0.5), 32) \
         .astype("<i4").tobytes()
     if ckpt.tokenizer_path is not None:

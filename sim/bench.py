@@ -76,26 +76,9 @@ print(json.dumps({"baseline_rss": base, "peak_rss": status("VmHWM"), "params_byt
 
 def write_random_gpt2_124m(model_dir: Path, seed: int = 0) -> Path:
     """A random fp32 GPT-2-124M-shaped checkpoint (HF names, Conv1D layouts, no lm_head), ~0.5 GB."""
-    from safetensors.numpy import save_file
+    from sim.random_checkpoint import random_tensors, write_checkpoint
 
-    c = GPT2_124M
-    d, v, n, f = c["n_embd"], c["vocab_size"], c["n_positions"], 4 * c["n_embd"]
-    rng = np.random.default_rng(seed)
-    shapes = {"wte.weight": (v, d), "wpe.weight": (n, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
-    for i in range(c["n_layer"]):
-        p = f"h.{i}."
-        shapes.update({p + "ln_1.weight": (d,), p + "ln_1.bias": (d,), p + "ln_2.weight": (d,),
-                       p + "ln_2.bias": (d,), p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
-                       p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
-                       p + "mlp.c_fc.weight": (d, f), p + "mlp.c_fc.bias": (f,),
-                       p + "mlp.c_proj.weight": (f, d), p + "mlp.c_proj.bias": (d,)})
-    tensors = {}
-    for name, shape in tqdm(shapes.items(), desc="random GPT-2 124M", unit="tensor", leave=False):
-        tensors["transformer." + name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps(c))
-    save_file(tensors, str(model_dir / "model.safetensors"))
-    return model_dir
+    return write_checkpoint(model_dir, GPT2_124M, random_tensors(GPT2_124M, seed=seed, std=0.02, ln_jitter=False))
 
 
 def bench_load_memory(tmp: Path) -> dict:

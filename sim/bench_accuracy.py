@@ -32,9 +32,9 @@ class _Top1Recorder:
     def __init__(self):
         self.pred = {}
 
-    def __call__(self, begin, end, first, logp):
+    def __call__(self, first, end, logp):  # logp row j predicts token first + j
         for t in range(first, end):
-            self.pred[t] = int(np.argmax(logp[t - 1 - begin]))
+            self.pred[t] = int(np.argmax(logp[t - first]))
 
 
 def _ppl(backend, ids):

@@ -15,7 +15,7 @@ import numpy as np
 from host.checkpoint import ModelConfig
 from host.errors import ImageError
 from quantize.image import Image
-from quantize.layout import HwLayout, layer_matrices, unpack_matrix
+from quantize.layout import HwLayout, layer_matrices, unpack_embed_scale, unpack_ln_params, unpack_matrix
 from sim import numerics as nx
 
 
@@ -45,10 +45,8 @@ class LayerNormQ:
     out_shift: int
 
     @classmethod
-    def from_stream(cls, blob, out_shift: int) -> "LayerNormQ":
-        words = np.frombuffer(blob, dtype="<i4").reshape(-1, 2)
-        gamma = (words[:, 0] & 0xFFFF).astype(np.int64)
-        return cls(np.where(gamma >= 1 << 15, gamma - (1 << 16), gamma), words[:, 1].astype(np.int64), out_shift)
+    def from_stream(cls, blob, d: int, out_shift: int) -> "LayerNormQ":
+        return cls(*unpack_ln_params(blob, d), out_shift)
 
     def __call__(self, x, eps_table):  # [n, d] int32 -> [n, d] int8
         return nx.layernorm(x, self.gamma_mult, self.beta, self.out_shift, eps_table)
@@ -69,6 +67,8 @@ def check_model_header(path, h: dict) -> ModelConfig:
         raise bad("'config'") from None
     dims = (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.d_ff, cfg.vocab_size, cfg.n_ctx)
     if not all(_int_in(v, 1, 1 << 24) for v in dims) or cfg.d_model % cfg.n_head \
+            or max(cfg.vocab_size, 3 * cfg.d_model, cfg.d_ff) > nx.MAX_ROWS or cfg.n_ctx > nx.MAX_CONTEXT \
+            or max(cfg.d_model, cfg.d_ff) > nx.MAX_D_IN \
             or len(cfg.local_layers) != cfg.n_layer or not _int_in(cfg.window_size, 0, 1 << 24):
         raise bad("'config' (dimensions)")
     layers = h.get("layers")
@@ -79,17 +79,24 @@ def check_model_header(path, h: dict) -> ModelConfig:
             raise bad(f"'layers[{i}]'")
         for key, lo, hi in (("score_mult", 0, (1 << nx.MULT_BITS) - 1), ("score_shift", 0, nx.MAX_SHIFT),
                             ("ctx_mult", 0, (1 << nx.MULT_BITS) - 1), ("ctx_shift", 0, nx.MAX_SHIFT),
-                            ("ln1_shift", 0, 62), ("ln2_shift", 0, 62), ("window", 0, 1 << 24)):
+                            ("ln1_shift", 0, nx.LN_MAX_OUT_SHIFT), ("ln2_shift", 0, nx.LN_MAX_OUT_SHIFT),
+                            ("window", 0, 1 << 24)):
             if not _int_in(lh.get(key), lo, hi):
                 raise bad(f"'layers[{i}].{key}'")
         if not isinstance(lh.get("scales"), dict):
             raise bad(f"'layers[{i}].scales'")
-    if not _int_in(h.get("lnf_shift"), 0, 62):
+    if not _int_in(h.get("lnf_shift"), 0, nx.LN_MAX_OUT_SHIFT):
         raise bad("'lnf_shift'")
     eps = h.get("ln_eps_table")
-    if not (isinstance(eps, list) and len(eps) == nx.LN_MAX_SHIFT + 1 and all(_int_in(e, 1, 1 << 62) for e in eps)):
+    if not (isinstance(eps, list) and len(eps) == nx.LN_MAX_SHIFT + 1 and all(_int_in(e, 1, (1 << nx.LN_EPS_BITS) - 1) for e in eps)):
         raise bad(f"'ln_eps_table' ({nx.LN_MAX_SHIFT + 1} entries expected)")
     return cfg
+
+
+def gelu_table_from_stream(blob) -> np.ndarray:
+    if len(blob) != 256:
+        raise ValueError(f"a GELU table has 256 entries, the section has {len(blob)} bytes")
+    return np.frombuffer(blob, dtype=np.int8).astype(np.int64)
 
 
 class FixedModel:
@@ -108,14 +115,12 @@ class FixedModel:
                 mats = {name: Matrix.from_stream(image.section(f"L{i}.{name}"), o, n_in, hw)
                         for name, o, n_in in layer_matrices(cfg)}
                 self.layers.append(dict(
-                    lh, **mats, ln1=LayerNormQ.from_stream(image.section(f"L{i}.ln1"), lh["ln1_shift"]),
-                    ln2=LayerNormQ.from_stream(image.section(f"L{i}.ln2"), lh["ln2_shift"]),
-                    gelu=np.frombuffer(image.section(f"L{i}.gelu"), dtype=np.int8).astype(np.int64)))
-            self.lnf = LayerNormQ.from_stream(image.section("lnf"), h["lnf_shift"])
+                    lh, **mats, ln1=LayerNormQ.from_stream(image.section(f"L{i}.ln1"), cfg.d_model, lh["ln1_shift"]),
+                    ln2=LayerNormQ.from_stream(image.section(f"L{i}.ln2"), cfg.d_model, lh["ln2_shift"]),
+                    gelu=gelu_table_from_stream(image.section(f"L{i}.gelu"))))
+            self.lnf = LayerNormQ.from_stream(image.section("lnf"), cfg.d_model, h["lnf_shift"])
             self.head = Matrix.from_stream(image.section("lm_head"), cfg.vocab_size, cfg.d_model, hw)
-            emb = np.frombuffer(image.section("embed_scale"), dtype=np.uint8).reshape(cfg.vocab_size, 4)
-            self.emb_mult = np.ascontiguousarray(emb[:, 0:2]).view("<u2")[:, 0].astype(np.int64)
-            self.emb_shift = emb[:, 2].astype(np.int64)
+            self.emb_mult, self.emb_shift = unpack_embed_scale(image.section("embed_scale"), cfg.vocab_size)
             self.wpe = np.frombuffer(image.section("wpe"), dtype="<i4").reshape(cfg.n_ctx, cfg.d_model) \
                 .astype(np.int64)
         except ImageError:

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from host.checkpoint import ModelConfig
+from sim.numerics import visible_keys
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: an np.float64 would promote float32 to float64
 
@@ -28,15 +29,6 @@ def layer_norm(x, g, b, eps):  # [n, d] -> [n, d]
 def softmax(x):  # [.., t] -> [.., t]
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def attention_mask(q_pos, t, window):  # [n], int, int -> [n, t] bool: True where key j is visible
-    j = np.arange(t)[None, :]
-    i = q_pos[:, None]
-    visible = j <= i
-    if window:
-        visible &= (i - j) < window
-    return visible
 
 
 def attention(q, k, v, mask, scale):  # [h, n, hd], [h, t, hd], [h, t, hd], [n, t] -> [h, n, hd]
@@ -77,7 +69,7 @@ def block(x, p, cfg: ModelConfig, layer: int, cache: KVCache, pos: int, observe=
     cache.v[layer, :, pos:pos + n] = v
     t = pos + n
     window = cfg.window_size if cfg.local_layers[layer] else 0
-    mask = attention_mask(np.arange(pos, t), t, window)
+    mask = visible_keys(np.arange(pos, t), t, window)  # [n, t]: the one definition of causal + local window
     scale = 1.0 / math.sqrt(hd) if cfg.scale_attn else 1.0
     ctx = attention(q, cache.k[layer, :, :t], cache.v[layer, :, :t], mask, scale).transpose(1, 0, 2).reshape(n, d)
     ctx = tap("ctx", ctx)

@@ -36,6 +36,11 @@ MAX_SHIFT = 47  # requantization shift range [0, 47]
 MAX_D_IN = 4096  # matvec input length bound used by the overflow argument
 MAX_BIAS = 1 << 30  # |bias| bound, so |bias + sum| < 2**31
 INT4_MIN, INT4_MAX = -8, 7
+MAX_ROWS = (1 << 16) - 1  # matvec output rows per call (n_rows is 16 bits): vocab, 3d and d_ff must fit
+MAX_CONTEXT = 2048  # softmax row length (Softmax max_len): positions attended per query
+MAX_HEAD_DIM = 256  # bound behind |scores| <= 2**22
+LN_EPS_BITS = 48  # width of the LayerNorm eps table entries (and the core's eps port)
+LN_MAX_OUT_SHIFT = 46  # LayerNorm output shift range 0..46 (10 + a gamma shift of at most 36)
 GROUP_SCALE_MAX = 255  # int4 group scales are uint8, 1..255
 
 # LayerNorm

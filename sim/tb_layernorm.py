@@ -17,6 +17,7 @@ import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
+from quantize.layout import pack_ln_params
 from sim import numerics
 from sim.tb_common import PARAMS, Scoreboard, StreamTB, int8_values, linear, stalls, watch_rows
 
@@ -81,8 +82,8 @@ class LayerNormTB(StreamTB):
         assert 1 <= len(x) == len(gamma) == len(beta) <= MAX_D
         self.scoreboard.expect(self.model(x, gamma, beta, self.out_shift, self.table), tag)
         await self.x_source.send(AxiStreamFrame([int(v) & M32 for v in x]))
-        await self.p_source.send(AxiStreamFrame([(int(g) & 0xFFFF) | ((int(b) & M32) << 32)
-                                                 for g, b in zip(gamma, beta)]))
+        words = np.frombuffer(pack_ln_params(gamma, beta), dtype="<u8")  # the image's own word format
+        await self.p_source.send(AxiStreamFrame([int(w) for w in words]))
 
     async def drain(self, timeout: int = 200000):
         await self.scoreboard.wait_empty(self.dut.clk, timeout)

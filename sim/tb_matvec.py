@@ -27,7 +27,8 @@ import cocotb
 import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 
-from quantize.layout import HwLayout, ceil_div, pack_matrix, unpack_matrix
+from quantize.layout import HwLayout, ceil_div, pack_matrix
+from sim.fixed_model import Matrix
 from sim import numerics as nx
 from sim.tb_common import PARAMS, StreamTB
 
@@ -71,10 +72,9 @@ class Case:
 
 
 def model(case: Case) -> np.ndarray:
-    """Expected m_out values, from the packed stream through sim/numerics.py only."""
-    u = unpack_matrix(case.weight_stream(), case.d_out, case.d_in, LAYOUT)
-    w_eff = nx.expand_int4(u["w"], u["group_scale"], LAYOUT.group) if INT4 else u["w"]
-    return nx.matvec(w_eff, case.a, u["bias"], u["mult"], u["shift"], 8 if case.out_int8 else 32)
+    """Expected m_out values: the packed stream through the very Matrix that --backend fixed uses."""
+    matrix = Matrix.from_stream(case.weight_stream(), case.d_out, case.d_in, LAYOUT)
+    return matrix(np.asarray(case.a)[None], 8 if case.out_int8 else 32)[0]
 
 
 def shifts_for(w_eff, a, bias, mult, rng, spread=(-2, 3)) -> np.ndarray:

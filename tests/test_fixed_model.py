@@ -465,3 +465,21 @@ def test_neo_kjv_int8_greedy_matches_float(capsys, tmp_path):
     fx, fl = open_backend("fixed", img), open_backend("float", MODELS / "neo-kjv")
     ids = fl.codec.encode(prompt)
     assert generate(fx, ids, 8) == generate(fl, ids, 8)
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("vocab_size", 65536, "vocab_size=65536"),  # the matvec core's n_rows is 16 bits: 65535 rows at most
+    ("n_ctx", 4096, "n_ctx=4096"),              # the softmax core holds rows of up to 2048 scores
+    ("d_ff", 8192, "d_ff=8192"),                # matvec inputs are at most 4096
+])
+def test_quantizer_refuses_configs_beyond_the_engine(field, value, needle):
+    import dataclasses
+
+    from host.checkpoint import parse_config
+    from quantize.quantizer import QuantOptions
+    from sim.random_checkpoint import make_config
+
+    cfg = dataclasses.replace(parse_config(make_config("gpt2", vocab=64, d=32, heads=2, layers=1, n_ctx=32)),
+                              **{field: value})
+    with pytest.raises(InputError, match=needle):
+        QuantOptions().validate(cfg)
