@@ -42,13 +42,13 @@ sim: $(VENV)/.dev iverilog ## cocotb: every core against the golden model, Icaru
 	$(BIN)/pytest -q -m sim
 
 verilog: $(VENV)/.dev ## write the cores' Verilog to build/verilog and lint it with Verilator
-	$(PY) -m hw.synth verilog
+	$(PY) -m gpt_fpga.hw.synth verilog
 
 synth: $(VENV)/.dev ## yosys xc7 utilization + nextpnr-ecp5 Fmax per core -> build/synth/*.json
-	$(PY) -m hw.synth synth
+	$(PY) -m gpt_fpga.hw.synth synth
 
 bench: $(VENV)/.dev ## speed, accuracy and core-throughput benchmarks -> build/bench/*.json
-	$(PY) -m sim.bench --out build/bench
+	$(PY) -m gpt_fpga.sim.bench --out build/bench
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from host.checkpoint import ModelConfig, load_checkpoint
-from host.errors import GptFpgaError, InputError
-from host.tokenizer import TextCodec
+from gpt_fpga.sim.contract.config import ModelConfig
+
+from gpt_fpga.quantize.checkpoint import load_checkpoint
+from gpt_fpga.sim.contract.errors import GptFpgaError, InputError
+from gpt_fpga.quantize.tokenizer import TextCodec
 
 BACKENDS = ("float", "fixed")
 
@@ -48,7 +50,7 @@ class FloatBackend(Backend):
     name = "float"
 
     def __init__(self, model_dir: Path):
-        from sim.float_model import FloatModel
+        from gpt_fpga.sim.float_model import FloatModel
 
         ckpt = load_checkpoint(model_dir)
         self.config = ckpt.config
@@ -62,8 +64,8 @@ class FixedBackend(Backend):
     name = "fixed"
 
     def __init__(self, image_path: Path):
-        from quantize.image import read_image
-        from sim.fixed_model import FixedModel
+        from gpt_fpga.sim.contract.image import read_image
+        from gpt_fpga.sim.fixed_model import FixedModel
 
         if Path(image_path).is_dir():
             raise GptFpgaError(f"{image_path}: is a directory (a Hugging Face model?); a weight image is the "

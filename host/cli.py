@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from host.errors import GptFpgaError, InputError
+from gpt_fpga.sim.contract.errors import GptFpgaError, InputError
 
 
 def parse_ids(text: str) -> list[int]:
@@ -55,7 +55,7 @@ def text_file(path: str) -> Path:
 
 
 def _open(args):
-    from host.backends import open_backend
+    from gpt_fpga.host.backends import open_backend
 
     return open_backend(args.backend, args.model)
 
@@ -69,8 +69,8 @@ def _input_ids(backend, args) -> list[int]:
 
 
 def cmd_generate(args):
-    from host.generate import Sampling, check_context, generate
-    from host.tokenizer import StreamDecoder
+    from gpt_fpga.host.generate import Sampling, check_context, generate
+    from gpt_fpga.quantize.tokenizer import StreamDecoder
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     sampling.validate()
@@ -105,7 +105,7 @@ def cmd_logits(args):
 
 
 def cmd_perplexity(args):
-    from host.perplexity import perplexity
+    from gpt_fpga.host.perplexity import perplexity
 
     backend = _open(args)
     path = text_file(args.text)
@@ -122,14 +122,14 @@ def cmd_perplexity(args):
 
 def model_info(model: str) -> dict:
     """Shape, parameters and DDR bytes per decoded token of a model directory or a weight image."""
-    from host.checkpoint import load_config
-    from quantize.layout import HwLayout, decode_bytes_per_token
+    from gpt_fpga.sim.contract.config import load_config
+    from gpt_fpga.sim.contract.layout import HwLayout, decode_bytes_per_token
 
     path = Path(model)
     image = None
     if path.is_file():
-        from quantize.image import read_image
-        from sim.fixed_model import check_model_header
+        from gpt_fpga.sim.contract.image import read_image
+        from gpt_fpga.sim.fixed_model import check_model_header
 
         image = read_image(path)
         cfg = check_model_header(path, image.header)
@@ -168,7 +168,7 @@ def cmd_info(args):
 
 
 def cmd_quantize(args):
-    from quantize.quantizer import quantize_checkpoint
+    from gpt_fpga.quantize.quantizer import quantize_checkpoint
 
     if args.calib_tokens is not None and args.calib_tokens < 16:
         raise InputError(f"--calib-tokens must be >= 16, got {args.calib_tokens}")
@@ -187,7 +187,7 @@ def cmd_quantize(args):
 
 
 def cmd_compare(args):
-    from sim.compare import compare
+    from gpt_fpga.host.compare import compare
 
     if args.tokens < 2:
         raise InputError(f"--tokens must be >= 2, got {args.tokens}")
@@ -201,8 +201,8 @@ def cmd_compare(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from host.backends import BACKENDS
-    from quantize.layout import BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS
+    from gpt_fpga.host.backends import BACKENDS
+    from gpt_fpga.sim.contract.layout import BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS
 
     from importlib.metadata import PackageNotFoundError, version
 

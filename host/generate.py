@@ -7,8 +7,8 @@ from typing import Callable
 
 import numpy as np
 
-from host.backends import Backend
-from host.errors import InputError
+from gpt_fpga.host.backends import Backend
+from gpt_fpga.sim.contract.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""GELU as an int8 -> int8 table lookup (``sim.numerics.gelu``), one beat per cycle."""
+"""GELU as an int8 -> int8 table lookup (``numerics.gelu``), one beat per cycle."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from hw.axis import AxiStreamSignature
+from gpt_fpga.hw.axis import AxiStreamSignature
 
 __all__ = ["Gelu"]
 
@@ -15,9 +15,9 @@ MAX_LANES = 64
 
 
 class Gelu(wiring.Component):
-    """Element-wise GELU on int8 lanes: ``y = table[x + 128]``, as ``sim.numerics.gelu``.
+    """Element-wise GELU on int8 lanes: ``y = table[x + 128]``, as ``numerics.gelu``.
 
-    The 256-entry table is not fixed: the host loads ``sim.numerics.gelu_table(in_scale,
+    The 256-entry table is not fixed: the host loads ``numerics.gelu_table(in_scale,
     out_scale)`` for the layer through the table write port, entry ``i`` being the output for the
     input ``i - 128``. Every lane reads its own port of the table memory (one BRAM18 or a few
     LUT-RAMs per lane pair on 7-series).

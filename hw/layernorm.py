@@ -1,4 +1,4 @@
-"""LayerNorm of one int32 residual row into int8 (``sim.numerics.layernorm``), bit exact."""
+"""LayerNorm of one int32 residual row into int8 (``numerics.layernorm``), bit exact."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
-from hw.axis import AxiStreamSignature
-from quantize.layout import LN_BETA_BITS, LN_GAMMA_BITS, LN_PARAM_BYTES
-from sim import numerics
+from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.sim.contract.layout import LN_BETA_BITS, LN_GAMMA_BITS, LN_PARAM_BYTES
+from gpt_fpga.sim.contract import numerics
 
 __all__ = ["LayerNorm"]
 
@@ -31,7 +31,7 @@ def _norm_steps(max_shift: int) -> list[int]:
 
 
 class LayerNorm(wiring.Component):
-    """LayerNorm of one row of int32 residual values into int8, as ``sim.numerics.layernorm``.
+    """LayerNorm of one row of int32 residual values into int8, as ``numerics.layernorm``.
 
     Per row of ``d`` values (``d`` = number of ``s_x`` beats up to ``tlast``), with the contract's
     names: ``sh`` from ``max|x|``; ``xs = x >> sh``; ``S = sum(xs)``, ``Q = sum(xs**2)``;
@@ -52,10 +52,10 @@ class LayerNorm(wiring.Component):
     the row's last value and a row occupies the core for :meth:`cycles_per_row` ``(d)`` cycles
     (both linear in ``d``, about ``3 d`` for long rows). ``s_x.tready`` is high only in phase 1.
     Multipliers: ``xs*xs`` / ``xs*d`` (shared), ``c*y`` in two halves, ``n*gamma``: 4 DSP48E1.
-    ``RSQRT_TABLE`` is a ROM initialised from ``sim.numerics.rsqrt_table()``.
+    ``RSQRT_TABLE`` is a ROM initialised from ``numerics.rsqrt_table()``.
 
     ``eps`` table: the host writes ``E[sh]`` for ``sh`` = 0..17, i.e.
-    ``sim.numerics.layernorm_eps_table(eps, d)``, at addresses 0..17 (17 is used only by a row
+    ``numerics.layernorm_eps_table(eps, d)``, at addresses 0..17 (17 is used only by a row
     holding ``-2**31``; addresses 18..31 are unused). Entries must be >= 1, as the contract's are.
     The table and ``out_shift`` must be stable while a row is processed; the table survives a
     synchronous reset, which abandons the row in progress.

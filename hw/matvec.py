@@ -1,6 +1,6 @@
 """Streaming matrix-vector product with per-row requantization (int8 or grouped int4 weights).
 
-Arithmetic is :func:`sim.numerics.matvec` bit for bit; the weight stream is the row layout of
+Arithmetic is :func:`numerics.matvec` bit for bit; the weight stream is the row layout of
 :mod:`quantize.layout`.
 """
 
@@ -12,10 +12,10 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from hw.axis import AxiStreamSignature
-from quantize.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div,
+from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.sim.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div,
                              header_bits)
-from sim.numerics import ACC_BITS, MAX_D_IN, MAX_ROWS
+from gpt_fpga.sim.contract.numerics import ACC_BITS, MAX_D_IN, MAX_ROWS
 
 __all__ = ["MatVec"]
 
@@ -40,8 +40,8 @@ class MatVec(wiring.Component):
 
     The int8 activation vector arrives first on ``s_act`` and is kept on chip; then the matrix
     streams on ``s_weights`` row by row (header beats, then weight beats, exactly as
-    :func:`quantize.layout.pack_matrix` writes them) and one requantized value per row leaves on
-    ``m_out``. Each output equals ``sim.numerics.matvec(w_eff, a, bias, mult, shift, 8 or 32)``
+    :func:`layout.pack_matrix` writes them) and one requantized value per row leaves on
+    ``m_out``. Each output equals ``numerics.matvec(w_eff, a, bias, mult, shift, 8 or 32)``
     with ``w_eff = w`` (int8) or ``expand_int4(w, group_scale, group)`` (int4).
 
     Parameters
@@ -55,7 +55,7 @@ class MatVec(wiring.Component):
         int4 group size: 32, 64 or 128 (validated but unused for int8).
     max_d_in : int
         Largest input length; a multiple of the weights per beat, at most
-        :data:`sim.numerics.MAX_D_IN` (4096, the bound of the 32-bit accumulator argument). Sizes
+        :data:`numerics.MAX_D_IN` (4096, the bound of the 32-bit accumulator argument). Sizes
         the activation memory.
 
     Attributes
@@ -124,7 +124,7 @@ class MatVec(wiring.Component):
             raise ValueError(f"max_d_in must be a positive multiple of the {per_beat} weights per beat "
                              f"(bus_bits={bus_bits}, weights={weights!r}), got {max_d_in!r}")
         if max_d_in > MAX_D_IN:
-            raise ValueError(f"max_d_in must be <= {MAX_D_IN} (sim.numerics.MAX_D_IN: the bound under "
+            raise ValueError(f"max_d_in must be <= {MAX_D_IN} (numerics.MAX_D_IN: the bound under "
                              f"which the {ACC_BITS}-bit accumulator cannot overflow), got {max_d_in}")
         self.bus_bits, self.weights, self.group, self.max_d_in = bus_bits, weights, group, max_d_in
         self.bus_bytes = bus_bits // 8

@@ -1,4 +1,4 @@
-"""Masked softmax over one row of int32 attention scores (``sim.numerics.softmax``), bit exact."""
+"""Masked softmax over one row of int32 attention scores (``numerics.softmax``), bit exact."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
-from hw.axis import AxiStreamSignature
-from sim import numerics
+from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.sim.contract import numerics
 
 __all__ = ["Softmax"]
 
@@ -26,7 +26,7 @@ _P_STAGES = 3
 class Softmax(wiring.Component):
     """Masked softmax of one row of int32 scores into uint16 probabilities (15 fraction bits).
 
-    Computes ``sim.numerics.softmax(scores, mask, mult, shift)`` for one row, bit for bit:
+    Computes ``numerics.softmax(scores, mask, mult, shift)`` for one row, bit for bit:
     ``z = requantize(score, mult, shift, 32)``; ``zmax`` over visible positions;
     ``e = EXP2_TABLE[(zmax - z) & 255] >> min((zmax - z) >> 8, 16)`` (0 where masked);
     ``S = sum(e)``; ``r = RECIP_TABLE[...]`` after normalising ``max(S, 2**15)`` to its top 16 bits;
@@ -49,7 +49,7 @@ class Softmax(wiring.Component):
     (:meth:`latency`, :meth:`cycles_per_row`; both linear in ``n``, e.g. ~3n for long rows).
     Multipliers: 32x15 split into two 16x15 products, and one 16x16 (3 DSP48E1). Tables
     ``EXP2_TABLE`` (256 x 16) and ``RECIP_TABLE`` (1024 x 16) are ROMs initialised from
-    ``sim.numerics.exp2_table()`` and ``recip_table()``.
+    ``numerics.exp2_table()`` and ``recip_table()``.
 
     ``mult`` and ``shift`` must be stable from the first score of a row until its last one has
     been received. A synchronous reset abandons the row in progress; the next row is exact.

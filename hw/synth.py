@@ -1,8 +1,8 @@
 """Verilog export and open-source synthesis reports for every core (`make verilog`, `make synth`).
 
-* `python -m hw.synth verilog` writes build/verilog/<core>.v and lints each with
+* `python -m gpt_fpga.hw.synth verilog` writes build/verilog/<core>.v and lints each with
   `verilator --lint-only -Wno-WIDTH -Wno-CASEINCOMPLETE` (Amaranth's generated-code style aside).
-* `python -m hw.synth synth` runs, per core at the PYNQ-Z2 default configuration:
+* `python -m gpt_fpga.hw.synth synth` runs, per core at the PYNQ-Z2 default configuration:
   yosys `synth_xilinx -family xc7` for LUT / FF / DSP48E1 / BRAM counts, and nextpnr-ecp5
   (25k, CABGA381, speed 6, out of context) as an open-source Fmax proxy. It writes
   build/synth/<core>.json shaped {"core", "lut", "ff", "dsp", "bram36", "fmax_mhz"} and
@@ -29,11 +29,11 @@ FMAX_TARGET_MHZ = 100.0
 
 def pynq_z2_cores() -> dict:
     """The cores of one engine at the PYNQ-Z2 default configuration (64-bit HP port)."""
-    from hw.gelu import Gelu
-    from hw.layernorm import LayerNorm
-    from hw.matvec import MatVec
-    from hw.softmax import Softmax
-    from sim.numerics import MAX_CONTEXT, MAX_D_IN
+    from gpt_fpga.hw.gelu import Gelu
+    from gpt_fpga.hw.layernorm import LayerNorm
+    from gpt_fpga.hw.matvec import MatVec
+    from gpt_fpga.hw.softmax import Softmax
+    from gpt_fpga.sim.contract.numerics import MAX_CONTEXT, MAX_D_IN
 
     return {
         "matvec_int8": lambda: MatVec(bus_bits=64, weights="int8"),
@@ -63,14 +63,14 @@ def export_verilog(out_dir: Path, lint: bool = True) -> list[Path]:
 
 
 def _lint(path: Path, top: str):
-    from sim.runner import _setup_verilator_env
+    from gpt_fpga.hw.toolchain import verilator_env
 
-    _setup_verilator_env()
     # WIDTH and CASEINCOMPLETE come from the style of Amaranth's generated Verilog (implicit width
     # extension; per-signal case statements over a state register that list only the encodings that
     # assign). Every other lint warning fails the export.
-    r = subprocess.run(["verilator", "--lint-only", "-Wno-WIDTH", "-Wno-CASEINCOMPLETE", "--top-module", top, str(path)],
-                       capture_output=True, text=True)
+    with verilator_env():
+        r = subprocess.run(["verilator", "--lint-only", "-Wno-WIDTH", "-Wno-CASEINCOMPLETE", "--top-module", top,
+                            str(path)], capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"verilator --lint-only failed on {path}:\n{r.stderr[-4000:]}")
     print(f"lint ok: {path.relative_to(REPO)}")
@@ -137,7 +137,7 @@ def synth_all(out_dir: Path, jobs: int = 2) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m hw.synth")
+    ap = argparse.ArgumentParser(prog="python -m gpt_fpga.hw.synth")
     ap.add_argument("what", choices=["verilog", "synth"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)

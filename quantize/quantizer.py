@@ -1,4 +1,4 @@
-"""Float checkpoint -> fixed-point weight image, following the contract in sim/numerics.py.
+"""Float checkpoint -> fixed-point weight image, following the contract in sim/contract/numerics.py.
 
 Steps: calibrate activation ranges on text (static per-tensor int8 scales), quantize each matrix
 (int8 per output channel, or int4 with uint8 group scales), turn every real scale ratio into an
@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from host.checkpoint import Checkpoint, ModelConfig, load_checkpoint
-from host.errors import InputError
-from quantize.image import write_image
-from quantize.layout import GROUP_CHOICES, HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix
-from sim import numerics as nx
-from sim.float_model import FloatModel
+from gpt_fpga.sim.contract.config import ModelConfig
+
+from gpt_fpga.quantize.checkpoint import Checkpoint, load_checkpoint
+from gpt_fpga.sim.contract.errors import InputError
+from gpt_fpga.sim.contract.image import write_image
+from gpt_fpga.sim.contract.layout import GROUP_CHOICES, HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix
+from gpt_fpga.sim.contract import numerics as nx
+from gpt_fpga.sim.float_model import FloatModel
 
 # Activations whose int8 scale is calibrated, per layer (the names FloatModel.forward observes).
 CALIBRATED = ("ln1", "q", "k", "v", "ctx", "ln2", "fc", "gelu")
@@ -217,7 +219,7 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
         .astype("<i4").tobytes()
     if ckpt.tokenizer_path is not None:
         sections["tokenizer"] = ckpt.tokenizer_path.read_bytes()
-    from sim.numerics import CONTRACT_VERSION
+    from gpt_fpga.sim.contract.numerics import CONTRACT_VERSION
 
     header = {"contract_version": CONTRACT_VERSION, "config": cfg.to_dict(), "hardware": hw.to_dict(),
               "layers": layers, "lnf_shift": shf, "lnf_scale": s_lnf,
@@ -234,11 +236,11 @@ def quantize_checkpoint(model_dir, out_path, weights="int8", group=32, bus_bits=
     opts = QuantOptions(weights, group, bus_bits, calib_tokens)
     opts.validate(ckpt.config)
     if ckpt.tokenizer_path is not None:  # an image with a broken tokenizer would be unusable
-        from host.tokenizer import TextCodec
+        from gpt_fpga.quantize.tokenizer import TextCodec
 
         TextCodec(ckpt.tokenizer_path)
     if calib is not None:
-        from host.tokenizer import TextCodec
+        from gpt_fpga.quantize.tokenizer import TextCodec
 
         calib = Path(calib)
         if not calib.is_file():

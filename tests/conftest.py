@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sim.random_checkpoint import make_config, random_tensors, write_checkpoint
+from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -82,8 +82,8 @@ def hf_logits(model, ids) -> np.ndarray:  # [n] -> [n, v] float32
 
 
 def float_model(model_dir: Path):
-    from host.checkpoint import load_checkpoint
-    from sim.float_model import FloatModel
+    from gpt_fpga.quantize.checkpoint import load_checkpoint
+    from gpt_fpga.sim.float_model import FloatModel
 
     ck = load_checkpoint(model_dir)
     return FloatModel(ck.config, ck.params)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import MODELS, REPO, TINY_GPT2, tiny_gpt2_config, tiny_gpt2_tensors, write_model_dir
-from host.cli import main
+from gpt_fpga.host.cli import main
 
 N_CTX = TINY_GPT2["n_ctx"]
 VOCAB = TINY_GPT2["vocab"]
@@ -318,7 +318,7 @@ def test_good_inputs_still_work(capsys, tiny_dir):
 
 def _run(*argv):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "host.cli", *map(str, argv)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gpt_fpga.host.cli", *map(str, argv)], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=120)
 
 

@@ -1,4 +1,4 @@
-"""`gpt-fpga compare`: per-layer, per-operation accuracy report of fixed against float (sim/compare.py)."""
+"""`gpt-fpga compare`: per-layer, per-operation accuracy report of fixed against float (host/compare.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import zlib
 import pytest
 
 from conftest import MODELS
-from host.cli import main
-from quantize.quantizer import quantize_checkpoint
-from sim.compare import OPS
+from gpt_fpga.host.cli import main
+from gpt_fpga.quantize.quantizer import quantize_checkpoint
+from gpt_fpga.host.compare import OPS
 
 GPT2 = MODELS / "gpt2-kjv"
 TEXT = MODELS / "kjv-heldout.txt"

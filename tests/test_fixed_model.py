@@ -1,7 +1,7 @@
 """The bit-exact fixed-point model (sim/fixed_model.py) and the quantizer that feeds it.
 
 * prefill == token-by-token decode, bit for bit, for both families, int8/int4, both bus widths;
-* the row stream round-trips (quantize/layout.py), and its bytes are where the docstring says;
+* the row stream round-trips (sim/contract/layout.py), and its bytes are where the docstring says;
 * an independent pure-Python re-implementation of the whole forward pass (plain ints, tables rebuilt
   from the docstring formulas, weights parsed from the raw section bytes) equals FixedModel exactly;
 * the quantizer's integer ranges, its calibration messages and option checks;
@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 
 from conftest import MODELS
-from host.cli import main
-from host.errors import InputError
-from quantize.image import read_image
-from quantize.layout import HwLayout, layer_matrices, pack_matrix, unpack_matrix
-from quantize.quantizer import quantize_checkpoint
-from sim import numerics as nx
-from sim.fixed_model import FixedModel
-from sim.random_checkpoint import make_config, random_tensors, write_checkpoint
+from gpt_fpga.host.cli import main
+from gpt_fpga.sim.contract.errors import InputError
+from gpt_fpga.sim.contract.image import read_image
+from gpt_fpga.sim.contract.layout import HwLayout, layer_matrices, pack_matrix, unpack_matrix
+from gpt_fpga.quantize.quantizer import quantize_checkpoint
+from gpt_fpga.sim.contract import numerics as nx
+from gpt_fpga.sim.fixed_model import FixedModel
+from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
 VOCAB, D, LAYERS, HEADS, N_CTX = 64, 32, 2, 2, 32
 
@@ -290,7 +290,7 @@ class RefModel:
 
 
 def image_cfg(image):
-    from host.checkpoint import ModelConfig
+    from gpt_fpga.sim.contract.config import ModelConfig
 
     return ModelConfig.from_dict(image.header["config"])
 
@@ -446,8 +446,8 @@ def test_quantize_api_refuses_unsupported_options(tmp_path, kw, needle):
 
 # ---- (c) neo-kjv int8: fixed generates what float generates ------------------------------------------
 def test_neo_kjv_int8_greedy_matches_float(capsys, tmp_path):
-    from host.backends import open_backend
-    from host.generate import generate
+    from gpt_fpga.host.backends import open_backend
+    from gpt_fpga.host.generate import generate
 
     img = tmp_path / "neo-int8.img"
     rc, out, err = run_cli(capsys, "quantize", MODELS / "neo-kjv", "-o", img, "--weights", "int8",
@@ -475,9 +475,9 @@ def test_neo_kjv_int8_greedy_matches_float(capsys, tmp_path):
 def test_quantizer_refuses_configs_beyond_the_engine(field, value, needle):
     import dataclasses
 
-    from host.checkpoint import parse_config
-    from quantize.quantizer import QuantOptions
-    from sim.random_checkpoint import make_config
+    from gpt_fpga.sim.contract.config import parse_config
+    from gpt_fpga.quantize.quantizer import QuantOptions
+    from gpt_fpga.sim.random_checkpoint import make_config
 
     cfg = dataclasses.replace(parse_config(make_config("gpt2", vocab=64, d=32, heads=2, layers=1, n_ctx=32)),
                               **{field: value})

@@ -133,8 +133,8 @@ def test_tied_lm_head_present(saved, tmp_path):
 
 
 def test_untied_lm_head_is_refused(saved, tmp_path):
-    from host.errors import CheckpointError
-    from host.checkpoint import load_checkpoint
+    from gpt_fpga.sim.contract.errors import CheckpointError
+    from gpt_fpga.quantize.checkpoint import load_checkpoint
 
     family, model, d = saved
     v = _rewrite(d, tmp_path / "v", lambda t: {**t, "lm_head.weight": t["transformer.wte.weight"] * 1.5})
@@ -162,7 +162,7 @@ def test_half_precision_files(saved, tmp_path, dtype):
 
 
 def test_params_are_float32_canonical(saved):
-    from host.checkpoint import load_checkpoint
+    from gpt_fpga.quantize.checkpoint import load_checkpoint
 
     family, model, d = saved
     ck = load_checkpoint(d)
@@ -236,8 +236,8 @@ def test_greedy_matches_transformers_generate(name):
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
-    from host.backends import FloatBackend
-    from host.generate import generate
+    from gpt_fpga.host.backends import FloatBackend
+    from gpt_fpga.host.generate import generate
 
     d = MODELS / name
     prompt = Tokenizer.from_file(str(d / "tokenizer.json")).encode(

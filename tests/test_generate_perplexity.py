@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import MODELS, tiny_gpt2_config, tiny_gpt2_tensors, write_model_dir
-from host.backends import Backend, FloatBackend
-from host.errors import InputError
-from host.generate import Sampling, generate, sample_next
-from host.perplexity import perplexity, windows
+from gpt_fpga.host.backends import Backend, FloatBackend
+from gpt_fpga.sim.contract.errors import InputError
+from gpt_fpga.host.generate import Sampling, generate, sample_next
+from gpt_fpga.host.perplexity import perplexity, windows
 
 
 def _logits(seed=0, v=50):
@@ -242,7 +242,7 @@ def test_temperature_zero_is_greedy(seed):
 
 
 def test_stream_decoder_flushes_a_held_back_character():
-    from host.tokenizer import StreamDecoder, TextCodec
+    from gpt_fpga.quantize.tokenizer import StreamDecoder, TextCodec
 
     codec = TextCodec(MODELS / "gpt2-kjv" / "tokenizer.json")
     ids = codec.encode("é")  # byte-level BPE: one character, possibly split over two ids

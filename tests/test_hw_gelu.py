@@ -1,9 +1,9 @@
-"""Gelu core: cocotb simulation against sim.numerics.gelu (tables from numerics.gelu_table)."""
+"""Gelu core: cocotb simulation against numerics.gelu (tables from numerics.gelu_table)."""
 
 import pytest
 
-from hw.gelu import Gelu
-from sim.runner import SIMULATORS, run_cocotb, simulator_cases
+from gpt_fpga.hw.gelu import Gelu
+from gpt_fpga.sim.tb.runner import SIMULATORS, run_cocotb, simulator_cases
 
 
 @pytest.mark.sim
@@ -11,7 +11,7 @@ from sim.runner import SIMULATORS, run_cocotb, simulator_cases
 @pytest.mark.parametrize("sim", simulator_cases(SIMULATORS))
 def test_gelu(sim, lanes):
     dut = Gelu(lanes=lanes)
-    run_cocotb("gelu", dut, "sim.tb_gelu", sim, params={"lanes": lanes}, tb_params={"latency": dut.latency})
+    run_cocotb("gelu", dut, "gpt_fpga.sim.tb.gelu", sim, params={"lanes": lanes}, tb_params={"latency": dut.latency})
 
 
 @pytest.mark.parametrize("lanes", [0, 65, 1.0, True, "2"])

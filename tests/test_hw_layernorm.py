@@ -1,9 +1,9 @@
-"""LayerNorm core: cocotb simulation against sim.numerics.layernorm."""
+"""LayerNorm core: cocotb simulation against numerics.layernorm."""
 
 import pytest
 
-from hw.layernorm import LayerNorm
-from sim.runner import SIMULATORS, row_timing, run_cocotb, simulator_cases
+from gpt_fpga.hw.layernorm import LayerNorm
+from gpt_fpga.sim.tb.runner import SIMULATORS, row_timing, run_cocotb, simulator_cases
 
 
 # The contract's bound (4096) on both simulators; a small buffer (other widths) on Icarus only.
@@ -11,7 +11,7 @@ from sim.runner import SIMULATORS, row_timing, run_cocotb, simulator_cases
 @pytest.mark.parametrize("sim,max_d", simulator_cases([(s, 4096) for s in SIMULATORS] + [("icarus", 100)]))
 def test_layernorm(sim, max_d):
     dut = LayerNorm(max_d=max_d)
-    run_cocotb("layernorm", dut, "sim.tb_layernorm", sim, params={"max_d": max_d}, tb_params=row_timing(dut))
+    run_cocotb("layernorm", dut, "gpt_fpga.sim.tb.layernorm", sim, params={"max_d": max_d}, tb_params=row_timing(dut))
 
 
 @pytest.mark.parametrize("max_d", [0, 4097, 768.0, True, None])

@@ -1,6 +1,6 @@
-"""MatVec core (hw/matvec.py): cocotb simulation (sim/tb_matvec.py) against sim/numerics.matvec.
+"""MatVec core (hw/matvec.py): cocotb simulation (sim/tb/matvec.py) against sim/numerics.matvec.
 
-Every cocotb test of sim/tb_matvec.py runs for each parameter set below: the full cross product of
+Every cocotb test of sim/tb/matvec.py runs for each parameter set below: the full cross product of
 bus width and weight format on Verilator, a representative subset on Icarus. The 768 x 3072
 throughput test (>= 0.98 weight beats per cycle) runs on the sets marked `throughput`, including
 one on Icarus, so every test runs on both simulators.
@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from hw.matvec import MatVec
-from sim.runner import BUILD, param_slug, run_cocotb, simulator_cases
+from gpt_fpga.hw.matvec import MatVec
+from gpt_fpga.sim.tb.runner import BUILD, param_slug, run_cocotb, simulator_cases
 
 CONFIGS = {  # name: (elaboration parameters, run the throughput test)
     "b64-int8": (dict(bus_bits=64, weights="int8", group=32), True),
@@ -40,7 +40,7 @@ def test_matvec(sim, name, throughput):
     result.unlink(missing_ok=True)
     if throughput:
         tb["result_json"] = str(result)
-    run_cocotb("matvec", dut, "sim.tb_matvec", sim, params=params, tb_params=tb)
+    run_cocotb("matvec", dut, "gpt_fpga.sim.tb.matvec", sim, params=params, tb_params=tb)
     if throughput:
         eff = json.loads(result.read_text())[params["weights"]]
         assert eff["beats"] / eff["cycles"] >= 0.98, eff

@@ -1,9 +1,9 @@
-"""Softmax core: cocotb simulation against sim.numerics.softmax."""
+"""Softmax core: cocotb simulation against numerics.softmax."""
 
 import pytest
 
-from hw.softmax import Softmax
-from sim.runner import SIMULATORS, row_timing, run_cocotb, simulator_cases
+from gpt_fpga.hw.softmax import Softmax
+from gpt_fpga.sim.tb.runner import SIMULATORS, row_timing, run_cocotb, simulator_cases
 
 
 # GPT-2's context on both simulators; a small odd buffer (other widths, fewer normalisation steps)
@@ -12,7 +12,7 @@ from sim.runner import SIMULATORS, row_timing, run_cocotb, simulator_cases
 @pytest.mark.parametrize("sim,max_len", simulator_cases([(s, 2048) for s in SIMULATORS] + [("icarus", 17)]))
 def test_softmax(sim, max_len):
     dut = Softmax(max_len=max_len)
-    run_cocotb("softmax", dut, "sim.tb_softmax", sim, params={"max_len": max_len}, tb_params=row_timing(dut))
+    run_cocotb("softmax", dut, "gpt_fpga.sim.tb.softmax", sim, params={"max_len": max_len}, tb_params=row_timing(dut))
 
 
 @pytest.mark.parametrize("max_len", [0, (1 << 16) + 1, 2048.0, True, None])

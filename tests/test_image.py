@@ -1,4 +1,4 @@
-"""The weight image file (quantize/image.py): round trip, and every bad image is an ImageError naming the problem.
+"""The weight image file (sim/contract/image.py): round trip, and every bad image is an ImageError naming the problem.
 
 The valid images come from quantizing tiny random GPT-2 / GPT-Neo checkpoints written here with NumPy.
 """
@@ -15,14 +15,14 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from host.cli import main
-from host.errors import ImageError
-from quantize.image import MAGIC, PREAMBLE, data_start, read_image, write_image
-from quantize.layout import SECTION_ALIGN, HwLayout
-from quantize.quantizer import quantize_checkpoint
-from sim.fixed_model import FixedModel
-from sim.numerics import CONTRACT_VERSION
-from sim.random_checkpoint import make_config, random_tensors, write_checkpoint
+from gpt_fpga.host.cli import main
+from gpt_fpga.sim.contract.errors import ImageError
+from gpt_fpga.sim.contract.image import MAGIC, PREAMBLE, data_start, read_image, write_image
+from gpt_fpga.sim.contract.layout import SECTION_ALIGN, HwLayout
+from gpt_fpga.quantize.quantizer import quantize_checkpoint
+from gpt_fpga.sim.fixed_model import FixedModel
+from gpt_fpga.sim.contract.numerics import CONTRACT_VERSION
+from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
 VOCAB, D, LAYERS, HEADS, N_CTX = 64, 32, 2, 2, 32
 

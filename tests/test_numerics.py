@@ -1,4 +1,4 @@
-"""The integer arithmetic contract (sim/numerics.py), pinned against hand-derived cases.
+"""The integer arithmetic contract (sim/contract/numerics.py), pinned against hand-derived cases.
 
 Every expected value below was worked out by hand from the rule written in the docstrings, with the
 derivation in a comment next to it; none comes from running the code under test. A case where the
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim import numerics as nx
+from gpt_fpga.sim.contract import numerics as nx
 
 I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
 

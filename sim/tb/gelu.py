@@ -1,4 +1,4 @@
-"""cocotb testbench for hw.gelu.Gelu: every output equals sim.numerics.gelu(x, table).
+"""cocotb testbench for hw.gelu.Gelu: every output equals numerics.gelu(x, table).
 
 Structure (after cocotb's matrix_multiplier example): ``GeluTB`` owns the AXI-Stream source and
 sink (cocotbext-axi, random valid/ready stalls), the model computes expected rows only through
@@ -15,8 +15,8 @@ import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
-from sim import numerics
-from sim.tb_common import PARAMS, Scoreboard, StreamTB, int8_values, stalls
+from gpt_fpga.sim.contract import numerics
+from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, int8_values, stalls
 
 LANES = int(PARAMS.get("lanes", 1))
 

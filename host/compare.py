@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from host.errors import InputError
-from sim import numerics as nx
+from gpt_fpga.sim.contract.errors import InputError
+from gpt_fpga.sim.contract import numerics as nx
 
 OPS = ("ln1", "q", "k", "v", "ctx", "resid_attn", "ln2", "fc", "gelu", "resid_mlp")
 
@@ -96,13 +96,13 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 
 def compare(model_dir, image_path, text_path, out_dir, tokens: int = 256) -> dict:
-    from host.backends import FixedBackend, FloatBackend
+    from gpt_fpga.host.backends import FixedBackend, FloatBackend
 
     text_path, out_dir = Path(text_path), Path(out_dir)
     if not text_path.is_file():
         raise InputError(f"{text_path}: no such text file")
     flt, fix = FloatBackend(Path(model_dir)), FixedBackend(Path(image_path))
-    from quantize.quantizer import source_fingerprint
+    from gpt_fpga.quantize.quantizer import source_fingerprint
 
     if flt.config != fix.config or fix.model.image.header.get("source_fingerprint") != source_fingerprint(model_dir):
         raise InputError(f"{image_path} was not made from {model_dir} (their config or tensor layout differ); "

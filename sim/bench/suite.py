@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m sim.bench --out build/bench [--only float ...]``.
+"""Benchmarks: ``python -m gpt_fpga.sim.bench --out build/bench [--only float ...]``.
 
 Each section is a function ``bench_<name>(out: Path) -> dict`` registered in :data:`BENCHES`; it writes
 ``out/<name>.json`` and returns what it wrote. Sections added later follow the same pattern.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # TinyStories-33M (roneneldan/TinyStories-33M) shape
 TINYSTORIES_33M = dict(model_type="gpt_neo", vocab_size=50257, max_position_embeddings=2048, hidden_size=768,
@@ -65,7 +65,7 @@ def status(key):
                 return int(line.split()[1]) * 1024
     return None
 
-from host.checkpoint import load_checkpoint
+from gpt_fpga.quantize.checkpoint import load_checkpoint
 base = status("VmRSS")
 ck = load_checkpoint(sys.argv[1])
 n = sum(a.nbytes for a in ck.params.values())
@@ -76,7 +76,7 @@ print(json.dumps({"baseline_rss": base, "peak_rss": status("VmHWM"), "params_byt
 
 def write_random_gpt2_124m(model_dir: Path, seed: int = 0) -> Path:
     """A random fp32 GPT-2-124M-shaped checkpoint (HF names, Conv1D layouts, no lm_head), ~0.5 GB."""
-    from sim.random_checkpoint import random_tensors, write_checkpoint
+    from gpt_fpga.sim.random_checkpoint import random_tensors, write_checkpoint
 
     return write_checkpoint(model_dir, GPT2_124M, random_tensors(GPT2_124M, seed=seed, std=0.02, ln_jitter=False))
 
@@ -173,8 +173,8 @@ def bench_float(out: Path) -> dict:
     import torch
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-    from host.checkpoint import load_checkpoint
-    from sim.float_model import FloatModel
+    from gpt_fpga.quantize.checkpoint import load_checkpoint
+    from gpt_fpga.sim.float_model import FloatModel
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -262,13 +262,13 @@ def _summary_cores(r: dict) -> str:
 
 
 BENCHES = {"float": (bench_float, _summary_float),
-           "cores": (_lazy("sim.bench_cores", "bench_cores"), _summary_cores),
-           "accuracy": (_lazy("sim.bench_accuracy", "bench_accuracy"), _summary_accuracy),
-           "fixed": (_lazy("sim.bench_accuracy", "bench_fixed"), _summary_fixed)}
+           "cores": (_lazy("gpt_fpga.sim.bench.cores", "bench_cores"), _summary_cores),
+           "accuracy": (_lazy("gpt_fpga.sim.bench.accuracy", "bench_accuracy"), _summary_accuracy),
+           "fixed": (_lazy("gpt_fpga.sim.bench.accuracy", "bench_fixed"), _summary_fixed)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m gpt_fpga.sim.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "build" / "bench", help="output directory")
     ap.add_argument("--only", nargs="+", choices=sorted(BENCHES), metavar="NAME",
                     help=f"run only these sections ({', '.join(BENCHES)})")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODELS = ("neo-kjv", "gpt2-kjv")
 HELDOUT = REPO / "models" / "kjv-heldout.txt"
 STUDY_TOKENS = 8192
@@ -38,7 +38,7 @@ class _Top1Recorder:
 
 
 def _ppl(backend, ids):
-    from host.perplexity import perplexity
+    from gpt_fpga.host.perplexity import perplexity
 
     rec = _Top1Recorder()
     r = perplexity(backend, ids, progress=True, on_window=rec)
@@ -46,9 +46,9 @@ def _ppl(backend, ids):
 
 
 def bench_accuracy(out: Path) -> dict:
-    from host.backends import FixedBackend, FloatBackend
-    from quantize.quantizer import quantize_checkpoint, self_generated_ids
-    from sim.scale_study import scale_study
+    from gpt_fpga.host.backends import FixedBackend, FloatBackend
+    from gpt_fpga.quantize.quantizer import quantize_checkpoint, self_generated_ids
+    from gpt_fpga.sim.bench.scale_study import scale_study
 
     tmp = out / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -119,13 +119,13 @@ def _decode_ms(model, prompt, steps) -> float:
 
 def bench_fixed(out: Path) -> dict:
     """Fixed vs float decode on a TinyStories-33M-shaped random model, and quantize time at GPT-2 124M."""
-    from host.checkpoint import load_checkpoint
-    from quantize.image import read_image
-    from quantize.quantizer import quantize_checkpoint
-    from sim.bench import GPT2_124M, TINYSTORIES_33M
-    from sim.fixed_model import FixedModel
-    from sim.float_model import FloatModel
-    from sim.random_checkpoint import random_tensors, write_checkpoint
+    from gpt_fpga.quantize.checkpoint import load_checkpoint
+    from gpt_fpga.sim.contract.image import read_image
+    from gpt_fpga.quantize.quantizer import quantize_checkpoint
+    from gpt_fpga.sim.bench.suite import GPT2_124M, TINYSTORIES_33M
+    from gpt_fpga.sim.fixed_model import FixedModel
+    from gpt_fpga.sim.float_model import FloatModel
+    from gpt_fpga.sim.random_checkpoint import random_tensors, write_checkpoint
 
     tmp = out / "tmp-fixed"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def bench_fixed(out: Path) -> dict:
         fixed_ms.append(_decode_ms(fix, prompt, 32))
     write_checkpoint(tmp / "gpt2-124m", GPT2_124M, random_tensors(GPT2_124M, std=0.02, ln_jitter=False))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "host.cli", "quantize", str(tmp / "gpt2-124m"), "-o",
+    subprocess.run([sys.executable, "-m", "gpt_fpga.host.cli", "quantize", str(tmp / "gpt2-124m"), "-o",
                     str(tmp / "gpt2-124m.img")], check=True, cwd=REPO)
     quantize_s = time.perf_counter() - t0
     result = {"float": {"decode_ms_per_token": min(float_ms)}, "fixed": {"decode_ms_per_token": min(fixed_ms)},

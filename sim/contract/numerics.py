@@ -1,7 +1,7 @@
 """The integer arithmetic contract: the single definition of every number the accelerator computes.
 
 docs/numerics.md explains the why; this module is the what. The fixed-point golden model
-(sim/fixed_model.py), the quantizer (quantize/) and the cocotb testbenches (sim/tb_*.py) all call
+(sim/fixed_model.py), the quantizer (quantize/) and the cocotb testbenches (sim/tb/*.py) all call
 these functions, and the Amaranth cores (hw/) implement them bit for bit.
 
 Conventions

@@ -1,6 +1,6 @@
-"""cocotb testbench for hw/matvec.py: every output checked for equality with sim/numerics.py.
+"""cocotb testbench for hw/matvec.py: every output checked for equality with sim/contract/numerics.py.
 
-Run through tests/test_hw_matvec.py (sim/runner.run_cocotb), which builds the core for one
+Run through tests/test_hw_matvec.py (sim/tb/runner.run_cocotb), which builds the core for one
 parameter set and passes it here as JSON in TB_PARAMS:
 ``bus_bits, weights, group, max_d_in`` (the core's elaboration parameters), ``latency`` (the core's
 ``latency`` property), ``big`` (run the d_in 3072 random case; default true), ``throughput``
@@ -9,8 +9,8 @@ throughput test writes ``{weights: {beats, cycles, efficiency}}`` to).
 
 Structure (after cocotb's matrix_multiplier example and taxi's AXI-Stream tests):
 * :class:`Case` - one matvec: the integer arrays, packed with quantize/layout.pack_matrix;
-* :func:`model` - the expected outputs, computed only by sim/numerics.py from the unpacked stream;
-* :class:`TB` - clock, reset, cocotbext-axi sources/sink (sim/tb_common.StreamTB) with pause
+* :func:`model` - the expected outputs, computed only by sim/contract/numerics.py from the unpacked stream;
+* :class:`TB` - clock, reset, cocotbext-axi sources/sink (sim/tb/common.StreamTB) with pause
   generators, a weight-beat monitor (handshakes and cycles) and the scoreboard, which compares
   each m_out frame (tlast delimits it) with the model's outputs, in order.
 """
@@ -27,10 +27,10 @@ import cocotb
 import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 
-from quantize.layout import HwLayout, ceil_div, pack_matrix
-from sim.fixed_model import Matrix
-from sim import numerics as nx
-from sim.tb_common import PARAMS, StreamTB
+from gpt_fpga.sim.contract.layout import HwLayout, ceil_div, pack_matrix
+from gpt_fpga.sim.fixed_model import Matrix
+from gpt_fpga.sim.contract import numerics as nx
+from gpt_fpga.sim.tb.common import PARAMS, StreamTB
 
 LAYOUT = HwLayout(bus_bits=PARAMS.get("bus_bits", 64), weights=PARAMS.get("weights", "int8"),
                   group=PARAMS.get("group", 32))

@@ -1,8 +1,8 @@
-"""cocotb testbench for hw.softmax.Softmax: every probability equals sim.numerics.softmax.
+"""cocotb testbench for hw.softmax.Softmax: every probability equals numerics.softmax.
 
 ``SoftmaxTB`` drives ``s_scores`` (score, visibility in tuser) from a cocotbext-axi source and
 drains ``m_probs`` into a sink, both with random valid/ready stalls; the model computes expected
-rows only by calling sim.numerics.softmax; a monitor coroutine passes every received row to the
+rows only by calling numerics.softmax; a monitor coroutine passes every received row to the
 scoreboard, which checks it by equality. TB_PARAMS (JSON): max_len, and the latency /
 cycles-per-row formulas of the component as (constant, per-element) pairs.
 """
@@ -16,8 +16,8 @@ import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
-from sim import numerics
-from sim.tb_common import PARAMS, Scoreboard, StreamTB, linear, stalls, watch_rows
+from gpt_fpga.sim.contract import numerics
+from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, linear, stalls, watch_rows
 
 MAX_LEN = int(PARAMS.get("max_len", 2048))
 M32 = (1 << 32) - 1

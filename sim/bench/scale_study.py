@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from host.perplexity import perplexity
-from quantize.quantizer import CALIBRATED, act_scale, calibrate
-from sim.float_model import FloatModel
+from gpt_fpga.host.perplexity import perplexity
+from gpt_fpga.quantize.quantizer import CALIBRATED, act_scale, calibrate
+from gpt_fpga.sim.float_model import FloatModel
 
 QUANTIZED = CALIBRATED + ("lnf",)
 

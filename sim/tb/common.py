@@ -1,6 +1,6 @@
-"""Helpers shared by the cocotb testbenches of the cores (sim/tb_*.py).
+"""Helpers shared by the cocotb testbenches of the cores (sim/tb/*.py).
 
-* :data:`PARAMS` - the testbench parameters, JSON in TB_PARAMS (set by sim/runner.run_cocotb);
+* :data:`PARAMS` - the testbench parameters, JSON in TB_PARAMS (set by sim/tb/runner.run_cocotb);
   :func:`linear` evaluates a cycle-count formula passed there as (constant, per-element);
 * :class:`StreamTB` - base of the testbench classes: clock on ``clk``, synchronous reset on
   ``rst``, and cocotbext-axi sources / sinks on the core's AXI-Stream ports;

@@ -1,4 +1,4 @@
-"""cocotb testbench for hw.layernorm.LayerNorm: every output equals sim.numerics.layernorm.
+"""cocotb testbench for hw.layernorm.LayerNorm: every output equals numerics.layernorm.
 
 ``LayerNormTB`` drives ``s_x`` (int32 residual row) and ``s_params`` (gamma_mult, beta per element)
 from cocotbext-axi sources and drains ``m_y`` into a sink, all three with random valid/ready
@@ -17,9 +17,9 @@ import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
-from quantize.layout import pack_ln_params
-from sim import numerics
-from sim.tb_common import PARAMS, Scoreboard, StreamTB, int8_values, linear, stalls, watch_rows
+from gpt_fpga.sim.contract.layout import pack_ln_params
+from gpt_fpga.sim.contract import numerics
+from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, int8_values, linear, stalls, watch_rows
 
 MAX_D = int(PARAMS.get("max_d", 4096))
 M32 = (1 << 32) - 1

@@ -1,4 +1,4 @@
-"""Cycle counts of the cores in simulation (Verilator): `python -m sim.bench_cores --out build/bench`.
+"""Cycle counts of the cores in simulation (Verilator): `python -m gpt_fpga.sim.bench.cores --out build/bench`.
 
 matvec: a 768 x 3072 matvec (d_out 768, d_in 3072: GPT-2 small's MLP projection) streamed with no
 back-pressure at the PYNQ-Z2 default configuration (64-bit bus, int4 group 32); `cycles` runs
@@ -17,15 +17,15 @@ MATVEC_BENCH = {"int8": dict(bus_bits=64, weights="int8", group=32),
 
 
 def bench_matvec(sim: str = "verilator") -> dict:
-    from hw.matvec import MatVec
-    from sim.runner import BUILD, param_slug, run_cocotb
+    from gpt_fpga.hw.matvec import MatVec
+    from gpt_fpga.sim.tb.runner import BUILD, param_slug, run_cocotb
 
     results = {}
     for fmt, params in MATVEC_BENCH.items():
         dut = MatVec(**params)
         out = BUILD / "matvec" / f"{sim}-{param_slug(params)}" / "bench_throughput.json"
         out.unlink(missing_ok=True)
-        run_cocotb("matvec", dut, "sim.tb_matvec", sim, params=params, testcase="test_throughput",
+        run_cocotb("matvec", dut, "gpt_fpga.sim.tb.matvec", sim, params=params, testcase="test_throughput",
                    tb_params={"latency": dut.latency, "throughput": True, "result_json": str(out)})
         results[fmt] = json.loads(out.read_text())[fmt]
     return results

