@@ -145,8 +145,10 @@ def model_info(model: str) -> dict:
             "params": cfg.param_count(),
             "bytes_per_token": {fmt: decode_bytes_per_token(cfg, hw) for fmt, hw in layouts.items()}}
     if image is not None:
+        # clips: {tensor: {kind: count}} from the quantizer, {} if nothing clipped, None for images made
+        # before the counts were recorded (unknown)
         info.update(image={"hardware": image.header["hardware"], "calibration": image.header.get("calibration"),
-                           "file_bytes": path.stat().st_size})
+                           "file_bytes": path.stat().st_size, "clips": image.header.get("clips")})
     return info
 
 
@@ -162,6 +164,14 @@ def cmd_info(args):
     if "image" in info:
         im = info["image"]
         print(f"{'image':>14}: {im['file_bytes']:,} bytes, hardware {im['hardware']}, calibration {im['calibration']}")
+        clips = im["clips"]
+        if clips is None:
+            print(f"{'clips':>14}: unknown (the image predates clip counts)")
+        elif not clips:
+            print(f"{'clips':>14}: none (no value saturated or clamped during quantization)")
+        for n, (tensor, kinds) in enumerate((clips or {}).items()):
+            print(f"{'clips' if n == 0 else '':>14}{':' if n == 0 else ' '} {tensor}: "
+                  + ", ".join(f"{kind} {count}" for kind, count in kinds.items()))
     for fmt, b in info["bytes_per_token"].items():
         print(f"{fmt + ' bytes/tok':>14}: {b['total']:,} at position {b['position']} "
               f"(weights {b['weights']:,}, lm_head {b['lm_head']:,}, KV cache {b['kv_cache']:,})")
@@ -169,12 +179,13 @@ def cmd_info(args):
 
 def cmd_quantize(args):
     from gpt_fpga.quantize.quantizer import quantize_checkpoint
+    from gpt_fpga.sim.contract.layout import HwLayout
 
     if args.calib_tokens is not None and args.calib_tokens < 16:
         raise InputError(f"--calib-tokens must be >= 16, got {args.calib_tokens}")
     if args.weights == "int8" and args.group is not None:
         raise InputError("--group applies only to --weights int4 (int8 weights have one scale per row)")
-    group = args.group or 32
+    group = args.group or HwLayout.group
     out = output_file(args.out, "-o")
     check_writable(out, "-o")
     header = quantize_checkpoint(args.model, out, args.weights, group, args.bus_bits, args.calib,

@@ -20,7 +20,8 @@ from gpt_fpga.sim.contract.config import ModelConfig
 from gpt_fpga.quantize.checkpoint import Checkpoint, load_checkpoint
 from gpt_fpga.sim.contract.errors import InputError
 from gpt_fpga.sim.contract.image import write_image
-from gpt_fpga.sim.contract.layout import GROUP_CHOICES, HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix
+from gpt_fpga.sim.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_BETA_BITS, LN_GAMMA_BITS, WEIGHT_FORMATS,
+                                          HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix)
 from gpt_fpga.sim.contract import numerics as nx
 from gpt_fpga.sim.float_model import FloatModel
 
@@ -28,22 +29,69 @@ from gpt_fpga.sim.float_model import FloatModel
 CALIBRATED = ("ln1", "q", "k", "v", "ctx", "ln2", "fc", "gelu")
 DEFAULT_CALIB_TOKENS = 2048
 DEFAULT_SELF_CALIB_TOKENS = 512
+ACT_SCALE_FLOOR = 1e-6  # smallest calibrated peak an activation scale is made from
+
+# Every saturation or clamp the quantizer can hit, counted per tensor into the image header's
+# "clips" ({tensor: {kind: count}}, nonzero counts only; docs/image-format.md). Each kind's phrase
+# completes "<tensor>: <count> ..." in the warning printed when a count is above 0.
+_GAMMA_BITS, _BETA_BITS = LN_GAMMA_BITS[1] - LN_GAMMA_BITS[0], LN_BETA_BITS[1] - LN_BETA_BITS[0]
+_GAMMA_SHIFT_MAX = nx.LN_MAX_OUT_SHIFT - nx.LN_NORM_FRAC  # gamma_mult = round(gamma / s_out * 2^gf), gf <= this
+CLIP_KINDS = {
+    "bias": f"bias value(s) saturated to +-2^{nx.MAX_BIAS.bit_length() - 1} accumulator units (the bias is too "
+            f"large for its row's weight and input scales)",
+    "mult_zero": f"requantization multiplier(s) rounded to 0 (scale ratio below 2^-{nx.MAX_SHIFT + 1}): those "
+                 f"outputs are always 0",
+    "mult_coarse": f"requantization multiplier(s) below 2^{nx.MULT_BITS - 1} at the largest shift {nx.MAX_SHIFT} "
+                   f"(scale ratio below 2^{nx.MULT_BITS - 1 - nx.MAX_SHIFT}): fewer than {nx.MULT_BITS} "
+                   f"significant bits",
+    "gamma": f"LayerNorm gamma value(s) saturated to int{_GAMMA_BITS} (gamma too large for its output scale)",
+    "gamma_zero": f"nonzero LayerNorm gamma value(s) rounded to 0 (gamma too small even at the largest gamma "
+                  f"shift {_GAMMA_SHIFT_MAX})",
+    "beta": f"LayerNorm beta value(s) saturated to int{_BETA_BITS} (beta too large for the output shift)",
+    "value": f"value(s) saturated to the int{nx.RESID_BITS} residual range "
+             f"(|wpe| >= {2 ** (nx.RESID_BITS - 1 - nx.RESID_FRAC)})",
+    "scale_floor": f"int8 activation scale(s) raised to the floor {ACT_SCALE_FLOOR:g}/127 (calibrated peak "
+                   f"below {ACT_SCALE_FLOOR:g}): the activation quantizes to few or no nonzero steps",
+}
+
+
+def _count(clips: dict | None, kind: str, n) -> None:
+    """Add n clips of `kind` to one tensor's counts (a dict kind -> count), if counting."""
+    if clips is not None and int(n):
+        clips[kind] = clips.get(kind, 0) + int(n)
+
+
+def _saturate_counted(x, bits: int, clips: dict | None, kind: str) -> np.ndarray:
+    """numerics.saturate(x, bits), counting the entries it changes."""
+    x = np.asarray(x)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    _count(clips, kind, np.count_nonzero((x < lo) | (x > hi)))
+    return nx.saturate(x, bits)
+
+
+def clip_warnings(clips: dict) -> list[str]:
+    """One stderr line per clipped tensor, then a summary line; [] when nothing clipped."""
+    lines = [f"gpt-fpga quantize: warning: {tensor}: "
+             + "; ".join(f"{n} {CLIP_KINDS[kind]}" for kind, n in kinds.items())
+             for tensor, kinds in clips.items()]
+    if lines:
+        lines.append(f"gpt-fpga quantize: warning: {len(lines)} tensor(s) clipped during quantization; the counts "
+                     f"are in the image header ('clips', shown by 'gpt-fpga info IMAGE')")
+    return lines
 
 
 @dataclass(frozen=True)
 class QuantOptions:
-    weights: str = "int8"
-    group: int = 32
-    bus_bits: int = 64
+    weights: str = HwLayout.weights
+    group: int = HwLayout.group
+    bus_bits: int = HwLayout.bus_bits
     calib_tokens: int | None = None
 
     def validate(self, cfg: ModelConfig):
-        if self.weights not in ("int8", "int4"):
-            raise InputError(f"--weights must be int8 or int4, got {self.weights}")
-        if self.group not in GROUP_CHOICES:
-            raise InputError(f"--group must be one of {GROUP_CHOICES}, got {self.group}")
-        if self.bus_bits not in (64, 128):
-            raise InputError(f"--bus-bits must be 64 or 128, got {self.bus_bits}")
+        for flag, value, choices in (("--weights", self.weights, WEIGHT_FORMATS), ("--group", self.group, GROUP_CHOICES),
+                                     ("--bus-bits", self.bus_bits, BUS_BITS_CHOICES)):
+            if value not in choices:
+                raise InputError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value}")
         for name, d in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff)):
             if d > nx.MAX_D_IN:
                 raise InputError(f"{name}={d} exceeds the accelerator's limit of {nx.MAX_D_IN} inputs per matvec")
@@ -111,25 +159,33 @@ def quantize_rows_int4(w, group: int):
     padded = np.zeros((o, n_groups * group), np.float64)
     padded[:, :i] = w
     gmax = np.abs(padded.reshape(o, n_groups, group)).max(axis=2)  # [o, g]
-    base = np.maximum(gmax.max(axis=1), 1e-12) / (7.0 * nx.GROUP_SCALE_MAX)  # [o]
-    q = np.clip(np.ceil(gmax / (7.0 * base[:, None]) - 1e-9), 1, nx.GROUP_SCALE_MAX).astype(np.int64)
+    base = np.maximum(gmax.max(axis=1), 1e-12) / (nx.INT4_MAX * nx.GROUP_SCALE_MAX)  # [o]
+    # q <= 255 and |w4| <= 7 by construction (the np.clip calls only absorb float rounding): no clip to count
+    q = np.clip(np.ceil(gmax / (nx.INT4_MAX * base[:, None]) - 1e-9), 1, nx.GROUP_SCALE_MAX).astype(np.int64)
     step = (q * base[:, None])[:, np.arange(i) // group]
-    w4 = np.clip(np.floor(w / step + 0.5), -7, 7).astype(np.int64)
+    w4 = np.clip(np.floor(w / step + 0.5), -nx.INT4_MAX, nx.INT4_MAX).astype(np.int64)
     return w4, q, base
 
 
-def requant_params(ratios, what: str = "a matrix") -> tuple[np.ndarray, np.ndarray]:
+def requant_params(ratios, what: str = "a matrix", clips: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mult, shift) arrays from numerics.multiplier_for; counts mult_zero / mult_coarse into `clips`."""
+    ratios = np.asarray(ratios, dtype=np.float64).ravel()
     try:
-        pairs = [nx.multiplier_for(float(r)) for r in np.asarray(ratios, dtype=np.float64).ravel()]
+        pairs = [nx.multiplier_for(float(r)) for r in ratios]
     except ValueError as e:
         raise InputError(f"cannot quantize {what}: {e}") from None
-    return np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64)
+    mult, shift = np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.int64)
+    _count(clips, "mult_zero", np.count_nonzero((ratios > 0) & (mult == 0)))
+    _count(clips, "mult_coarse", np.count_nonzero((mult > 0) & (mult < 1 << (nx.MULT_BITS - 1))))
+    return mult, shift
 
 
-def quantize_matrix(w_in_out, bias, in_scale: float, out_scales, hw: HwLayout, what: str = "a matrix"):
+def quantize_matrix(w_in_out, bias, in_scale: float, out_scales, hw: HwLayout, what: str = "a matrix",
+                    clips: dict | None = None):
     """Quantize x @ W (+ b) into a row stream. W is [in, out] float; out_scales: [out] real output scales.
 
-    Returns (packed bytes, dict of integer arrays as the golden model uses them).
+    Returns (packed bytes, dict of integer arrays as the golden model uses them). Saturated biases
+    and degenerate multipliers are counted into `clips` (kind -> count), when given.
     """
     w = np.asarray(w_in_out, dtype=np.float64).T  # [out, in]
     if hw.weights == "int4":
@@ -138,25 +194,36 @@ def quantize_matrix(w_in_out, bias, in_scale: float, out_scales, hw: HwLayout, w
         (w_int, row_scale), q = quantize_rows_int8(w), None
     acc_scale = row_scale * in_scale  # real value of one accumulator unit, per row
     b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
-    bias_int = np.clip(np.floor(b / acc_scale + 0.5), -nx.MAX_BIAS, nx.MAX_BIAS).astype(np.int64)
-    mult, shift = requant_params(acc_scale / np.broadcast_to(out_scales, acc_scale.shape), what)
+    bias_int = np.floor(b / acc_scale + 0.5)
+    _count(clips, "bias", np.count_nonzero(np.abs(bias_int) > nx.MAX_BIAS))
+    bias_int = np.clip(bias_int, -nx.MAX_BIAS, nx.MAX_BIAS).astype(np.int64)
+    mult, shift = requant_params(acc_scale / np.broadcast_to(out_scales, acc_scale.shape), what, clips)
     blob = pack_matrix(w_int, q, bias_int, mult, shift, hw)
     return blob, {"row_scale": row_scale}
 
 
-def layernorm_params(gamma, beta, out_scale: float):
-    """gamma_mult int16, beta int32 and the output shift for numerics.layernorm."""
+def layernorm_params(gamma, beta, out_scale: float, clips: dict | None = None):
+    """gamma_mult int16, beta int32 and the output shift for numerics.layernorm.
+
+    The gamma shift gf is the largest that keeps the largest gamma in int16, clamped to
+    0..LN_MAX_OUT_SHIFT - LN_NORM_FRAC. Counted into `clips` (kind -> count), when given: "gamma"
+    (saturated to int16: gf would be below 0), "gamma_zero" (nonzero gammas that round to 0 because
+    gf is at its maximum) and "beta" (saturated to int32).
+    """
     g = np.asarray(gamma, np.float64) / out_scale
     peak = max(float(np.abs(g).max()), 1e-12)
-    gf = int(np.clip(math.floor(math.log2((2 ** 15 - 1) / peak)), 0, nx.LN_MAX_OUT_SHIFT - nx.LN_NORM_FRAC))
+    gf = int(np.clip(math.floor(math.log2(((1 << (_GAMMA_BITS - 1)) - 1) / peak)), 0, _GAMMA_SHIFT_MAX))
     out_shift = nx.LN_NORM_FRAC + gf
-    gamma_mult = np.clip(np.floor(g * 2.0 ** gf + 0.5), -(2 ** 15), 2 ** 15 - 1).astype(np.int64)
-    beta_int = nx.saturate(np.floor(np.asarray(beta, np.float64) / out_scale * 2.0 ** out_shift + 0.5), 32)
+    gamma_mult = _saturate_counted(np.floor(g * 2.0 ** gf + 0.5), _GAMMA_BITS, clips, "gamma")
+    if gf == _GAMMA_SHIFT_MAX:
+        _count(clips, "gamma_zero", np.count_nonzero((g != 0) & (gamma_mult == 0)))
+    beta_int = _saturate_counted(np.floor(np.asarray(beta, np.float64) / out_scale * 2.0 ** out_shift + 0.5),
+                                 _BETA_BITS, clips, "beta")
     return gamma_mult, beta_int, out_shift
 
 
 def act_scale(peak: float) -> float:
-    return max(peak, 1e-6) / 127.0
+    return max(peak, ACT_SCALE_FLOOR) / 127.0
 
 
 def source_fingerprint(model_dir: Path) -> str:
@@ -182,41 +249,51 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
     d, hd = cfg.d_model, cfg.head_dim
     sections: dict[str, bytes] = {}
     layers = []
+    clips: dict[str, dict[str, int]] = {}  # tensor -> kind -> count; see CLIP_KINDS
+    c = lambda tensor: clips.setdefault(tensor, {})  # noqa: E731
+
+    def scale(name: str, layer: int, tensor: str) -> float:
+        _count(c(tensor), "scale_floor", 0 < peaks[name][layer] < ACT_SCALE_FLOOR)
+        return act_scale(peaks[name][layer])
+
     resid_scale = 2.0 ** -nx.RESID_FRAC
     for i in tqdm(range(cfg.n_layer), desc="quantize layers", unit="layer", disable=not progress):
-        s = {name: act_scale(peaks[name][i]) for name in CALIBRATED}
+        s = {name: scale(name, i, f"L{i}.{name}") for name in CALIBRATED}
         pre = f"h{i}."
-        g1, b1, sh1 = layernorm_params(p[pre + "ln1_g"], p[pre + "ln1_b"], s["ln1"])
+        g1, b1, sh1 = layernorm_params(p[pre + "ln1_g"], p[pre + "ln1_b"], s["ln1"], c(f"L{i}.ln1"))
         sections[f"L{i}.ln1"] = pack_ln_params(g1, b1)
         qkv_out = np.repeat([s["q"], s["k"], s["v"]], d)
         sections[f"L{i}.qkv"], _ = quantize_matrix(p[pre + "w_qkv"], p[pre + "b_qkv"], s["ln1"], qkv_out, hw,
-                                                   f"layer {i} qkv")
+                                                   f"layer {i} qkv", c(f"L{i}.qkv"))
         sections[f"L{i}.attn_out"], _ = quantize_matrix(p[pre + "w_o"], p[pre + "b_o"], s["ctx"], resid_scale, hw,
-                                                        f"layer {i} attn_out")
-        g2, b2, sh2 = layernorm_params(p[pre + "ln2_g"], p[pre + "ln2_b"], s["ln2"])
+                                                        f"layer {i} attn_out", c(f"L{i}.attn_out"))
+        g2, b2, sh2 = layernorm_params(p[pre + "ln2_g"], p[pre + "ln2_b"], s["ln2"], c(f"L{i}.ln2"))
         sections[f"L{i}.ln2"] = pack_ln_params(g2, b2)
-        sections[f"L{i}.fc"], _ = quantize_matrix(p[pre + "w_fc"], p[pre + "b_fc"], s["ln2"], s["fc"], hw, f"layer {i} fc")
+        sections[f"L{i}.fc"], _ = quantize_matrix(p[pre + "w_fc"], p[pre + "b_fc"], s["ln2"], s["fc"], hw, f"layer {i} fc",
+                                                  c(f"L{i}.fc"))
         sections[f"L{i}.gelu"] = (nx.gelu_table(s["fc"], s["gelu"]).astype(np.int8)).tobytes()
         sections[f"L{i}.proj"], _ = quantize_matrix(p[pre + "w_proj"], p[pre + "b_proj"], s["gelu"], resid_scale, hw,
-                                                    f"layer {i} proj")
+                                                    f"layer {i} proj", c(f"L{i}.proj"))
         att = s["q"] * s["k"] * (1.0 / math.sqrt(hd) if cfg.scale_attn else 1.0) * math.log2(math.e) \
             * 2.0 ** nx.SCORE_FRAC
-        att_mult, att_shift = (int(v[0]) for v in requant_params([att], f"layer {i} attention scores"))
+        att_mult, att_shift = (int(v[0]) for v in requant_params([att], f"layer {i} attention scores",
+                                                                  c(f"L{i}.scores")))
         ctx_mult, ctx_shift = (int(v[0]) for v in requant_params([2.0 ** -nx.PROB_FRAC * s["v"] / s["ctx"]],
-                                                                  f"layer {i} ctx"))
+                                                                  f"layer {i} ctx", c(f"L{i}.ctx")))
         layers.append({"scales": s, "ln1_shift": sh1, "ln2_shift": sh2, "score_mult": att_mult,
                        "score_shift": att_shift, "ctx_mult": ctx_mult, "ctx_shift": ctx_shift,
                        "window": cfg.window_size if cfg.local_layers[i] else 0})
-    s_lnf = act_scale(peaks["lnf"][cfg.n_layer])
-    gf, bf, shf = layernorm_params(p["lnf_g"], p["lnf_b"], s_lnf)
+    s_lnf = scale("lnf", cfg.n_layer, "lnf")
+    gf, bf, shf = layernorm_params(p["lnf_g"], p["lnf_b"], s_lnf, c("lnf"))
     sections["lnf"] = pack_ln_params(gf, bf)
-    head_blob, head = quantize_matrix(p["wte"].T, None, s_lnf, 2.0 ** -nx.LOGIT_FRAC, hw, "lm_head")
+    head_blob, head = quantize_matrix(p["wte"].T, None, s_lnf, 2.0 ** -nx.LOGIT_FRAC, hw, "lm_head", c("lm_head"))
     sections["lm_head"] = head_blob
     # host-side: token embedding reuses lm_head's integer rows, scaled into the residual format
-    emb_mult, emb_shift = requant_params(head["row_scale"] / resid_scale, "the token embedding")
+    emb_mult, emb_shift = requant_params(head["row_scale"] / resid_scale, "the token embedding", c("embed_scale"))
     sections["embed_scale"] = pack_embed_scale(emb_mult, emb_shift)
-    sections["wpe"] = nx.saturate(np.floor(p["wpe"].astype(np.float64) / resid_scale + 0.5), 32) \
-        .astype("<i4").tobytes()
+    sections["wpe"] = _saturate_counted(np.floor(p["wpe"].astype(np.float64) / resid_scale + 0.5), nx.RESID_BITS,
+                                        c("wpe"), "value").astype("<i4").tobytes()
+    clips = {tensor: kinds for tensor, kinds in clips.items() if kinds}
     if ckpt.tokenizer_path is not None:
         sections["tokenizer"] = ckpt.tokenizer_path.read_bytes()
     from gpt_fpga.sim.contract.numerics import CONTRACT_VERSION
@@ -225,8 +302,11 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
               "layers": layers, "lnf_shift": shf, "lnf_scale": s_lnf,
               "ln_eps_table": nx.layernorm_eps_table(cfg.layer_norm_eps, d).tolist(),
               "calibration": {"source": calib_source, "tokens": len(calib_ids), "method": "absmax"},
-              "source_model": str(ckpt.path), "source_fingerprint": source_fingerprint(ckpt.path)}
+              "source_model": str(ckpt.path), "source_fingerprint": source_fingerprint(ckpt.path),
+              "clips": clips}
     write_image(out_path, header, sections)
+    for line in clip_warnings(clips):
+        print(line, file=sys.stderr, flush=True)
     return header
 
 

@@ -171,3 +171,9 @@ def _check_header(path: Path, h: dict, size: int, start: int) -> None:
             raise ImageError(f"{path}: section '{e['name']}' is not {SECTION_ALIGN}-byte aligned")
         if start + e["offset"] + e["size"] > size:
             raise ImageError(f"{path}: truncated: section '{e['name']}' runs past the end of the file")
+    # quantizer clip counts {tensor: {kind: count}}; absent in images made before they were recorded
+    if "clips" in h and not (isinstance(h["clips"], dict) and all(
+            isinstance(kinds, dict) and all(isinstance(kind, str) and type(n) is int and n >= 0
+                                            for kind, n in kinds.items())
+            for kinds in h["clips"].values())):
+        raise ImageError(f"{path}: header field 'clips' is malformed (expected {{tensor: {{kind: count}}}})")
