@@ -1,12 +1,23 @@
-"""Shared helpers: random-init reference models and small checkpoint directories.
+"""Shared helpers: the missing-tool rule, the in-process CLI, random-init reference models and small
+checkpoint directories.
 
 Nothing here reads /work/shared: reference models are built live with transformers from a config,
 and the tiny checkpoints for the error tests are written with NumPy.
+
+Missing tools (one rule, :func:`tool_missing`): a test that needs something not installed (a
+simulator, torch, transformers) carries a ``missing_tool(what, install)`` mark, added at collection
+by :func:`requires_modules` or by ``sim/tb/runner.py::simulator_cases``. At setup the mark skips the
+test, or, when the environment says ``CI=true`` (``.ci/run``), fails it naming what to install: on CI a
+green run must mean every test ran.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -16,6 +27,64 @@ from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_ch
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 KJV_TOKENIZER = MODELS / "gpt2-kjv" / "tokenizer.json"  # BPE, 4096 ids, <|endoftext|> = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# missing tools: skipped locally, a failure under CI=true
+
+MISSING_TOOL_MARK = "missing_tool"  # also spelled in sim/tb/runner.py::simulator_cases
+PIP_TEST = "pip install -e '.[test]' / make install-dev"
+INSTALL = {"torch": PIP_TEST, "transformers": PIP_TEST}
+
+
+def skipping_forbidden() -> bool:
+    """True on CI: the environment variable CI is 'true' (or '1' / 'yes', any case)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def tool_missing(what: str, install: str):
+    """The one rule for a test whose tool is not installed: skip it, or fail it under CI=true."""
+    if skipping_forbidden():
+        pytest.fail(f"{what} is not installed (CI=true forbids skipping): {install}", pytrace=False)
+    pytest.skip(f"{what} is not installed: {install}")
+
+
+def module_available(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def requires_modules(*names: str) -> list:
+    """``pytestmark`` for tests that import `names`: a missing_tool mark for each one not installed."""
+    return [getattr(pytest.mark, MISSING_TOOL_MARK)(f"{n} (Python package)", INSTALL.get(n, PIP_TEST))
+            for n in names if not module_available(n)]
+
+
+def optional_import(name: str) -> ModuleType | None:
+    """The module, or None when it is not installed (tests using it carry requires_modules(name))."""
+    return importlib.import_module(name) if module_available(name) else None
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{MISSING_TOOL_MARK}(what, install): a tool the test needs is not installed "
+                                       "(skip; fail under CI=true)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers(MISSING_TOOL_MARK):
+        tool_missing(*mark.args)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line, in process
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`gpt-fpga argv...` through host.cli.main: (exit code, stdout, stderr)."""
+    from gpt_fpga.host.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +177,17 @@ def tiny_gpt2_tensors(seed: int = 0) -> dict[str, np.ndarray]:
 def write_model_dir(out: Path, config: dict, tensors: dict[str, np.ndarray], tokenizer: bool = True) -> Path:
     """config.json + model.safetensors, plus the KJV tokenizer.json when `tokenizer`."""
     return write_checkpoint(out, config, tensors, KJV_TOKENIZER if tokenizer else None)
+
+
+# a smaller one, without tokenizer.json, for the fixed model and image tests
+TINY_MODEL = dict(vocab=64, d=32, heads=2, layers=2, n_ctx=32)
+
+
+def write_tiny_model(out: Path, family: str, seed: int = 0, window: int = 3) -> Path:
+    """TINY_MODEL of `family` (gpt2 | gpt_neo), random weights, no tokenizer.json. Neo: layer 0 local
+    (`window`, shorter than the tests' sequences), layer 1 global."""
+    cfg = make_config(family, **TINY_MODEL, attention_types=[[["local", "global"], 1]], window_size=window)
+    return write_checkpoint(out, cfg, random_tensors(cfg, seed))
 
 
 @pytest.fixture

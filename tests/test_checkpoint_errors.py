@@ -12,22 +12,15 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MODELS, REPO, TINY_GPT2, tiny_gpt2_config, tiny_gpt2_tensors, write_model_dir
-from gpt_fpga.host.cli import main
+from conftest import MODELS, REPO, TINY_GPT2, run_cli, tiny_gpt2_config, tiny_gpt2_tensors, write_model_dir
 
 N_CTX = TINY_GPT2["n_ctx"]
 VOCAB = TINY_GPT2["vocab"]
 
 
-def cli(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def expect_error(capsys, argv, *needles):
     """Run the CLI in-process; it must exit 2 with one 'gpt-fpga: error:' line naming every needle."""
-    rc, out, err = cli(capsys, *argv)
+    rc, out, err = run_cli(capsys, *argv)
     assert rc == 2, (rc, out, err)
     assert "Traceback" not in err and "Traceback" not in out
     lines = err.strip().splitlines()
@@ -140,7 +133,7 @@ def test_missing_tensor_neo_is_named(capsys, tmp_path):
     expect_error(capsys, gen(m), "missing tensor", "h.0.attn.attention.k_proj.weight")
     t[a + "k_proj.weight"] = w(d, d)
     write_model_dir(tmp_path / "neo", cfg, t, tokenizer=False)
-    rc, out, err = cli(capsys, *gen(m))
+    rc, out, err = run_cli(capsys, *gen(m))
     assert rc == 0, err
 
 
@@ -177,7 +170,7 @@ def test_ignored_buffers_of_any_dtype(capsys, tmp_path):
     t = tiny_gpt2_tensors()
     t["transformer.h.0.attn.bias"] = np.tril(np.ones((N_CTX, N_CTX), bool))[None, None]
     t["transformer.h.1.attn.masked_bias"] = np.array(-1e4, np.float64)
-    rc, out, err = cli(capsys, *gen(_write(tmp_path, t)))
+    rc, out, err = run_cli(capsys, *gen(_write(tmp_path, t)))
     assert rc == 0, err
 
 
@@ -234,7 +227,7 @@ def test_context_overflow(capsys, tiny_dir):
     ids = ",".join(["5"] * (N_CTX - 4))
     expect_error(capsys, ["generate", tiny_dir, "--ids", ids, "--max-new-tokens", 5],
                  f"{N_CTX - 4} tokens", "--max-new-tokens", "context", str(N_CTX))
-    rc, out, err = cli(capsys, "generate", tiny_dir, "--ids", ids, "--max-new-tokens", 4)  # exactly fits
+    rc, out, err = run_cli(capsys, "generate", tiny_dir, "--ids", ids, "--max-new-tokens", 4)  # exactly fits
     assert rc == 0, err
     expect_error(capsys, ["logits", tiny_dir, "--ids", ",".join(["5"] * (N_CTX + 1)), "--out", tiny_dir / "x.npy"],
                  "context", str(N_CTX))
@@ -291,7 +284,7 @@ def test_no_tokenizer(capsys, tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("In the beginning God created the heaven and the earth.")
     expect_error(capsys, ["perplexity", d, "--text", f], "tokenizer.json")
-    rc, out, err = cli(capsys, "generate", d, "--ids", "5,6,7", "--max-new-tokens", 3)
+    rc, out, err = run_cli(capsys, "generate", d, "--ids", "5,6,7", "--max-new-tokens", 3)
     assert rc == 0, err
     toks = [int(t) for t in out.split()]
     assert 1 <= len(toks) <= 3 and all(0 <= t < VOCAB for t in toks)
@@ -305,11 +298,11 @@ def test_bad_tokenizer_file(capsys, tiny_dir):
 
 def test_good_inputs_still_work(capsys, tiny_dir):
     """The fixtures themselves are valid: the errors above come from the one thing each test breaks."""
-    rc, out, err = cli(capsys, "generate", tiny_dir, "--prompt", "And God said", "--max-new-tokens", 4)
+    rc, out, err = run_cli(capsys, "generate", tiny_dir, "--prompt", "And God said", "--max-new-tokens", 4)
     assert rc == 0 and out.startswith("And God said"), (out, err)
-    rc, out, err = cli(capsys, "logits", tiny_dir, "--ids", "1,2,3", "--out", tiny_dir / "l.npy")
+    rc, out, err = run_cli(capsys, "logits", tiny_dir, "--ids", "1,2,3", "--out", tiny_dir / "l.npy")
     assert rc == 0 and np.load(tiny_dir / "l.npy").shape == (3, VOCAB)
-    rc, out, err = cli(capsys, "info", tiny_dir, "--json")
+    rc, out, err = run_cli(capsys, "info", tiny_dir, "--json")
     assert rc == 0 and json.loads(out)["n_ctx"] == N_CTX
 
 
@@ -346,7 +339,7 @@ def test_subprocess_success(tmp_path):
 
 def test_logits_writes_exactly_the_given_path(capsys, tiny_dir, tmp_path):
     out = tmp_path / "noext"
-    rc, _, err = cli(capsys, "logits", tiny_dir, "--ids", "1,2,3", "--out", out)
+    rc, _, err = run_cli(capsys, "logits", tiny_dir, "--ids", "1,2,3", "--out", out)
     assert rc == 0 and str(out) in err, err
     arr = np.load(out)  # no '.npy' appended behind the user's back
     assert arr.shape == (3, 4096) and arr.dtype == np.float32
@@ -366,7 +359,7 @@ def test_group_is_only_for_int4(capsys, tiny_dir, tmp_path):
 
 def test_image_where_a_model_directory_is_expected(capsys, tiny_dir, tmp_path):
     img = tmp_path / "a.img"
-    assert cli(capsys, "quantize", tiny_dir, "-o", img, "--calib-tokens", "16")[0] == 0
+    assert run_cli(capsys, "quantize", tiny_dir, "-o", img, "--calib-tokens", "16")[0] == 0
     expect_error(capsys, ["quantize", img, "-o", tmp_path / "b.img"], "is a file", "model directory")
     expect_error(capsys, ["generate", img, "--ids", "1"], "is a file", "--backend fixed")
 
@@ -375,8 +368,8 @@ def test_info_on_an_image(capsys, tiny_dir, tmp_path):
     import json
 
     img = tmp_path / "a.img"
-    assert cli(capsys, "quantize", tiny_dir, "-o", img, "--weights", "int4", "--calib-tokens", "16")[0] == 0
-    rc, out, err = cli(capsys, "info", img, "--json")
+    assert run_cli(capsys, "quantize", tiny_dir, "-o", img, "--weights", "int4", "--calib-tokens", "16")[0] == 0
+    rc, out, err = run_cli(capsys, "info", img, "--json")
     info = json.loads(out)
     assert rc == 0 and info["image"]["hardware"]["weights"] == "int4" and list(info["bytes_per_token"]) == ["int4"]
     assert info["image"]["calibration"]["tokens"] == 16 and info["vocab"] == 4096

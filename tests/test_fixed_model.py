@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MODELS
+from conftest import MODELS, TINY_MODEL, run_cli, write_tiny_model
 from gpt_fpga.host.cli import main
 from gpt_fpga.sim.contract.errors import InputError
 from gpt_fpga.sim.contract.image import read_image
@@ -25,18 +25,9 @@ from gpt_fpga.sim.contract.layout import HwLayout, layer_matrices, pack_matrix, 
 from gpt_fpga.quantize.quantizer import quantize_checkpoint
 from gpt_fpga.sim.contract import numerics as nx
 from gpt_fpga.sim.fixed_model import FixedModel
-from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
-VOCAB, D, LAYERS, HEADS, N_CTX = 64, 32, 2, 2, 32
-
-
-# ---- tiny checkpoints (sim/random_checkpoint.py) -----------------------------------------------
-def write_tiny_model(out: Path, family: str, seed: int = 0, window: int = 3) -> Path:
-    """No tokenizer.json. Neo: layer 0 local (window shorter than the test sequences), layer 1 global."""
-    cfg = make_config(family, vocab=VOCAB, d=D, heads=HEADS, layers=LAYERS, n_ctx=N_CTX,
-                      attention_types=[[["local", "global"], 1]], window_size=window)
-    return write_checkpoint(out, cfg, random_tensors(cfg, seed))
-
+# the tiny checkpoints of conftest.write_tiny_model (Neo: layer 0 local with window 3, layer 1 global)
+VOCAB, LAYERS, N_CTX = TINY_MODEL["vocab"], TINY_MODEL["layers"], TINY_MODEL["n_ctx"]
 
 VARIANTS = {  # name: (family, weights, group, bus_bits)
     "gpt2-int8-b64": ("gpt2", "int8", 32, 64),
@@ -193,12 +184,21 @@ def ref_matvec(rows, a: list[int], bits: int) -> list[int]:
     return [requant(bias + sum(wi * ai for wi, ai in zip(w, a)), mult, shift, bits) for w, bias, mult, shift in rows]
 
 
+def ref_input_shift(x: list[int]) -> int:
+    """LayerNorm step 1 as docs/numerics.md defines it, sh = max(0, bit_length(max|x|) - 15), read as:
+    the smallest sh >= 0 that leaves every magnitude within 15 bits, |x| < 2**(15 + sh). Then every
+    x >> sh fits int16; it is not the smallest shift that does for a peak of exactly -2**(15 + k):
+    -32768 fits int16 as it is, but its magnitude 2**15 needs sh = 1."""
+    sh = 0
+    while any(abs(v) >= 1 << (15 + sh) for v in x):
+        sh += 1
+    return sh
+
+
 def ref_layernorm(x: list[int], ln_blob, out_shift: int, eps: list[int]) -> list[int]:
     d = len(x)
     words = [struct.unpack_from("<h2xi", bytes(ln_blob), 8 * i) for i in range(d)]  # gamma bits 15:0, beta 63:32
-    sh = 0
-    while not all(-(1 << 15) <= (v >> sh) < (1 << 15) for v in x):  # smallest shift that fits int16
-        sh += 1
+    sh = ref_input_shift(x)
     xs = [v >> sh for v in x]
     S, Q = sum(xs), sum(v * v for v in xs)
     c = [d * v - S for v in xs]
@@ -316,6 +316,38 @@ def test_independent_reimplementation(tiny_images, variant):
     assert ref.stats["spread_rows"] > ref.stats["softmax_rows"] // 2
 
 
+# the input-shift edge rows: peaks that are negative powers of two, where "fits int16" and "magnitude
+# fits 15 bits" part ways, and the most negative residual (residual_add saturates to it)
+SHIFT_EDGE_ROWS = [
+    ([-32768, 5, 7], 1),         # |-32768| = 2**15 is not < 2**15, and < 2**16: sh 1 (-32768 >> 1 = -16384)
+    ([-65536, 100], 2),          # 2**16 >= 2**16, < 2**17: sh 2 (-65536 >> 2 = -16384; sh 1 would give -32768)
+    ([-(1 << 31), 0, 5, -7], 17),  # 2**31 >= 2**31, < 2**32: sh 17, the last of the 18 eps entries
+    ([-32767, 32767], 0),        # 2**15 - 1 < 2**15: no shift
+    ([32768, -3], 1),            # 2**15 does not fit int16 either way: sh 1
+    ([0, 0, 0], 0),
+]
+
+
+@pytest.mark.parametrize("row, want", SHIFT_EDGE_ROWS)
+def test_layernorm_input_shift_edge_rows(row, want):
+    assert ref_input_shift(row) == want
+    assert int(nx.layernorm_input_shift(np.array([row]))[0]) == want
+    assert all(-(1 << 15) <= v >> want < 1 << 15 for v in row)  # the shifted row fits int16
+
+
+@pytest.mark.parametrize("variant", ["gpt2-int8-b64", "neo-int4-g64-b64"])
+def test_independent_layernorm_on_edge_rows(tiny_images, variant):
+    """The reference LayerNorm equals the fixed model's on the edge rows too (padded to d with small
+    values), where a different input shift would read a different eps entry and round differently."""
+    im = read_image(tiny_images[variant])
+    m, eps = FixedModel(im), im.header["ln_eps_table"]
+    d = image_cfg(im).d_model
+    rows = [row + [(-1) ** i * (3 * i + 1) for i in range(d - len(row))] for row, _ in SHIFT_EDGE_ROWS]
+    rows.append([-(1 << 31)] + [(1 << 31) - 1] * (d - 1))
+    want = [ref_layernorm(r, im.section("lnf"), im.header["lnf_shift"], eps) for r in rows]
+    assert m.lnf(np.array(rows, dtype=np.int64), m.eps_table).tolist() == want
+
+
 # ---- (e) quantizer output ranges ---------------------------------------------------------------------
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_image_integer_ranges(tiny_images, variant):
@@ -343,12 +375,6 @@ def test_image_integer_ranges(tiny_images, variant):
 
 
 # ---- (f) quantize command: calibration and options -----------------------------------------------
-def run_cli(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_quantize_self_generated_calibration(capsys, tmp_path):
     model = write_tiny_model(tmp_path / "m", "gpt2")
     rc, out, err = run_cli(capsys, "quantize", model, "-o", tmp_path / "a.img", "--calib-tokens", "16")
@@ -434,8 +460,9 @@ def test_quantize_cli_rejects_group_48(capsys, tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("kw, needle", [
     (dict(weights="int4", group=48), "--group must be one of"),
-    (dict(weights="int2"), "--weights must be int8 or int4"),
-    (dict(bus_bits=96), "--bus-bits must be 64 or 128"),
+    # the flag and its choices (either wording: quantizer.py's messages are being reworded)
+    (dict(weights="int2"), "--weights must be (int8 or int4|one of int8, int4)"),
+    (dict(bus_bits=96), "--bus-bits must be (64 or 128|one of 64, 128)"),
 ])
 def test_quantize_api_refuses_unsupported_options(tmp_path, kw, needle):
     model = write_tiny_model(tmp_path / "m", "gpt2")

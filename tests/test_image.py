@@ -15,24 +15,15 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gpt_fpga.host.cli import main
+from conftest import TINY_MODEL, run_cli, write_tiny_model
 from gpt_fpga.sim.contract.errors import ImageError
 from gpt_fpga.sim.contract.image import MAGIC, PREAMBLE, data_start, read_image, write_image
 from gpt_fpga.sim.contract.layout import SECTION_ALIGN, HwLayout
 from gpt_fpga.quantize.quantizer import quantize_checkpoint
 from gpt_fpga.sim.fixed_model import FixedModel
 from gpt_fpga.sim.contract.numerics import CONTRACT_VERSION
-from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
-VOCAB, D, LAYERS, HEADS, N_CTX = 64, 32, 2, 2, 32
-
-
-# ---- tiny checkpoints (sim/random_checkpoint.py) -----------------------------------------------
-def write_tiny_model(out: Path, family: str, seed: int = 0, window: int = 4) -> Path:
-    """No tokenizer.json. Neo: layer 0 global, layer 1 local."""
-    cfg = make_config(family, vocab=VOCAB, d=D, heads=HEADS, layers=LAYERS, n_ctx=N_CTX,
-                      attention_types=[[["global", "local"], LAYERS // 2]], window_size=window)
-    return write_checkpoint(out, cfg, random_tensors(cfg, seed))
+VOCAB = TINY_MODEL["vocab"]  # of the images quantized from conftest.write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -314,12 +305,6 @@ def test_eps_table_of_wrong_length_is_refused_at_load(img, tmp_path):
 
 
 # ---- the same problems through the CLI ---------------------------------------------------------
-def run_cli(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_cli_generate_valid_image(capsys, img):
     rc, out, err = run_cli(capsys, "generate", img, "--backend", "fixed", "--ids", "1,2", "--max-new-tokens", "3")
     assert rc == 0, err

