@@ -51,7 +51,6 @@ class Gelu(wiring.Component):
 
     def __init__(self, *, lanes: int = 1):
         if not isinstance(lanes, int) or isinstance(lanes, bool) or not 1 <= lanes <= MAX_LANES:
-            self._MustUse__silence = True  # a rejected component is not an unused one
             raise ValueError(f"lanes must be an int in [1, {MAX_LANES}], got {lanes!r}")
         self.lanes = lanes
         super().__init__({

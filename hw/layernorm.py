@@ -63,7 +63,7 @@ class LayerNorm(wiring.Component):
     Parameters
     ----------
     max_d : int
-        Longest row, 1..4096 (``numerics.MAX_D_IN``; the contract's bit widths assume it).
+        Longest row, 1..``numerics.MAX_D_IN`` (4096; the contract's bit widths assume it).
 
     Attributes
     ----------
@@ -84,9 +84,8 @@ class LayerNorm(wiring.Component):
         ``E[sh]``, unsigned.
     """
 
-    def __init__(self, *, max_d: int = 4096):
+    def __init__(self, *, max_d: int = numerics.MAX_D_IN):
         if not isinstance(max_d, int) or isinstance(max_d, bool) or not 1 <= max_d <= numerics.MAX_D_IN:
-            self._MustUse__silence = True  # a rejected component is not an unused one
             raise ValueError(f"max_d must be an int in [1, {numerics.MAX_D_IN}], got {max_d!r}")
         self.max_d = max_d
         # widths from the contract's bounds: |xs| <= 2**15, d <= max_d

@@ -1,7 +1,7 @@
 """Streaming matrix-vector product with per-row requantization (int8 or grouped int4 weights).
 
 Arithmetic is :func:`numerics.matvec` bit for bit; the weight stream is the row layout of
-:mod:`quantize.layout`.
+:mod:`sim.contract.layout`.
 """
 
 from __future__ import annotations

@@ -75,7 +75,6 @@ class Softmax(wiring.Component):
 
     def __init__(self, *, max_len: int = numerics.MAX_CONTEXT):
         if not isinstance(max_len, int) or isinstance(max_len, bool) or not 1 <= max_len <= MAX_LEN_LIMIT:
-            self._MustUse__silence = True  # a rejected component is not an unused one
             raise ValueError(f"max_len must be an int in [1, {MAX_LEN_LIMIT}], got {max_len!r}")
         self.max_len = max_len
         self._sum_width = bits_for(max_len << numerics.EXP_FRAC)  # S <= max_len * 2**15

@@ -8,7 +8,8 @@
   build/synth/<core>.json shaped {"core", "lut", "ff", "dsp", "bram36", "fmax_mhz"} and
   build/synth/summary.json with the engine totals against the xc7z020 budget.
 
-Vivado is not needed for these reports; `make bitstream` is the Vivado flow.
+Vivado is not needed for these reports. There is no bitstream flow yet: a bitstream needs Vivado
+(not installed here), and no `make` target runs it.
 """
 
 from __future__ import annotations

@@ -4,9 +4,12 @@
   :func:`linear` evaluates a cycle-count formula passed there as (constant, per-element);
 * :class:`StreamTB` - base of the testbench classes: clock on ``clk``, synchronous reset on
   ``rst``, and cocotbext-axi sources / sinks on the core's AXI-Stream ports;
-* :func:`stalls` - a random pause generator for those sources and sinks;
+* :func:`stalls` - a random pause generator for those sources and sinks; :func:`set_stalls`
+  installs one on a source or sink (or removes it, leaving the end unpaused);
 * :class:`Scoreboard` - expected rows in order, each received row compared by equality;
-* :func:`watch_rows` - cycle numbers of each row's first / last beat in and out (timing tests).
+* :class:`CycleMonitor` - cycle numbers of the handshakes, frame ends and first ``tvalid`` of each
+  frame on some ports (throughput, latency and cycles-per-row tests); :func:`watch_rows` is the
+  per-row view of it that the row cores' timing tests read.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import random
 from collections import deque
+from collections.abc import Mapping
 
 import cocotb
 from cocotb.clock import Clock
@@ -34,6 +38,17 @@ def stalls(rng: random.Random, p: float):
     """Endless pause pattern: True (stall) with probability p per cycle."""
     while True:
         yield rng.random() < p
+
+
+def set_stalls(end, rng: random.Random, p: float):
+    """Random stalls with probability `p` per cycle on a cocotbext-axi source or sink; p = 0 removes
+    the pause generator and unpauses the end (a removed generator would otherwise leave its last
+    value, possibly a pause, in place)."""
+    if p > 0:
+        end.set_pause_generator(stalls(rng, p))
+    else:
+        end.clear_pause_generator()
+        end.pause = False
 
 
 def int8_values(tdata) -> list[int]:
@@ -71,21 +86,36 @@ class StreamTB:
 
 
 class Scoreboard:
-    """Expected rows (with a tag naming the case), compared in order with the rows received."""
+    """Expected rows (with a tag naming the case), compared in order with the rows received.
+
+    ``expect(row, tag, detail)``: `detail`, if given, is called with the index of the first
+    mismatching element and returns text added to the failure message (e.g. that row's parameters).
+    """
 
     def __init__(self):
         self.expected, self.checked = deque(), 0
+        self._details = deque()
 
-    def expect(self, row: list[int], tag: str):
+    def expect(self, row: list[int], tag: str, detail=None):
         self.expected.append((row, tag))
+        self._details.append(detail)
+
+    def clear(self):
+        """Forget the rows still expected (their stream was abandoned by a reset)."""
+        self.expected.clear()
+        self._details.clear()
 
     def compare(self, got: list[int]):
         assert self.expected, f"unexpected output row of {len(got)} elements"
         exp, tag = self.expected.popleft()
+        detail = self._details.popleft()
         assert len(got) == len(exp), f"{tag}: got {len(got)} elements, expected {len(exp)}"
         if got != exp:
-            bad = next(i for i, (g, e) in enumerate(zip(got, exp)) if g != e)
-            raise AssertionError(f"{tag}: element {bad}: got {got[bad]}, expected {exp[bad]}")
+            bad = [i for i, (g, e) in enumerate(zip(got, exp)) if g != e]
+            i = bad[0]
+            more = f" ({detail(i)})" if detail is not None else ""
+            raise AssertionError(f"{tag}: {len(bad)} of {len(exp)} elements differ; element {i}: got {got[i]}, "
+                                 f"expected {exp[i]}{more}")
         self.checked += 1
 
     async def wait_empty(self, clk, timeout: int, idle=lambda: True):
@@ -97,33 +127,103 @@ class Scoreboard:
         raise AssertionError(f"timeout: {len(self.expected)} rows still expected")
 
 
-def watch_rows(dut, s: str, m: str):
-    """Start recording, per row, the cycle of the first and last handshake on input port `s`, of the
-    first m.tvalid and of the last handshake (tlast) on output port `m`.
-
-    Returns the lists (``edges["first_in"]``, ``"last_in"``, ``"first_out"``, ``"last_out"``) and the
-    task, to cancel once the rows are through.
+class CycleMonitor:
+    """Records, from :meth:`start`, on each AXI-Stream port named (``<port>__tvalid`` etc.), the
+    cycle number of every handshake (:attr:`beats`), of every handshake with ``tlast``
+    (:attr:`lasts`) and of the first ``tvalid`` of every frame (:attr:`frame_valid`: the first
+    cycle with ``tvalid`` high after the previous frame's ``tlast`` handshake). Cycle 1 is the first
+    rising edge after :meth:`start`; values are sampled at rising edges.
     """
-    s_valid, s_ready, s_last = (getattr(dut, f"{s}__{x}") for x in ("tvalid", "tready", "tlast"))
-    m_valid, m_ready, m_last = (getattr(dut, f"{m}__{x}") for x in ("tvalid", "tready", "tlast"))
-    edges = {"first_in": [], "last_in": [], "first_out": [], "last_out": []}
 
-    async def watch():
-        cycle, in_row, out_row = 0, False, False
+    def __init__(self, dut, *ports: str):
+        self.clk = dut.clk
+        self._sig = {p: tuple(getattr(dut, f"{p}__{s}") for s in ("tvalid", "tready", "tlast")) for p in ports}
+        self.beats: dict[str, list[int]] = {}
+        self.lasts: dict[str, list[int]] = {}
+        self.frame_valid: dict[str, list[int]] = {}
+        self.cycle = 0
+        self._task = None
+
+    def start(self) -> "CycleMonitor":
+        self.stop()
+        self.cycle = 0
+        for d in (self.beats, self.lasts, self.frame_valid):
+            d.clear()
+            d.update({p: [] for p in self._sig})
+        self._task = cocotb.start_soon(self._run())
+        return self
+
+    def stop(self):
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    cancel = stop
+
+    def count(self, port: str) -> int:
+        """Handshakes seen on `port`."""
+        return len(self.beats[port])
+
+    def span(self, port: str) -> int:
+        """Cycles from the first handshake on `port` to the last one, both included (0 if none)."""
+        b = self.beats[port]
+        return b[-1] - b[0] + 1 if b else 0
+
+    def frames(self, port: str) -> list[tuple[int, int]]:
+        """(first handshake, tlast handshake) cycles of each complete frame on `port`."""
+        out, start = [], None
+        lasts = set(self.lasts[port])
+        for c in self.beats[port]:
+            start = c if start is None else start
+            if c in lasts:
+                out.append((start, c))
+                start = None
+        return out
+
+    async def _run(self):
+        edge = RisingEdge(self.clk)
+        in_frame = {p: False for p in self._sig}
         while True:
-            await RisingEdge(dut.clk)
-            cycle += 1
-            if s_valid.value and s_ready.value:
-                if not in_row:
-                    edges["first_in"].append(cycle)
-                in_row = not s_last.value
-                if not in_row:
-                    edges["last_in"].append(cycle)
-            if m_valid.value and not out_row:
-                edges["first_out"].append(cycle)
-                out_row = True
-            if m_valid.value and m_ready.value and m_last.value:
-                edges["last_out"].append(cycle)
-                out_row = False
+            await edge
+            self.cycle += 1
+            for p, (valid, ready, last) in self._sig.items():
+                if not valid.value:
+                    continue
+                if not in_frame[p]:
+                    self.frame_valid[p].append(self.cycle)
+                    in_frame[p] = True
+                if ready.value:
+                    self.beats[p].append(self.cycle)
+                    if last.value:
+                        self.lasts[p].append(self.cycle)
+                        in_frame[p] = False
 
-    return edges, cocotb.start_soon(watch())
+
+class _RowEdges(Mapping):
+    """Live per-row view of a CycleMonitor on an input port `s` and an output port `m`."""
+
+    def __init__(self, monitor: CycleMonitor, s: str, m: str):
+        self._mon, self._s, self._m = monitor, s, m
+
+    def _edges(self) -> dict:
+        rows = self._mon.frames(self._s)
+        return {"first_in": [a for a, _ in rows], "last_in": [b for _, b in rows],
+                "first_out": list(self._mon.frame_valid[self._m]), "last_out": list(self._mon.lasts[self._m])}
+
+    def __getitem__(self, key):
+        return self._edges()[key]
+
+    def __iter__(self):
+        return iter(("first_in", "last_in", "first_out", "last_out"))
+
+    def __len__(self):
+        return 4
+
+
+def watch_rows(dut, s: str, m: str):
+    """Start a :class:`CycleMonitor` on input port `s` and output port `m` and return its per-row view
+    and the monitor (``cancel()`` stops it): ``edges["first_in"]``, ``"last_in"`` (cycles of each
+    row's first and tlast handshake on `s`), ``"first_out"`` (first ``m.tvalid`` of each row) and
+    ``"last_out"`` (tlast handshake on `m`)."""
+    monitor = CycleMonitor(dut, s, m).start()
+    return _RowEdges(monitor, s, m), monitor

@@ -16,7 +16,7 @@ from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
 from gpt_fpga.sim.contract import numerics
-from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, int8_values, stalls
+from gpt_fpga.sim.tb.common import PARAMS, CycleMonitor, Scoreboard, StreamTB, int8_values, set_stalls
 
 LANES = int(PARAMS.get("lanes", 1))
 
@@ -48,8 +48,8 @@ class GeluTB(StreamTB):
             self.scoreboard.compare(int8_values(frame.tdata))
 
     def set_stalls(self, p_in: float, p_out: float):
-        self.source.set_pause_generator(stalls(self.rng, p_in) if p_in else None)
-        self.sink.set_pause_generator(stalls(self.rng, p_out) if p_out else None)
+        set_stalls(self.source, self.rng, p_in)
+        set_stalls(self.sink, self.rng, p_out)
 
     async def load_table(self, table):
         table = np.asarray(table, dtype=np.int64)
@@ -136,23 +136,11 @@ async def test_latency_throughput(dut):
     await tb.reset()
     await tb.load_table(numerics.gelu_table(0.1, 0.05))
     n_beats = 64
-    times = {"in": [], "out": []}
-
-    async def watch():
-        cycle = 0
-        while True:
-            await RisingEdge(dut.clk)
-            cycle += 1
-            if dut.s_x__tvalid.value and dut.s_x__tready.value:
-                times["in"].append(cycle)
-            if dut.m_y__tvalid.value and dut.m_y__tready.value:
-                times["out"].append(cycle)
-
-    w = cocotb.start_soon(watch())
+    mon = CycleMonitor(dut, "s_x", "m_y").start()
     await tb.send([tb.rng.randrange(-128, 128) for _ in range(n_beats * LANES)], "timing")
     await tb.drain()
-    w.cancel()
-    assert len(times["in"]) == n_beats and len(times["out"]) == n_beats
-    assert times["in"][-1] - times["in"][0] == n_beats - 1, "input did not stream at one beat per cycle"
-    assert times["out"][-1] - times["out"][0] == n_beats - 1, "output did not stream at one beat per cycle"
-    assert times["out"][0] - times["in"][0] == PARAMS["latency"]
+    mon.stop()
+    assert mon.count("s_x") == n_beats and mon.count("m_y") == n_beats
+    assert mon.span("s_x") == n_beats, "input did not stream at one beat per cycle"
+    assert mon.span("m_y") == n_beats, "output did not stream at one beat per cycle"
+    assert mon.beats["m_y"][0] - mon.beats["s_x"][0] == PARAMS["latency"]

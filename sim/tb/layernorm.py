@@ -19,9 +19,9 @@ from cocotbext.axi import AxiStreamFrame
 
 from gpt_fpga.sim.contract.layout import pack_ln_params
 from gpt_fpga.sim.contract import numerics
-from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, int8_values, linear, stalls, watch_rows
+from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, int8_values, linear, set_stalls, watch_rows
 
-MAX_D = int(PARAMS.get("max_d", 4096))
+MAX_D = int(PARAMS.get("max_d", numerics.MAX_D_IN))
 M32 = (1 << 32) - 1
 EPS = 1e-5
 
@@ -61,8 +61,8 @@ class LayerNormTB(StreamTB):
             self.scoreboard.compare(int8_values(frame.tdata))
 
     def set_stalls(self, p_x: float, p_params: float, p_out: float):
-        for ext, p in ((self.x_source, p_x), (self.p_source, p_params), (self.sink, p_out)):
-            ext.set_pause_generator(stalls(self.rng, p) if p else None)
+        for end, p in ((self.x_source, p_x), (self.p_source, p_params), (self.sink, p_out)):
+            set_stalls(end, self.rng, p)
 
     async def config(self, table, out_shift: int):
         """Load the eps table and out_shift (between rows only)."""

@@ -1,4 +1,4 @@
-"""cocotb testbench for hw/matvec.py: every output checked for equality with sim/contract/numerics.py.
+"""cocotb testbench for hw/matvec.py: every output checked for equality with the integer model.
 
 Run through tests/test_hw_matvec.py (sim/tb/runner.run_cocotb), which builds the core for one
 parameter set and passes it here as JSON in TB_PARAMS:
@@ -8,29 +8,33 @@ parameter set and passes it here as JSON in TB_PARAMS:
 throughput test writes ``{weights: {beats, cycles, efficiency}}`` to).
 
 Structure (after cocotb's matrix_multiplier example and taxi's AXI-Stream tests):
-* :class:`Case` - one matvec: the integer arrays, packed with quantize/layout.pack_matrix;
-* :func:`model` - the expected outputs, computed only by sim/contract/numerics.py from the unpacked stream;
+* :class:`Case` - one matvec: the integer arrays, packed into the weight stream by
+  sim/contract/layout.pack_matrix;
+* :func:`model` - the expected outputs: the packed stream read back by ``sim/fixed_model.Matrix``
+  (the very object ``--backend fixed`` uses: ``Matrix.from_stream`` unpacks it with
+  sim/contract/layout.unpack_matrix, and calling it is sim/contract/numerics.matvec);
 * :class:`TB` - clock, reset, cocotbext-axi sources/sink (sim/tb/common.StreamTB) with pause
-  generators, a weight-beat monitor (handshakes and cycles) and the scoreboard, which compares
-  each m_out frame (tlast delimits it) with the model's outputs, in order.
+  generators (common.set_stalls), a cycle monitor on the weight stream (common.CycleMonitor) and
+  the scoreboard (common.Scoreboard), fed by a monitor coroutine with each m_out frame (tlast
+  delimits it) and comparing it with the model's outputs, in order, by equality.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import cocotb
 import numpy as np
-from cocotb.triggers import ClockCycles, RisingEdge
+from cocotb.triggers import ClockCycles
 
 from gpt_fpga.sim.contract.layout import HwLayout, ceil_div, pack_matrix
 from gpt_fpga.sim.fixed_model import Matrix
 from gpt_fpga.sim.contract import numerics as nx
-from gpt_fpga.sim.tb.common import PARAMS, StreamTB
+from gpt_fpga.sim.tb.common import PARAMS, CycleMonitor, Scoreboard, StreamTB, set_stalls
 
 LAYOUT = HwLayout(bus_bits=PARAMS.get("bus_bits", 64), weights=PARAMS.get("weights", "int8"),
                   group=PARAMS.get("group", 32))
@@ -166,72 +170,33 @@ def corner_values_case(rng, out_int8: bool, d_out=24, d_in=200) -> Case:
     return Case(f"corners-out{8 if out_int8 else 32}", w, gs, a, bias, mult, shift, out_int8)
 
 
-def pauses(rng, p: float):
-    """Pause generator: True (stall) with probability p on each cycle."""
-    if p <= 0:
-        return None
-    bits = rng.random(4096) < p
-    return itertools.cycle(bits.tolist())
-
-
 # ---- testbench ------------------------------------------------------------------------------
-class WeightMonitor:
-    """Counts s_weights handshakes and the cycles from the first one to the last one."""
-
-    def __init__(self, dut):
-        self.clk, self.valid, self.ready = dut.clk, dut.s_weights__tvalid, dut.s_weights__tready
-        self.cycle = 0
-        self.beats = 0
-        self.first = self.last = None
-        self._task = None
-
-    def start(self):
-        self.beats, self.first, self.last = 0, None, None
-        self._task = cocotb.start_soon(self._run())
-
-    def stop(self):
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    @property
-    def cycles(self) -> int:
-        return 0 if self.first is None else self.last - self.first + 1
-
-    async def _run(self):
-        edge = RisingEdge(self.clk)
-        while True:
-            await edge
-            self.cycle += 1
-            if self.valid.value == 1 and self.ready.value == 1:
-                self.beats += 1
-                if self.first is None:
-                    self.first = self.cycle
-                self.last = self.cycle
-
-
 class TB(StreamTB):
     def __init__(self, dut, seed: int = 0):
         super().__init__(dut, PERIOD_NS)
         self.log = logging.getLogger("cocotb.tb")
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)  # stimulus
+        self.pause_rng = random.Random(seed)    # stall patterns
         self.act = self.axis_source("s_act")
         self.wts = self.axis_source("s_weights")
         self.out = self.axis_sink("m_out")
-        self.monitor = WeightMonitor(dut)
+        self.monitor = CycleMonitor(dut, "s_weights")
+        self.scoreboard = Scoreboard()
+        self._frames = cocotb.start_soon(self._receive())
         dut.d_in.value = 1
         dut.n_rows.value = 1
         dut.out_int8.value = 1
 
+    async def _receive(self):
+        """Monitor: every m_out frame (tlast-delimited) goes to the scoreboard."""
+        while True:
+            frame = await self.out.recv()
+            self.scoreboard.compare(np.frombuffer(bytes(frame.tdata), "<i4").tolist())
+
     def stalls(self, act=0.0, wts=0.0, out=0.0):
         """Random valid stalls on the inputs and ready stalls on the output, with these probabilities."""
-        for port, p in ((self.act, act), (self.wts, wts), (self.out, out)):
-            gen = pauses(self.rng, p)
-            if gen is None:
-                port.clear_pause_generator()
-                port.pause = False
-            else:
-                port.set_pause_generator(gen)
+        for end, p in ((self.act, act), (self.wts, wts), (self.out, out)):
+            set_stalls(end, self.pause_rng, p)
 
     def configure(self, case: Case):
         self.dut.d_in.value = case.d_in
@@ -249,30 +214,23 @@ class TB(StreamTB):
                 self.wts.send_nowait(blob[r * row:(r + 1) * row])
             await self.act.wait()
 
-    async def check(self, case: Case, expected: np.ndarray):
-        """Scoreboard: the next m_out frame (tlast-delimited) must equal the model, value for value."""
-        frame = await self.out.recv()
-        data = bytes(frame.tdata)
-        assert len(data) == 4 * case.d_out, (
-            f"{case.name}: m_out frame has {len(data) // 4} values (tlast placement), expected {case.d_out}")
-        got = np.frombuffer(data, "<i4").astype(np.int64)
-        bad = np.flatnonzero(got != expected)
-        if bad.size:
-            rows = bad[:8]
-            raise AssertionError(
-                f"{case.name} (d_out {case.d_out}, d_in {case.d_in}, out_int8 {case.out_int8}): "
-                f"{bad.size} mismatches; rows {rows.tolist()}: got {got[rows].tolist()}, "
-                f"expected {expected[rows].tolist()}, bias {case.bias[rows].tolist()}, "
-                f"mult {case.mult[rows].tolist()}, shift {case.shift[rows].tolist()}")
-        self.log.info("%s: %d outputs match", case.name, case.d_out)
+    def expect(self, case: Case):
+        """The model's outputs for `case` go to the scoreboard; a mismatch names the row's parameters."""
+        def detail(r):
+            return f"d_in {case.d_in}, out_int8 {case.out_int8}, row {r}: bias {case.bias[r]}, " \
+                   f"mult {case.mult[r]}, shift {case.shift[r]}"
+        self.scoreboard.expect(model(case).tolist(), f"{case.name} ({case.d_out} x {case.d_in})", detail)
 
     async def run(self, cases):
-        expected = [model(c) for c in cases]
+        """Drive the matvecs and wait until every output has been checked."""
+        for case in cases:
+            self.expect(case)
         driver = cocotb.start_soon(self.drive(cases))
-        for case, exp in zip(cases, expected):
-            await self.check(case, exp)
+        budget = sum(4 * c.d_out * LAYOUT.row_beats(c.d_in) + 4 * ceil_div(c.d_in, LAYOUT.bus_bytes) for c in cases)
+        await self.scoreboard.wait_empty(self.dut.clk, 50 * budget + 1000)
         await driver
-        assert self.out.empty(), "m_out produced more frames than matvecs"
+        for case in cases:
+            self.log.info("%s: %d outputs match", case.name, case.d_out)
 
 
 async def start(dut, seed=0) -> TB:
@@ -335,9 +293,10 @@ async def test_back_to_back(dut):
     tb.monitor.stop()
     act_cycles = sum(ceil_div(c.d_in, LAYOUT.bus_bytes) for c in cases[1:])
     beats = sum(c.d_out * LAYOUT.row_beats(c.d_in) for c in cases)
-    assert tb.monitor.beats == beats, (tb.monitor.beats, beats)
+    got, span = tb.monitor.count("s_weights"), tb.monitor.span("s_weights")
+    assert got == beats, (got, beats)
     # between the first and the last weight beat only the activation loads of matvecs 2..5 may stall
-    assert tb.monitor.cycles <= beats + act_cycles + 4 * len(cases), (tb.monitor.cycles, beats, act_cycles)
+    assert span <= beats + act_cycles + 4 * len(cases), (span, beats, act_cycles)
     tb.stalls(act=0.3, wts=0.3, out=0.7)
     await tb.run([random_case(tb.rng, f"b2b-stall-{i}", o, i_, q) for i, (o, i_, q) in enumerate(shapes)])
 
@@ -359,6 +318,7 @@ async def test_reset_mid_stream(dut):
         tb.wts.clear()
         await tb.reset()
         tb.out.clear()
+        tb.scoreboard.clear()
         tb.out.pause = False
         await tb.run([random_case(tb.rng, f"after-reset-{after_cycles}", 10, 768, True)])
 
@@ -375,20 +335,20 @@ async def test_output_backpressure(dut):
     then everything drains in order once m_out is released."""
     tb = await start(dut, 9)
     case = random_case(tb.rng, "held-output", 48, LAYOUT.weights_per_beat, True)
-    expected = model(case)
     total = case.d_out * LAYOUT.row_beats(case.d_in)
+    tb.expect(case)
     tb.out.pause = True
     tb.monitor.start()
     driver = cocotb.start_soon(tb.drive([case]))
     await ClockCycles(dut.clk, 4 * total)
-    held = tb.monitor.beats
+    held = tb.monitor.count("s_weights")
     assert 0 < held < total, f"s_weights took {held} of {total} beats while m_out was held"
     assert dut.m_out__tvalid.value == 1
     tb.out.pause = False
-    await tb.check(case, expected)
+    await tb.scoreboard.wait_empty(dut.clk, 100 * total)
     await driver
     tb.monitor.stop()
-    assert tb.monitor.beats == total
+    assert tb.monitor.count("s_weights") == total
 
 
 @cocotb.test(timeout_time=50, timeout_unit="us")
@@ -396,25 +356,12 @@ async def test_latency(dut):
     """Cycles from the last weight beat of a row to m_out.tvalid equal the core's latency property."""
     tb = await start(dut, 7)
     case = random_case(tb.rng, "latency", 1, 2 * LAYOUT.weights_per_beat, True)
-    beats = LAYOUT.row_beats(case.d_in)
-    seen = {}
-
-    async def watch():
-        cycle = 0
-        while "out" not in seen:
-            await RisingEdge(dut.clk)
-            cycle += 1
-            if dut.s_weights__tvalid.value == 1 and dut.s_weights__tready.value == 1:
-                seen["beats"] = seen.get("beats", 0) + 1
-                if seen["beats"] == beats:
-                    seen["last_beat"] = cycle
-            if dut.m_out__tvalid.value == 1:
-                seen["out"] = cycle
-
-    w = cocotb.start_soon(watch())
+    mon = CycleMonitor(dut, "s_weights", "m_out").start()
     await tb.run([case])
-    await w
-    measured = seen["out"] - seen["last_beat"]
+    mon.stop()
+    beats = LAYOUT.row_beats(case.d_in)
+    assert mon.count("s_weights") == beats
+    measured = mon.frame_valid["m_out"][0] - mon.beats["s_weights"][-1]
     assert measured == PARAMS["latency"], f"latency measured {measured}, property says {PARAMS['latency']}"
 
 
@@ -428,11 +375,11 @@ async def test_throughput(dut):
     await tb.run([case])
     tb.monitor.stop()
     expect = case.d_out * LAYOUT.row_beats(case.d_in)
-    assert tb.monitor.beats == expect, (tb.monitor.beats, expect)
-    eff = tb.monitor.beats / tb.monitor.cycles
-    results[LAYOUT.weights] = {"beats": tb.monitor.beats, "cycles": tb.monitor.cycles, "efficiency": eff}
-    tb.log.info("throughput %s: %d beats in %d cycles, efficiency %.5f", LAYOUT.weights, tb.monitor.beats,
-                tb.monitor.cycles, eff)
+    beats, cycles = tb.monitor.count("s_weights"), tb.monitor.span("s_weights")
+    assert beats == expect, (beats, expect)
+    eff = beats / cycles
+    results[LAYOUT.weights] = {"beats": beats, "cycles": cycles, "efficiency": eff}
+    tb.log.info("throughput %s: %d beats in %d cycles, efficiency %.5f", LAYOUT.weights, beats, cycles, eff)
     if PARAMS.get("result_json"):
         Path(PARAMS["result_json"]).write_text(json.dumps(results))
     assert eff >= 0.98, f"efficiency {eff:.4f} < 0.98"

@@ -17,7 +17,7 @@ from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
 from gpt_fpga.sim.contract import numerics
-from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, linear, stalls, watch_rows
+from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, linear, set_stalls, watch_rows
 
 MAX_LEN = int(PARAMS.get("max_len", 2048))
 M32 = (1 << 32) - 1
@@ -54,8 +54,8 @@ class SoftmaxTB(StreamTB):
         self.dut.shift.value = shift
 
     def set_stalls(self, p_in: float, p_out: float):
-        self.source.set_pause_generator(stalls(self.rng, p_in) if p_in else None)
-        self.sink.set_pause_generator(stalls(self.rng, p_out) if p_out else None)
+        set_stalls(self.source, self.rng, p_in)
+        set_stalls(self.sink, self.rng, p_out)
 
     async def send(self, scores, mask, tag: str):
         scores, mask = [int(s) for s in scores], [int(bool(v)) for v in mask]
