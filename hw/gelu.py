@@ -30,6 +30,9 @@ class Gelu(wiring.Component):
     Writing the table while beats are in flight gives each of those beats either the old or the new
     entry; load it between streams.
 
+    ``error`` is always 0: every input beat is valid. It exists so that every core has one
+    (the engine ORs them); :attr:`ERROR_BITS` is empty.
+
     Parameters
     ----------
     lanes : int
@@ -47,7 +50,11 @@ class Gelu(wiring.Component):
         Table index, ``x + 128``.
     table_data : In(8)
         Table entry (int8 bit pattern).
+    error : Out(1)
+        Always 0 (no error cause).
     """
+
+    ERROR_BITS = ()  #: names of ``error``'s bits: none
 
     def __init__(self, *, lanes: int = 1):
         if not isinstance(lanes, int) or isinstance(lanes, bool) or not 1 <= lanes <= MAX_LANES:
@@ -59,6 +66,7 @@ class Gelu(wiring.Component):
             "table_we": In(1),
             "table_addr": In(8),
             "table_data": In(8),
+            "error": Out(1),
         })
 
     @property
@@ -78,7 +86,7 @@ class Gelu(wiring.Component):
         m.d.comb += [wp.addr.eq(self.table_addr), wp.data.eq(self.table_data), wp.en.eq(self.table_we)]
 
         adv = ~self.m_y.tvalid | self.m_y.tready
-        m.d.comb += self.s_x.tready.eq(adv)
+        m.d.comb += [self.s_x.tready.eq(adv), self.error.eq(0)]
 
         outs = []
         for lane in range(self.lanes):

@@ -60,6 +60,13 @@ class LayerNorm(wiring.Component):
     The table and ``out_shift`` must be stable while a row is processed; the table survives a
     synchronous reset, which abandons the row in progress.
 
+    Errors (``error``, sticky until reset, bit names in :attr:`ERROR_BITS`): bit 0
+    ``row_too_long`` rises when a row's ``max_d + 1``-th value is offered (``s_x.tvalid`` with
+    ``max_d`` values of the row taken and no ``tlast`` yet). That value is not taken: the buffer
+    never wraps, and from then on the core takes nothing (``s_x.tready`` low) until a synchronous
+    reset of the domain (the engine's soft reset, e.g. through ``ResetInserter``), after which
+    the next row is exact.
+
     Parameters
     ----------
     max_d : int
@@ -82,7 +89,11 @@ class LayerNorm(wiring.Component):
         Table index: the input shift ``sh``.
     eps_data : In(48)
         ``E[sh]``, unsigned.
+    error : Out(1)
+        Sticky error bits (:attr:`ERROR_BITS`), see above.
     """
+
+    ERROR_BITS = ("row_too_long",)  #: names of ``error``'s bits, bit 0 first
 
     def __init__(self, *, max_d: int = numerics.MAX_D_IN):
         if not isinstance(max_d, int) or isinstance(max_d, bool) or not 1 <= max_d <= numerics.MAX_D_IN:
@@ -107,6 +118,7 @@ class LayerNorm(wiring.Component):
             "eps_we": In(1),
             "eps_addr": In(ceil_log2(EPS_DEPTH)),
             "eps_data": In(EPS_BITS),
+            "error": Out(len(self.ERROR_BITS)),
         })
 
     def latency(self, d: int) -> int:
@@ -142,9 +154,13 @@ class LayerNorm(wiring.Component):
 
         # ---- phase 1: receive ----
         receiving = Signal()
-        m.d.comb += s_x.tready.eq(receiving)
-        in_fire = s_x.tvalid & s_x.tready
         wcnt = Signal(dw)
+        too_long = Signal()  # sticky: a row offered more than max_d values
+        full = wcnt == self.max_d
+        m.d.comb += [s_x.tready.eq(receiving & ~full & ~too_long), self.error.eq(too_long)]
+        with m.If(receiving & s_x.tvalid & full):
+            m.d.sync += too_long.eq(1)
+        in_fire = s_x.tvalid & s_x.tready
         m.d.comb += [wp.addr.eq(wcnt[:aw]), wp.data.eq(s_x.tdata), wp.en.eq(in_fire)]
         x1_v, x1 = Signal(), Signal(signed(32))
         mag = Signal(32)  # OR of |x|; bit_length(max|x|) == bit_length(OR|x|)

@@ -15,7 +15,7 @@ from amaranth.lib.wiring import In, Out
 from gpt_fpga.hw.axis import AxiStreamSignature
 from gpt_fpga.sim.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div,
                              header_bits)
-from gpt_fpga.sim.contract.numerics import ACC_BITS, MAX_D_IN, MAX_ROWS
+from gpt_fpga.sim.contract.numerics import ACC_BITS, MAX_D_IN, MAX_ROWS, MAX_SHIFT
 
 __all__ = ["MatVec"]
 
@@ -62,13 +62,15 @@ class MatVec(wiring.Component):
     ----------
     s_act : In(AxiStreamSignature(bus_bits))
         Activations: byte ``k`` of beat ``n`` is ``a[n * bus_bits/8 + k]`` (int8); exactly
-        ``ceil(d_in / (bus_bits/8))`` beats (bytes past ``d_in`` are ignored). ``tready`` is high
-        from reset, or from the cycle after the previous matvec's last weight beat, until the
-        vector is complete. ``tlast`` is not used: lengths come from ``d_in``.
+        ``ceil(d_in / (bus_bits/8))`` beats (bytes past ``d_in`` are ignored), ``tlast`` on the
+        last of them and on no other. ``tready`` is high from reset, or from the cycle after the
+        previous matvec's last weight beat, until the vector is complete (and never after an
+        error).
     s_weights : In(AxiStreamSignature(bus_bits))
         ``n_rows`` rows of ``HwLayout.row_beats(d_in)`` beats each (header: bias int32, mult
-        uint16 - all 16 bits are used -, shift, reserved byte, int4 group scales; weight beats
-        zero past ``d_in``). ``tlast`` is not used.
+        uint16 - all 16 bits are used -, shift 0..47, reserved byte, int4 group scales; weight
+        beats zero past ``d_in``). ``tlast`` on the last beat of the whole matrix and on no other
+        (one DMA transfer per matrix raises it there).
     m_out : Out(AxiStreamSignature(32))
         One signed result per row, sign-extended to 32 bits; ``tlast`` on the last row.
     d_in : In(range(max_d_in + 1))
@@ -77,10 +79,29 @@ class MatVec(wiring.Component):
         Output length (rows), 1..65535.
     out_int8 : In(1)
         1: saturate results to int8; 0: to int32.
+    error : Out(4)
+        Sticky error bits (:attr:`ERROR_BITS`), cleared only by the domain's reset; see below.
 
     ``d_in``, ``n_rows`` and ``out_int8`` are sampled while the activations are received: they must
     be stable from before the first ``s_act`` beat of a matvec until its last ``s_act`` beat is
     accepted, and may then change for the next matvec while this one's weights still stream.
+
+    Errors: a bit of ``error`` rises on the clock edge that accepts the offending beat:
+
+    * bit 0 ``config``: an ``s_act`` beat while ``d_in`` is 0 or above ``max_d_in``, or
+      ``n_rows`` is 0;
+    * bit 1 ``act_tlast``: ``s_act.tlast`` missing on the vector's last beat, or present on an
+      earlier one (a long or short activation transfer); not checked on a ``config`` error;
+    * bit 2 ``weights_tlast``: ``s_weights.tlast`` missing on the matrix's last beat, or present
+      on an earlier one (a long or short matrix transfer, or one transfer per row);
+    * bit 3 ``shift``: a row header's shift byte above ``numerics.MAX_SHIFT`` (47), which
+      ``fixed_model.Matrix.from_stream`` refuses too (``ImageError``).
+
+    From the cycle after an error the core takes no more beats on ``s_act`` or ``s_weights``
+    (``tready`` low) until reset; results already in its pipeline still leave on ``m_out``, and
+    the command must be abandoned. A synchronous reset of the domain (the engine's soft reset,
+    e.g. through ``ResetInserter``) clears ``error`` and every stream state, and the next matvec
+    is exact.
 
     Notes
     -----
@@ -104,9 +125,11 @@ class MatVec(wiring.Component):
     then requantization overlapped with the next row: ``acc * mult`` as two 16x16 partial
     products, round half up as ``(floor(p / 2**(shift-1)) + 1) >> 1`` (equal to
     ``floor((p + 2**(shift-1)) / 2**shift)``) through a two-stage barrel shifter, and saturation.
-    Only the low 6 bits of the header's shift byte are used (the contract's range is 0..47;
-    48..63 give the model's result, 0). Multipliers: 2 (int4: 3) plus, for int8, one per lane.
+    The datapath uses the low 6 bits of the header's shift byte (a larger one raises
+    ``error.shift``). Multipliers: 2 (int4: 3) plus, for int8, one per lane.
     """
+
+    ERROR_BITS = ("config", "act_tlast", "weights_tlast", "shift")  #: names of ``error``'s bits, bit 0 first
 
     def __init__(self, *, bus_bits: int = 64, weights: str = "int8", group: int = 32,
                  max_d_in: int = MAX_D_IN):
@@ -136,6 +159,7 @@ class MatVec(wiring.Component):
             "d_in": In(range(max_d_in + 1)),
             "n_rows": In(ROWS_BITS),
             "out_int8": In(1),
+            "error": Out(len(self.ERROR_BITS)),
         })
 
     # ---- static pipeline shape -------------------------------------------------------------
@@ -193,6 +217,15 @@ class MatVec(wiring.Component):
         r_rows = Signal(ROWS_BITS)
         r_out8 = Signal()
 
+        # ---- errors: sticky until reset; any of them stops both inputs
+        errors = Signal(len(self.ERROR_BITS))
+        halted = Signal()
+        m.d.comb += [self.error.eq(errors), halted.eq(errors.any())]
+
+        def flag(name, cond):
+            with m.If(cond):
+                m.d.sync += errors[self.ERROR_BITS.index(name)].eq(1)
+
         # ---- activation load
         running = Signal()  # 0: loading activations, 1: streaming this matvec's weights
         act_cnt = Signal(range(self.max_d_in // B))
@@ -200,17 +233,21 @@ class MatVec(wiring.Component):
         act_wr = act_mem.write_port(granularity=8 * B if ratio > 1 else None)
         act_rd = act_mem.read_port(domain="sync")
         m.d.comb += [
-            sa.tready.eq(~running),
+            sa.tready.eq(~running & ~halted),
             act_wr.addr.eq(act_cnt >> (ratio - 1)),
             act_wr.data.eq(Cat(*[sa.tdata] * ratio)),
         ]
-        act_take = sa.tvalid & ~running
+        act_take = sa.tvalid & sa.tready
+        act_last = act_cnt + 1 == act_beats
+        cfg_ok = (self.d_in != 0) & (self.d_in <= self.max_d_in) & (self.n_rows != 0)
+        flag("config", act_take & ~cfg_ok)
+        flag("act_tlast", act_take & cfg_ok & (sa.tlast != act_last))
         if ratio > 1:
             m.d.comb += act_wr.en.eq(Mux(act_take, Mux(act_cnt[0], 0b10, 0b01), 0))
         else:
             m.d.comb += act_wr.en.eq(act_take)
         with m.If(act_take):
-            with m.If(act_cnt + 1 == act_beats):
+            with m.If(act_last):
                 m.d.sync += [act_cnt.eq(0), running.eq(1), r_wb.eq(wt_beats), r_hb.eq(hdr_beats),
                              r_rows.eq(self.n_rows), r_out8.eq(self.out_int8)]
             with m.Else():
@@ -224,11 +261,14 @@ class MatVec(wiring.Component):
         credits = OUT_FIFO_DEPTH - 1
         in_flight = Signal(range(credits + 1))  # rows started and not yet taken from m_out
         row_start = hdr_phase & (hdr_cnt == 0)
-        w_ready = running & (~row_start | (in_flight < credits))
+        w_ready = running & ~halted & (~row_start | (in_flight < credits))
         m.d.comb += sw.tready.eq(w_ready)
         take = w_ready & sw.tvalid
         wt_last = wt_cnt + 1 == r_wb
         row_last = row_cnt + 1 == r_rows
+        flag("weights_tlast", take & (sw.tlast != (~hdr_phase & wt_last & row_last)))
+        s_lo, s_hi = header_bits("shift")
+        flag("shift", take & row_start & (sw.tdata[s_lo:s_hi] > MAX_SHIFT))
         with m.If(take):
             with m.If(hdr_phase):
                 with m.If(hdr_cnt + 1 == r_hb):
@@ -257,9 +297,9 @@ class MatVec(wiring.Component):
         row_mult = reg(unsigned(16), "row_mult")
         row_shift = reg(unsigned(6), "row_shift")
         with m.If(take & row_start):
-            (b_lo, b_hi), (m_lo, m_hi), (s_lo, _) = (header_bits(f) for f in ("bias", "mult", "shift"))
+            (b_lo, b_hi), (m_lo, m_hi) = (header_bits(f) for f in ("bias", "mult"))
             m.d.sync += [row_bias.eq(sw.tdata[b_lo:b_hi]), row_mult.eq(sw.tdata[m_lo:m_hi]),
-                         row_shift.eq(sw.tdata[s_lo:s_lo + 6])]  # shifts are 0..47: 6 bits
+                         row_shift.eq(sw.tdata[s_lo:s_lo + 6])]  # shifts are 0..47 (else error): 6 bits
 
         m.d.comb += act_rd.addr.eq(wt_cnt)  # read in step with the beat: the word is there in S1
 

@@ -53,7 +53,13 @@ class Softmax(wiring.Component):
 
     ``mult`` and ``shift`` must be stable from the first score of a row until its last one has
     been received. A synchronous reset abandons the row in progress; the next row is exact.
-    Rows longer than ``max_len`` are not supported (the buffer address wraps).
+
+    Errors (``error``, sticky until reset, bit names in :attr:`ERROR_BITS`): bit 0
+    ``row_too_long`` rises when a row's ``max_len + 1``-th score is offered (``s_scores.tvalid``
+    with ``max_len`` scores of the row taken and no ``tlast`` yet). That score is not taken: the
+    buffer never wraps, and from then on the core takes nothing (``s_scores.tready`` low) until a
+    synchronous reset of the domain (the engine's soft reset, e.g. through ``ResetInserter``),
+    after which the next row is exact.
 
     Parameters
     ----------
@@ -71,7 +77,11 @@ class Softmax(wiring.Component):
         Requantization multiplier of the scores (unsigned).
     shift : In(6)
         Requantization shift, 0..63 (values above 47 give z = 0, as the contract does).
+    error : Out(1)
+        Sticky error bits (:attr:`ERROR_BITS`), see above.
     """
+
+    ERROR_BITS = ("row_too_long",)  #: names of ``error``'s bits, bit 0 first
 
     def __init__(self, *, max_len: int = numerics.MAX_CONTEXT):
         if not isinstance(max_len, int) or isinstance(max_len, bool) or not 1 <= max_len <= MAX_LEN_LIMIT:
@@ -84,6 +94,7 @@ class Softmax(wiring.Component):
             "m_probs": Out(AxiStreamSignature(16)),
             "mult": In(numerics.MULT_BITS),
             "shift": In(6),
+            "error": Out(len(self.ERROR_BITS)),
         })
 
     @staticmethod
@@ -117,8 +128,15 @@ class Softmax(wiring.Component):
 
         s_in, out = self.s_scores, self.m_probs
         receiving = Signal()
-        m.d.comb += s_in.tready.eq(receiving)
+        rcnt = Signal(range(self.max_len + 1))  # scores of this row taken so far
+        too_long = Signal()  # sticky: a row offered more than max_len scores
+        full = rcnt == self.max_len
+        m.d.comb += [s_in.tready.eq(receiving & ~full & ~too_long), self.error.eq(too_long)]
+        with m.If(receiving & s_in.tvalid & full):
+            m.d.sync += too_long.eq(1)
         in_fire = s_in.tvalid & s_in.tready
+        with m.If(in_fire):
+            m.d.sync += rcnt.eq(Mux(s_in.tlast, 0, rcnt + 1))
 
         # ---- pass 1: z = saturate(round_shift(score * mult, shift), 32), free-running pipeline ----
         z1_v, z1_m, z1_l, z1_s = Signal(), Signal(), Signal(), Signal(signed(32))

@@ -30,7 +30,14 @@ class Matrix:
 
     @classmethod
     def from_stream(cls, blob, d_out: int, d_in: int, hw: HwLayout) -> "Matrix":
+        """The matrix from its stream bytes; a row shift above numerics.MAX_SHIFT is refused with
+        ImageError, as the matvec core refuses it (its ``error.shift`` bit)."""
         m = unpack_matrix(blob, d_out, d_in, hw)
+        bad = np.flatnonzero(m["shift"] > nx.MAX_SHIFT)
+        if bad.size:
+            r = int(bad[0])
+            raise ImageError(f"matrix stream of {d_out} x {d_in}: row {r} has shift {int(m['shift'][r])}, above "
+                             f"the contract's maximum {nx.MAX_SHIFT} ({bad.size} of {d_out} rows exceed it)")
         w = m["w"] if m["group_scale"] is None else nx.expand_int4(m["w"], m["group_scale"], hw.group)
         return cls(np.ascontiguousarray(w, dtype=np.float64), m["bias"], m["mult"], m["shift"])
 

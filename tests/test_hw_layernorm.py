@@ -15,6 +15,10 @@ def test_layernorm(sim, max_d):
     run_cocotb("layernorm", dut, "gpt_fpga.sim.tb.layernorm", sim, params={"max_d": max_d}, tb_params=row_timing(dut))
 
 
+def test_layernorm_error_port():
+    assert LayerNorm.ERROR_BITS == ("row_too_long",) and len(LayerNorm(max_d=100).error) == 1
+
+
 @pytest.mark.parametrize("max_d", [0, MAX_D_IN + 1, 768.0, True, None])
 def test_layernorm_rejects_bad_max_d(max_d):
     with pytest.raises(ValueError, match="max_d"):

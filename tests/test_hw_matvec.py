@@ -83,3 +83,5 @@ def test_matvec_elaborates(name):
     assert len(dut.s_weights.tdata) == len(dut.s_act.tdata) == params["bus_bits"]
     assert len(dut.m_out.tdata) == 32
     assert dut.d_in.shape().width == 12 and len(dut.n_rows) == 16 and len(dut.out_int8) == 1
+    assert MatVec.ERROR_BITS == ("config", "act_tlast", "weights_tlast", "shift")
+    assert len(dut.error) == len(MatVec.ERROR_BITS)

@@ -15,6 +15,10 @@ def test_softmax(sim, max_len):
     run_cocotb("softmax", dut, "gpt_fpga.sim.tb.softmax", sim, params={"max_len": max_len}, tb_params=row_timing(dut))
 
 
+def test_softmax_error_port():
+    assert Softmax.ERROR_BITS == ("row_too_long",) and len(Softmax(max_len=17).error) == 1
+
+
 @pytest.mark.parametrize("max_len", [0, (1 << 16) + 1, 2048.0, True, None])
 def test_softmax_rejects_bad_max_len(max_len):
     with pytest.raises(ValueError, match="max_len"):

@@ -3,7 +3,8 @@
 * :data:`PARAMS` - the testbench parameters, JSON in TB_PARAMS (set by sim/tb/runner.run_cocotb);
   :func:`linear` evaluates a cycle-count formula passed there as (constant, per-element);
 * :class:`StreamTB` - base of the testbench classes: clock on ``clk``, synchronous reset on
-  ``rst``, and cocotbext-axi sources / sinks on the core's AXI-Stream ports;
+  ``rst``, cocotbext-axi sources / sinks on the core's AXI-Stream ports, and checks of the core's
+  sticky ``error`` output (:meth:`StreamTB.expect_error`, :meth:`StreamTB.assert_no_error`);
 * :func:`stalls` - a random pause generator for those sources and sinks; :func:`set_stalls`
   installs one on a source or sink (or removes it, leaving the end unpaused);
 * :class:`Scoreboard` - expected rows in order, each received row compared by equality;
@@ -57,7 +58,14 @@ def int8_values(tdata) -> list[int]:
 
 
 class StreamTB:
-    """Clock, reset and AXI-Stream ends of a core with ``clk``, ``rst`` and ``<port>__<signal>`` ports."""
+    """Clock, reset and AXI-Stream ends of a core with ``clk``, ``rst`` and ``<port>__<signal>`` ports.
+
+    Cores with an ``error`` output (a sticky bit vector, one bit per cause, cleared by ``rst``)
+    name its bits, bit 0 first, in their ``ERROR_BITS``; a testbench copies them to its own
+    ``ERROR_BITS``, and :meth:`expect_error` and :meth:`assert_no_error` check ``error`` by name.
+    """
+
+    ERROR_BITS: tuple[str, ...] = ()
 
     def __init__(self, dut, period_ns: int = 10):
         self.dut = dut
@@ -83,6 +91,38 @@ class StreamTB:
         await ClockCycles(self.dut.clk, cycles)
         self.dut.rst.value = 0
         await RisingEdge(self.dut.clk)
+
+    # ---- the core's sticky error output ----
+    def error_names(self, value: int) -> list[str]:
+        """Names of the bits set in an ``error`` value."""
+        names = self.ERROR_BITS
+        return [names[i] if i < len(names) else f"bit{i}" for i in range(value.bit_length()) if value >> i & 1]
+
+    def error_value(self) -> int:
+        return int(self.dut.error.value)
+
+    def assert_no_error(self, what: str = ""):
+        value = self.error_value()
+        assert value == 0, f"{what + ': ' if what else ''}error raised: {self.error_names(value)}"
+
+    async def expect_error(self, *names: str, timeout: int = 1000, hold: int = 32, stopped: tuple[str, ...] = ()):
+        """Wait (at most `timeout` cycles) until ``error`` is non-zero; it must then hold exactly the
+        bits `names` and keep them, unchanged, for `hold` more cycles (sticky until reset), while the
+        input ports named in `stopped` keep ``tready`` low (the core takes nothing more)."""
+        want = sum(1 << self.ERROR_BITS.index(n) for n in names)
+        for _ in range(timeout):
+            await RisingEdge(self.dut.clk)
+            if self.error_value():
+                break
+        got = self.error_value()
+        assert got == want, f"error is {self.error_names(got)} (waited {timeout} cycles at most), expected {list(names)}"
+        readies = [(p, getattr(self.dut, f"{p}__tready")) for p in stopped]
+        for cycle in range(1, hold + 1):
+            await RisingEdge(self.dut.clk)
+            now = self.error_value()
+            assert now == want, f"error changed to {self.error_names(now)} {cycle} cycles later (not sticky)"
+            for port, ready in readies:
+                assert not ready.value, f"{port}.tready high {cycle} cycles after the error {list(names)}"
 
 
 class Scoreboard:

@@ -3,7 +3,8 @@
 Structure (after cocotb's matrix_multiplier example): ``GeluTB`` owns the AXI-Stream source and
 sink (cocotbext-axi, random valid/ready stalls), the model computes expected rows only through
 sim.numerics, a monitor coroutine drains the sink into the scoreboard, and the scoreboard checks
-every beat by equality. TB_PARAMS (JSON) carries ``lanes``.
+every beat by equality; ``drain`` also checks that ``error`` (no cause: always 0) stayed 0.
+TB_PARAMS (JSON) carries ``lanes``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
+from gpt_fpga.hw.gelu import Gelu
 from gpt_fpga.sim.contract import numerics
 from gpt_fpga.sim.tb.common import PARAMS, CycleMonitor, Scoreboard, StreamTB, int8_values, set_stalls
 
@@ -30,6 +32,8 @@ class GeluModel:
 
 
 class GeluTB(StreamTB):
+    ERROR_BITS = Gelu.ERROR_BITS  # none: ``error`` must stay 0
+
     def __init__(self, dut, seed: int):
         super().__init__(dut)
         self.rng = random.Random(seed)
@@ -72,6 +76,7 @@ class GeluTB(StreamTB):
                                          idle=lambda: self.source.empty() and self.source.idle())
         await ClockCycles(self.dut.clk, 4)
         assert not self.scoreboard.expected
+        self.assert_no_error()
 
 
 def all_inputs(rng: random.Random, reps: int = 1) -> list[int]:

@@ -4,8 +4,9 @@
 from cocotbext-axi sources and drains ``m_y`` into a sink, all three with random valid/ready
 stalls; the eps table is written through the core's write port. The model computes expected rows
 only by calling sim.numerics; a monitor coroutine passes each received row to the scoreboard,
-which checks it by equality. TB_PARAMS (JSON): max_d, and the latency / cycles-per-row formulas
-of the component as (constant, per-element) pairs.
+which checks it by equality; ``drain`` also checks that the sticky ``error`` output stayed 0, and
+test_row_too_long provokes its one cause. TB_PARAMS (JSON): max_d, and the latency /
+cycles-per-row formulas of the component as (constant, per-element) pairs.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
+from gpt_fpga.hw.layernorm import LayerNorm
 from gpt_fpga.sim.contract.layout import pack_ln_params
 from gpt_fpga.sim.contract import numerics
-from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, int8_values, linear, set_stalls, watch_rows
+from gpt_fpga.sim.tb.common import (PARAMS, CycleMonitor, Scoreboard, StreamTB, int8_values, linear, set_stalls,
+                                    watch_rows)
 
 MAX_D = int(PARAMS.get("max_d", numerics.MAX_D_IN))
 M32 = (1 << 32) - 1
@@ -40,6 +43,8 @@ class LayerNormModel:
 
 
 class LayerNormTB(StreamTB):
+    ERROR_BITS = LayerNorm.ERROR_BITS
+
     def __init__(self, dut, seed: int):
         super().__init__(dut)
         self.rng, self.np_rng = random.Random(seed), np.random.default_rng(seed)
@@ -86,7 +91,9 @@ class LayerNormTB(StreamTB):
         await self.p_source.send(AxiStreamFrame([int(w) for w in words]))
 
     async def drain(self, timeout: int = 200000):
+        """Wait until every expected row has been received and checked; no error may have risen."""
         await self.scoreboard.wait_empty(self.dut.clk, timeout)
+        self.assert_no_error()
 
     async def row(self, x, gamma, beta, tag: str, out_shift: int, eps: float = EPS):
         """One row with its own configuration (table for its d, out_shift), after the previous."""
@@ -227,6 +234,30 @@ async def test_reset_mid_stream(dut):
         await tb.reset()
         assert tb.sink.empty() and not tb.scoreboard.expected
         await tb.send(tb.residual(d, 2.0), *tb.ln_params(d), f"after a reset mid-{when}")
+        await tb.drain()
+
+
+@cocotb.test()
+async def test_row_too_long(dut):
+    """A row of max_d + 1 (or + 5) values: ``row_too_long`` rises and stays, the core takes exactly
+    max_d values and no more (the buffer does not wrap) and sends nothing; after a reset the next
+    row is exact. (Rows of exactly max_d are normal rows: test_edge_rows.)"""
+    tb = LayerNormTB(dut, seed=26)
+    await tb.reset()
+    for extra, stall in ((1, 0.0), (5, 0.3)):
+        tb.set_stalls(stall, stall, stall)
+        d = MAX_D + extra
+        mon = CycleMonitor(dut, "s_x").start()
+        await tb.x_source.send(AxiStreamFrame([int(v) & M32 for v in tb.residual(d, 2.0)]))
+        await tb.expect_error("row_too_long", timeout=4 * d + 100, stopped=("s_x", "s_params"))
+        mon.stop()
+        assert mon.count("s_x") == MAX_D, f"took {mon.count('s_x')} values of a row longer than {MAX_D}"
+        assert tb.sink.empty() and not dut.m_y__tvalid.value
+        tb.x_source.clear()
+        await tb.reset()
+        tb.assert_no_error("right after the reset")
+        d = min(MAX_D, 100)
+        await tb.row(tb.residual(d, 2.0), *tb.ln_params(d), f"after row_too_long (+{extra})", out_shift=18)
         await tb.drain()
 
 

@@ -16,7 +16,9 @@ Structure (after cocotb's matrix_multiplier example and taxi's AXI-Stream tests)
 * :class:`TB` - clock, reset, cocotbext-axi sources/sink (sim/tb/common.StreamTB) with pause
   generators (common.set_stalls), a cycle monitor on the weight stream (common.CycleMonitor) and
   the scoreboard (common.Scoreboard), fed by a monitor coroutine with each m_out frame (tlast
-  delimits it) and comparing it with the model's outputs, in order, by equality.
+  delimits it) and comparing it with the model's outputs, in order, by equality. Every matvec
+  must leave the sticky ``error`` output at 0; test_errors provokes each of its causes
+  (``MatVec.ERROR_BITS``) and checks the recovery through a reset.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import cocotb
 import numpy as np
 from cocotb.triggers import ClockCycles
 
+from gpt_fpga.hw.matvec import MatVec
 from gpt_fpga.sim.contract.layout import HwLayout, ceil_div, pack_matrix
 from gpt_fpga.sim.fixed_model import Matrix
 from gpt_fpga.sim.contract import numerics as nx
@@ -128,7 +131,8 @@ def extreme_case(out_int8: bool) -> Case:
 
 
 def rounding_case(rng, out_int8: bool) -> Case:
-    """Every shift 0..47 (and 48..63); exact round-half ties of both signs (acc * mult = odd * 2**(shift-1))."""
+    """Every shift 0..47; exact round-half ties of both signs (acc * mult = odd * 2**(shift-1)).
+    (Shifts above 47 are refused: test_errors.)"""
     d_in = LAYOUT.weights_per_beat + 3
     bias, mult, shift = [], [], []
     for s in range(nx.MAX_SHIFT + 1):
@@ -148,12 +152,6 @@ def rounding_case(rng, out_int8: bool) -> Case:
     n = len(shift)
     w = np.zeros((n, d_in), np.int64)
     w[2::3] = rng.integers(W_MIN, W_MAX + 1, (n // 3, d_in))  # the random rows get weights too
-    for s in range(nx.MAX_SHIFT + 1, 64):  # past the contract: the 6-bit shift field still matches
-        bias.append(int(rng.integers(-(1 << 30), 1 << 30)))
-        mult.append(int(rng.integers(1 << 14, 1 << 16)))
-        shift.append(s)
-    w = np.concatenate([w, np.zeros((len(shift) - n, d_in), np.int64)])
-    n = len(shift)
     gs = rng.integers(1, 256, (n, ceil_div(d_in, LAYOUT.group))) if INT4 else None
     return Case(f"rounding-out{8 if out_int8 else 32}", w, gs, rng.integers(-128, 128, d_in),
                 np.array(bias), np.array(mult), np.array(shift), out_int8)
@@ -172,6 +170,8 @@ def corner_values_case(rng, out_int8: bool, d_out=24, d_in=200) -> Case:
 
 # ---- testbench ------------------------------------------------------------------------------
 class TB(StreamTB):
+    ERROR_BITS = MatVec.ERROR_BITS
+
     def __init__(self, dut, seed: int = 0):
         super().__init__(dut, PERIOD_NS)
         self.log = logging.getLogger("cocotb.tb")
@@ -182,6 +182,7 @@ class TB(StreamTB):
         self.out = self.axis_sink("m_out")
         self.monitor = CycleMonitor(dut, "s_weights")
         self.scoreboard = Scoreboard()
+        self.discard = False  # drop m_out frames (an error case: the command is abandoned)
         self._frames = cocotb.start_soon(self._receive())
         dut.d_in.value = 1
         dut.n_rows.value = 1
@@ -191,7 +192,8 @@ class TB(StreamTB):
         """Monitor: every m_out frame (tlast-delimited) goes to the scoreboard."""
         while True:
             frame = await self.out.recv()
-            self.scoreboard.compare(np.frombuffer(bytes(frame.tdata), "<i4").tolist())
+            if not self.discard:
+                self.scoreboard.compare(np.frombuffer(bytes(frame.tdata), "<i4").tolist())
 
     def stalls(self, act=0.0, wts=0.0, out=0.0):
         """Random valid stalls on the inputs and ready stalls on the output, with these probabilities."""
@@ -209,9 +211,7 @@ class TB(StreamTB):
         for case in cases:
             self.configure(case)
             await self.act.send(case.act_stream(self.rng))
-            blob, row = case.weight_stream(), LAYOUT.row_beats(case.d_in) * LAYOUT.bus_bytes
-            for r in range(case.d_out):
-                self.wts.send_nowait(blob[r * row:(r + 1) * row])
+            self.wts.send_nowait(case.weight_stream())  # one transfer: tlast on the matrix's last beat
             await self.act.wait()
 
     def expect(self, case: Case):
@@ -229,8 +229,22 @@ class TB(StreamTB):
         budget = sum(4 * c.d_out * LAYOUT.row_beats(c.d_in) + 4 * ceil_div(c.d_in, LAYOUT.bus_bytes) for c in cases)
         await self.scoreboard.wait_empty(self.dut.clk, 50 * budget + 1000)
         await driver
+        self.assert_no_error(", ".join(c.name for c in cases))
         for case in cases:
             self.log.info("%s: %d outputs match", case.name, case.d_out)
+
+    async def recover(self, tag: str, d_in: int = 768):
+        """Abandon whatever is queued or in flight, reset (the engine's soft reset), check that
+        ``error`` is clear, and run one normal matvec, which must be exact."""
+        self.act.clear()
+        self.wts.clear()
+        await self.reset()
+        self.out.clear()
+        self.scoreboard.clear()
+        self.discard = False
+        self.out.pause = False
+        self.assert_no_error(f"right after the reset ({tag})")
+        await self.run([random_case(self.rng, f"after-{tag}", 10, d_in, True)])
 
 
 async def start(dut, seed=0) -> TB:
@@ -314,19 +328,65 @@ async def test_reset_mid_stream(dut):
         driver = cocotb.start_soon(tb.drive([case]))
         await ClockCycles(dut.clk, after_cycles)
         driver.cancel()
-        tb.act.clear()
-        tb.wts.clear()
-        await tb.reset()
-        tb.out.clear()
-        tb.scoreboard.clear()
-        tb.out.pause = False
-        await tb.run([random_case(tb.rng, f"after-reset-{after_cycles}", 10, 768, True)])
+        tb.assert_no_error("aborted matvec")
+        await tb.recover(f"reset-{after_cycles}")
 
     await abort(20)  # inside the activation load (96 or 48 beats)
     await abort(150 + ceil_div(d_in, LAYOUT.bus_bytes))  # inside the weights, mid-row
     await abort(16 * LAYOUT.row_beats(d_in), hold_output=True)  # queue full, credits out, m_out held
     tb.stalls(act=0.3, wts=0.3, out=0.3)
     await abort(400)
+
+
+@cocotb.test(timeout_time=2000, timeout_unit="us")
+async def test_errors(dut):
+    """Each error cause raises exactly its bit of ``error``, which stays up while the core takes no
+    more input, without and with random stalls; after a reset the next matvec is exact. Causes:
+    d_in 0, d_in above max_d_in, n_rows 0; s_act tlast one beat early or missing (a beat long);
+    s_weights tlast a row early, mid-row, missing (a row long) or on every row (one transfer per
+    row); a row shift of 48 or 255 (which the model refuses too, tests/test_stream_checks.py)."""
+    tb = await start(dut, 10)
+    B = LAYOUT.bus_bytes
+    d_in, d_out = 3 * LAYOUT.weights_per_beat + 5, 6  # several activation and weight beats per row
+    row = LAYOUT.row_beats(d_in) * B
+
+    def scenarios():
+        c = random_case(tb.rng, "provoke", d_out, d_in, True)
+        act, blob = c.act_stream(tb.rng), c.weight_stream()
+        yield "d_in 0", ("config",), dict(d_in=0), [act[:B]], []
+        if MAX_D_IN + 1 < 1 << len(dut.d_in):
+            yield "d_in above max_d_in", ("config",), dict(d_in=MAX_D_IN + 1), [act], [blob]
+        yield "n_rows 0", ("config",), dict(n_rows=0), [act], [blob]
+        # no weights: the activation stream alone must raise these
+        yield "s_act tlast a beat early", ("act_tlast",), {}, [act[:-B]], []
+        yield "s_act tlast missing", ("act_tlast",), {}, [act + act[:B]], []
+        yield "s_weights tlast a row early", ("weights_tlast",), {}, [act], [blob[:-row]]
+        yield "s_weights tlast mid-row", ("weights_tlast",), {}, [act], [blob[:2 * row + row // 2 // B * B]]
+        yield "s_weights tlast missing", ("weights_tlast",), {}, [act], [blob + blob[:row]]
+        yield "s_weights tlast on every row", ("weights_tlast",), {}, [act], \
+            [blob[r * row:(r + 1) * row] for r in range(d_out)]
+        for r, bad in ((2, nx.MAX_SHIFT + 1), (0, 255)):
+            c.shift[r] = bad
+            yield f"row {r} shift {bad}", ("shift",), {}, [act], [c.weight_stream()]
+            c.shift[r] = 0
+
+    for stall in (0.0, 0.3):
+        tb.stalls(act=stall, wts=stall, out=stall)
+        for tag, bits, config, act_frames, weight_frames in scenarios():
+            tb.log.info("error case: %s", tag)
+            tb.discard = True
+            dut.d_in.value = config.get("d_in", d_in)
+            dut.n_rows.value = config.get("n_rows", d_out)
+            dut.out_int8.value = 1
+            for frame in act_frames:
+                tb.act.send_nowait(frame)
+            for frame in weight_frames:
+                tb.wts.send_nowait(frame)
+            try:
+                await tb.expect_error(*bits, timeout=2000, stopped=("s_act", "s_weights"))
+            except AssertionError as e:
+                raise AssertionError(f"{tag} (stalls {stall}): {e}") from None
+            await tb.recover(tag.replace(" ", "-"), d_in=d_in)
 
 
 @cocotb.test(timeout_time=500, timeout_unit="us")

@@ -3,8 +3,9 @@
 ``SoftmaxTB`` drives ``s_scores`` (score, visibility in tuser) from a cocotbext-axi source and
 drains ``m_probs`` into a sink, both with random valid/ready stalls; the model computes expected
 rows only by calling numerics.softmax; a monitor coroutine passes every received row to the
-scoreboard, which checks it by equality. TB_PARAMS (JSON): max_len, and the latency /
-cycles-per-row formulas of the component as (constant, per-element) pairs.
+scoreboard, which checks it by equality; ``drain`` also checks that the sticky ``error`` output
+stayed 0, and test_row_too_long provokes its one cause. TB_PARAMS (JSON): max_len, and the
+latency / cycles-per-row formulas of the component as (constant, per-element) pairs.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
+from gpt_fpga.hw.softmax import Softmax
 from gpt_fpga.sim.contract import numerics
-from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, linear, set_stalls, watch_rows
+from gpt_fpga.sim.tb.common import PARAMS, CycleMonitor, Scoreboard, StreamTB, linear, set_stalls, watch_rows
 
 MAX_LEN = int(PARAMS.get("max_len", 2048))
 M32 = (1 << 32) - 1
@@ -32,6 +34,8 @@ class SoftmaxModel:
 
 
 class SoftmaxTB(StreamTB):
+    ERROR_BITS = Softmax.ERROR_BITS
+
     def __init__(self, dut, seed: int):
         super().__init__(dut)
         self.rng, self.np_rng = random.Random(seed), np.random.default_rng(seed)
@@ -64,8 +68,9 @@ class SoftmaxTB(StreamTB):
         await self.source.send(AxiStreamFrame([s & M32 for s in scores], tuser=mask))
 
     async def drain(self, timeout: int = 100000):
-        """Wait until every expected row has been received and checked."""
+        """Wait until every expected row has been received and checked; no error may have risen."""
         await self.scoreboard.wait_empty(self.dut.clk, timeout)
+        self.assert_no_error()
 
     async def row(self, scores, mask, tag: str, mult: int | None = None, shift: int | None = None):
         """One row with its own (mult, shift): the configuration changes only between rows."""
@@ -198,6 +203,31 @@ async def test_reset_mid_stream(dut):
         await tb.reset()
         assert tb.sink.empty() and not tb.scoreboard.expected
         await tb.send(tb.scores(n), tb.causal_mask(n), f"after a reset mid-{when}")
+        await tb.drain()
+
+
+@cocotb.test()
+async def test_row_too_long(dut):
+    """A row of max_len + 1 (or + 5) scores: ``row_too_long`` rises and stays, the core takes
+    exactly max_len scores and no more (the buffer does not wrap) and sends nothing; after a reset
+    the next row is exact. (A row of exactly max_len is a normal row: test_random_rows.)"""
+    tb = SoftmaxTB(dut, seed=16)
+    await tb.reset()
+    tb.config(*realistic_config())
+    for extra, stall in ((1, 0.0), (5, 0.3)):
+        tb.set_stalls(stall, stall)
+        n = MAX_LEN + extra
+        mon = CycleMonitor(dut, "s_scores").start()
+        await tb.source.send(AxiStreamFrame([int(s) & M32 for s in tb.scores(n)], tuser=[1] * n))
+        await tb.expect_error("row_too_long", timeout=4 * n + 100, stopped=("s_scores",))
+        mon.stop()
+        assert mon.count("s_scores") == MAX_LEN, f"took {mon.count('s_scores')} scores of a row longer than {MAX_LEN}"
+        assert tb.sink.empty() and not dut.m_probs__tvalid.value
+        tb.source.clear()
+        await tb.reset()
+        tb.assert_no_error("right after the reset")
+        n = min(MAX_LEN, 100)
+        await tb.send(tb.scores(n), tb.causal_mask(n), f"after row_too_long (+{extra})")
         await tb.drain()
 
 
