@@ -143,3 +143,52 @@ def build_table(header: dict, place: Placement) -> bytes:
     out.append(pack_record("head", dict(lnf_addr=place.sections["lnf"], lm_head_addr=place.sections["lm_head"],
                                         lnf_shift=header["lnf_shift"])))
     return b"".join(out)
+
+
+def _up(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Offsets in the engine's state buffer (everything but the weights), each 64-byte aligned
+    (K/V regions 4 KiB aligned, so a head's rows never share a page with another buffer)."""
+
+    desc: int
+    eps: int
+    resid: int
+    logits: int
+    k_cache: tuple
+    v_cache: tuple
+    total: int
+
+
+def plan_state(header: dict, bus_bytes: int) -> StateLayout:
+    cfg = header["config"]
+    d, v, n_layer = cfg["d_model"], cfg["vocab_size"], cfg["n_layer"]
+    hd = d // cfg["n_head"]
+    at = 0
+
+    def take(size, align=DESC_ALIGN):
+        nonlocal at
+        at = _up(at, align)
+        start, at = at, at + _up(size, bus_bytes)
+        return start
+
+    desc = take(table_bytes(n_layer))
+    eps = take(8 * len(header["ln_eps_table"]))
+    resid = take(4 * d)
+    logits = take(4 * v)
+    region = kv_region_bytes(cfg["n_head"], cfg["n_ctx"], hd, bus_bytes)
+    k = tuple(take(region, 4096) for _ in range(n_layer))
+    vv = tuple(take(region, 4096) for _ in range(n_layer))
+    return StateLayout(desc, eps, resid, logits, k, vv, _up(at, 4096))
+
+
+def placement(header: dict, weights_base: int, state_base: int, state: StateLayout) -> Placement:
+    """Device addresses: the image's data region copied as it is to `weights_base` (sections keep
+    their 4 KiB-aligned offsets), the state buffer at `state_base`."""
+    sections = {s["name"]: weights_base + s["offset"] for s in header["sections"]}
+    return Placement(sections=sections, resid_addr=state_base + state.resid, logits_addr=state_base + state.logits,
+                     eps_addr=state_base + state.eps, k_cache=tuple(state_base + o for o in state.k_cache),
+                     v_cache=tuple(state_base + o for o in state.v_cache))

@@ -101,18 +101,25 @@ def _failures(xml: Path) -> list[tuple[str, str]]:
 
 
 def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | None = None,
-               tb_params: dict | None = None, testcase: str | None = None) -> Path:
+               tb_params: dict | None = None, testcase: str | None = None, top: str | None = None,
+               verilog_text: str | None = None) -> Path:
     """Generate Verilog for `component`, build it for `sim`, run `test_module`; raise on any failure.
 
     `params` name the build directory (the component's elaboration parameters); `tb_params` reach the
-    testbench as JSON in the TB_PARAMS environment variable.
+    testbench as JSON in the TB_PARAMS environment variable. `verilog_text` and `top` replace the
+    component's own Verilog and top-level name (e.g. the engine under its Vivado-facing wrapper).
     """
     from cocotb_tools.runner import get_runner
 
     params = params or {}
     build_dir = BUILD / core / f"{sim}-{param_slug(params)}"
-    top = f"{core}_top"
-    src = write_verilog(component, top, build_dir / f"{top}.v")
+    if verilog_text is None:
+        top = f"{core}_top"
+        src = write_verilog(component, top, build_dir / f"{top}.v")
+    else:
+        src = build_dir / f"{top}.v"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_text(verilog_text)
     build_args = ["-g2005"] if sim == "icarus" else ["-Wno-fatal", "-Wno-WIDTH"]
     env = {"TB_PARAMS": json.dumps({**params, **(tb_params or {})})}
 
