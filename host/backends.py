@@ -2,7 +2,8 @@
 
 ``float``: the float32 golden model (sim/float_model.py) on a Hugging Face directory.
 ``fixed``: the bit-exact integer model of the accelerator (sim/fixed_model.py) on a weight image.
-Later backends (rtl, pynq) take a weight image and present the same interface.
+``rtl``: the engine's RTL (Verilator) driven by host/driver.py, the same driver the board uses.
+Image backends also give ``forward_int(ids)``: the contract's int32 logits, compared by equality.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from gpt_fpga.quantize.checkpoint import load_checkpoint
 from gpt_fpga.sim.contract.errors import GptFpgaError, InputError
 from gpt_fpga.quantize.tokenizer import TextCodec
 
-BACKENDS = ("float", "fixed")
+BACKENDS = ("float", "fixed", "rtl")
 
 
 class Backend:
@@ -58,23 +59,57 @@ class FloatBackend(Backend):
         self.model = FloatModel(ckpt.config, ckpt.params)
 
 
-class FixedBackend(Backend):
+def _read_image_file(image_path: Path, backend: str):
+    from gpt_fpga.sim.contract.image import read_image
+
+    if Path(image_path).is_dir():
+        raise GptFpgaError(f"{image_path}: is a directory (a Hugging Face model?); --backend {backend} takes a "
+                           f"weight image, the file made by 'gpt-fpga quantize MODEL -o IMAGE'")
+    return read_image(image_path)
+
+
+def _image_codec(image, image_path) -> TextCodec | None:
+    return TextCodec.from_bytes(image.section("tokenizer"), f"{image_path} (embedded tokenizer)") \
+        if image.has_section("tokenizer") else None
+
+
+class ImageBackend(Backend):
+    """A backend on a weight image: also the contract's int32 logits."""
+
+    def forward_int(self, ids) -> np.ndarray:  # [n] ids -> [n, vocab] int64 holding int32 logits
+        return self.model.forward_int(self.check_ids(ids))
+
+
+class FixedBackend(ImageBackend):
     """The bit-exact integer golden model on a weight image."""
 
     name = "fixed"
 
     def __init__(self, image_path: Path):
-        from gpt_fpga.sim.contract.image import read_image
         from gpt_fpga.sim.fixed_model import FixedModel
 
-        if Path(image_path).is_dir():
-            raise GptFpgaError(f"{image_path}: is a directory (a Hugging Face model?); a weight image is the "
-                               f"file made by 'gpt-fpga quantize MODEL -o IMAGE'")
-        image = read_image(image_path)
+        image = _read_image_file(image_path, self.name)
         self.model = FixedModel(image)
         self.config = self.model.cfg
-        self.codec = TextCodec.from_bytes(image.section("tokenizer"), f"{image_path} (embedded tokenizer)") \
-            if image.has_section("tokenizer") else None
+        self.codec = _image_codec(image, image_path)
+
+
+class RtlBackend(ImageBackend):
+    """The engine's RTL in Verilator (host/rtl_device.py), through the board's driver (host/driver.py)."""
+
+    name = "rtl"
+
+    def __init__(self, image_path: Path, **device_kw):
+        from gpt_fpga.host.driver import Driver
+        from gpt_fpga.host.rtl_device import RtlDevice
+        from gpt_fpga.sim.fixed_model import check_model_header
+
+        image = _read_image_file(image_path, self.name)
+        self.config = check_model_header(image.path, image.header)
+        hw = image.hw
+        self.device = RtlDevice(weights=hw.weights, group=hw.group, bus_bits=hw.bus_bits, **device_kw)
+        self.model = Driver(image, self.device)
+        self.codec = _image_codec(image, image_path)
 
 
 def open_backend(name: str, model: str | Path) -> Backend:
@@ -85,4 +120,6 @@ def open_backend(name: str, model: str | Path) -> Backend:
         return FloatBackend(Path(model))
     if name == "fixed":
         return FixedBackend(Path(model))
+    if name == "rtl":
+        return RtlBackend(Path(model))
     raise GptFpgaError(f"unknown backend '{name}' (available: {', '.join(BACKENDS)})")

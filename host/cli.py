@@ -96,12 +96,19 @@ def cmd_logits(args):
         raise InputError("--ids is empty")
     if len(ids) > backend.config.n_ctx:
         raise InputError(f"{len(ids)} ids exceed the model's context of {backend.config.n_ctx} tokens")
-    backend.reset()
-    logits = backend.forward(ids).astype(np.float32)
     out = output_file(args.out, "--out")
+    backend.reset()
+    if args.int32:
+        if not hasattr(backend, "forward_int"):
+            raise InputError(f"--int32 needs an image backend (fixed, rtl): the {backend.name} backend has no "
+                             f"integer logits")
+        logits = backend.forward_int(ids).astype(np.int32)
+    else:
+        logits = backend.forward(ids).astype(np.float32)
     with open(out, "wb") as f:  # exactly this path: np.save(str) would append .npy
         np.save(f, logits)
-    print(f"wrote {out}: float32 {list(logits.shape)}", file=sys.stderr)
+    print(f"wrote {out}: {logits.dtype} {list(logits.shape)}"
+          + (" (value = int / 2**16)" if args.int32 else ""), file=sys.stderr)
 
 
 def cmd_perplexity(args):
@@ -198,13 +205,24 @@ def cmd_quantize(args):
 
 
 def cmd_compare(args):
-    from gpt_fpga.host.compare import compare
+    from gpt_fpga.host.compare import compare, compare_rtl
 
     if args.tokens < 2:
         raise InputError(f"--tokens must be >= 2, got {args.tokens}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: is a file; give a directory")
+    if args.backend == "rtl":
+        if args.image is not None:
+            raise InputError("compare --backend rtl takes one weight image (rtl is compared with fixed on it), "
+                             "not a model and an image")
+        summary = compare_rtl(args.model, text_file(args.text), out, args.tokens)
+        print(summary["verdict"])
+        if not summary["identical"]:
+            raise SystemExit(1)
+        return
+    if args.image is None:
+        raise InputError("compare needs MODEL IMAGE (float against fixed), or IMAGE --backend rtl")
     summary = compare(args.model, args.image, text_file(args.text), out, args.tokens)
     print(f"wrote {args.out}/compare.json and {args.out}/compare.png; logits SNR "
           f"{summary['logits']['snr_db']:.1f} dB, top-1 agreement {summary['top1_agreement']:.3f} "
@@ -227,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_backend(sp):
-        sp.add_argument("model", help="Hugging Face model directory (float) or weight image (fixed)")
+        sp.add_argument("model", help="Hugging Face model directory (float) or weight image (fixed, rtl)")
         sp.add_argument("--backend", default="float", choices=list(BACKENDS),
-                        help="float: float32 golden model; fixed: bit-exact integer model of the accelerator")
+                        help="float: float32 golden model; fixed: bit-exact integer model of the accelerator; "
+                             "rtl: the engine's RTL in Verilator, through the board's driver")
 
     g = sub.add_parser("generate", help="generate text, streamed as it is decoded")
     with_backend(g)
@@ -247,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_backend(lg)
     lg.add_argument("--ids", required=True)
     lg.add_argument("--out", required=True, help="output .npy file")
+    lg.add_argument("--int32", action="store_true",
+                    help="write the contract's int32 logits (fixed, rtl backends) instead of float32")
     lg.set_defaults(func=cmd_logits)
 
     pp = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
@@ -269,9 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "512 self-generated)")
     qz.set_defaults(func=cmd_quantize)
 
-    cp = sub.add_parser("compare", help="per-layer, per-operation accuracy of fixed against float")
-    cp.add_argument("model", help="Hugging Face model directory")
-    cp.add_argument("image", help="weight image made from it")
+    cp = sub.add_parser("compare", help="per-layer accuracy of fixed against float, or equality of rtl and fixed")
+    cp.add_argument("model", help="Hugging Face model directory (or, with --backend rtl, the weight image)")
+    cp.add_argument("image", nargs="?", help="weight image made from the model")
+    cp.add_argument("--backend", default="fixed", choices=["fixed", "rtl"],
+                    help="fixed: fixed against float, per layer and operation (default); rtl: the engine's RTL "
+                         "against fixed, per layer, naming the first difference")
     cp.add_argument("--text", required=True, help="text to run both models on")
     cp.add_argument("--out", required=True, help="output directory for compare.json and compare.png")
     cp.add_argument("--tokens", type=int, default=256, help="tokens of --text to use (at most the context)")

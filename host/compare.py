@@ -119,3 +119,75 @@ def compare(model_dir, image_path, text_path, out_dir, tokens: int = 256) -> dic
     (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out_dir / "compare.png", f"{Path(model_dir).name} vs {Path(image_path).name}")
     return summary
+
+
+def compare_rtl(image_path, text_path: Path, out_dir: Path, tokens: int, **device_kw) -> dict:
+    """The engine's RTL (through the driver) against the fixed model: every layer's residual and the
+    logits of every position must be equal. Writes compare.json; names the first difference."""
+    from gpt_fpga.host.backends import FixedBackend, RtlBackend
+
+    fixed = FixedBackend(Path(image_path))
+    if fixed.codec is None:
+        raise InputError(f"{image_path} has no embedded tokenizer: compare needs one to tokenize {text_path}")
+    ids = fixed.codec.encode(Path(text_path).read_text(encoding="utf-8", errors="replace"))
+    ids = ids[:min(tokens, fixed.config.n_ctx)]
+    if len(ids) < 2:
+        raise InputError(f"{text_path}: fewer than 2 tokens")
+    rtl = RtlBackend(Path(image_path), **device_kw)
+    model, driver = fixed.model, rtl.model
+    model.reset(), driver.reset()
+    n_layer = fixed.config.n_layer
+    layers = [{"layer": i, "equal_positions": 0, "first_difference": None} for i in range(n_layer)]
+    logits = {"equal_positions": 0, "first_difference": None}
+    first = None
+    for pos, tok in enumerate(ids):
+        x = model.embed([tok], pos)
+        want = []
+        for layer in range(n_layer):
+            x = model.block(x, layer, pos)
+            want.append(x[0])
+        model.length = pos + 1
+        want_logits = model.head(model.lnf(x, model.eps_table), nx.RESID_BITS)[0]
+
+        def observe(layer, got, pos=pos, want=want):
+            entry = layers[layer]
+            diff = np.nonzero(got != want[layer])[0]
+            if len(diff):
+                j = int(diff[0])
+                if entry["first_difference"] is None:
+                    entry["first_difference"] = {"position": pos, "index": j, "rtl": int(got[j]),
+                                                 "fixed": int(want[layer][j]), "count": int(len(diff))}
+            else:
+                entry["equal_positions"] += 1
+
+        got_logits = driver.step(int(tok), observe=observe)
+        diff = np.nonzero(got_logits != want_logits)[0]
+        if len(diff):
+            if logits["first_difference"] is None:
+                j = int(diff[0])
+                logits["first_difference"] = {"position": pos, "index": j, "rtl": int(got_logits[j]),
+                                              "fixed": int(want_logits[j]), "count": int(len(diff))}
+        else:
+            logits["equal_positions"] += 1
+        if first is None:
+            for entry in layers:
+                if entry["first_difference"] and entry["first_difference"]["position"] == pos:
+                    first = dict(entry["first_difference"], where=f"layer {entry['layer']} residual")
+                    break
+            else:
+                if logits["first_difference"]:
+                    first = dict(logits["first_difference"], where="logits")
+    identical = first is None
+    if identical:
+        verdict = (f"rtl == fixed: every layer's residual and every logit equal at all {len(ids)} positions "
+                   f"({n_layer} layers)")
+    else:
+        verdict = (f"rtl != fixed: first difference in the {first['where']} at position {first['position']}, "
+                   f"element {first['index']}: rtl {first['rtl']}, fixed {first['fixed']} "
+                   f"({first['count']} elements differ there)")
+    summary = {"backend": "rtl", "reference": "fixed", "image": str(image_path), "tokens": len(ids),
+               "identical": identical, "first_difference": first, "layers": layers, "logits": logits,
+               "verdict": verdict}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
+    return summary

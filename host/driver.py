@@ -1,0 +1,258 @@
+"""The host driver: streams each token through the engine one command at a time.
+
+One code path for every device: the PYNQ board (``host/pynq_device.py``, later) and the Verilator
+simulation of the engine (``host/rtl_device.py``) both implement :class:`Device`, which mirrors
+pynq's ``MMIO.read/write``, ``allocate`` and ``Interrupt``.
+
+Per token (``docs/engine.md``): the host embeds the token (the lm_head row rescaled, plus the
+position row: the only arithmetic it does, exactly ``FixedModel.embed``), writes the int32 residual,
+then for each layer programs COMMAND and starts, waits for the interrupt, and finally runs HEAD and
+reads the int32 logits. Everything else (descriptors, KV cache, weights) stays in device memory.
+
+Pure NumPy plus the contract: no amaranth, no cocotb (the board's Python has neither). The pack /
+unpack steps (:func:`embed_row`, the descriptor table, :func:`check_identity`) are pure functions,
+testable off the board.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from gpt_fpga.sim.contract import descriptors as dsc
+from gpt_fpga.sim.contract import numerics as nx
+from gpt_fpga.sim.contract import registers as rm
+from gpt_fpga.sim.contract.errors import GptFpgaError, ImageError
+from gpt_fpga.sim.contract.image import FORMAT_VERSION, Image, data_start
+from gpt_fpga.sim.contract.layout import unpack_embed_scale, unpack_matrix
+
+REG = rm.register
+DEFAULT_TIMEOUT_S = 10.0
+
+
+class Buffer(Protocol):
+    """A DMA-able buffer: a NumPy uint8 array that also knows its device address."""
+
+    device_address: int
+
+    def flush(self) -> None: ...
+
+    def invalidate(self) -> None: ...
+
+
+class Device(Protocol):
+    """What the driver needs from a device (pynq: MMIO, allocate, Interrupt)."""
+
+    def read_reg(self, offset: int) -> int: ...
+
+    def write_reg(self, offset: int, value: int) -> None: ...
+
+    def allocate(self, nbytes: int) -> Buffer: ...
+
+    def wait_interrupt(self, timeout_s: float) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class EngineError(GptFpgaError):
+    """A command that ended with an error bit, or did not end in time."""
+
+
+# ---- pure steps -------------------------------------------------------------------------------
+def read_identity(read_reg) -> dict:
+    """The identity registers, decoded."""
+    out = {"ID": read_reg(REG("ID").offset)}
+    for name in ("VERSION", "HW_CONFIG"):
+        out[name] = REG(name).unpack(read_reg(REG(name).offset))
+    for name in ("MAX_D_IN", "MAX_CONTEXT", "MAX_HEAD_DIM"):
+        out[name] = read_reg(REG(name).offset)
+    return out
+
+
+def check_identity(ident: dict, header: dict, source: str = "the image") -> None:
+    """Refuse an image the bitstream cannot run, naming the first mismatch and the fix."""
+    if ident["ID"] != rm.ENGINE_MAGIC:
+        raise EngineError(f"no gpt-fpga engine answers at the register base (ID reads 0x{ident['ID']:08x}, "
+                          f"expected 0x{rm.ENGINE_MAGIC:08x}): wrong overlay or address")
+    v, hw, cfg = ident["VERSION"], ident["HW_CONFIG"], header["config"]
+    want_hw = header["hardware"]
+    problems = []
+    if v["regmap"] != rm.REGMAP_VERSION:
+        problems.append(f"register map version {v['regmap']} (this driver speaks {rm.REGMAP_VERSION})")
+    if v["contract"] != header.get("contract_version"):
+        problems.append(f"integer contract version {v['contract']} (the image was made for "
+                        f"{header.get('contract_version')})")
+    if v["image_format"] != header.get("format_version", FORMAT_VERSION):
+        problems.append(f"image format version {v['image_format']} (the image is {header.get('format_version')})")
+    if hw["bus_bits"] != want_hw["bus_bits"]:
+        problems.append(f"bus width {hw['bus_bits']} bits (the image is tiled for {want_hw['bus_bits']})")
+    codes = {c: n for n, c in rm.WEIGHT_CODES.items()}
+    if codes.get(hw["weights"]) != want_hw["weights"] or \
+            (want_hw["weights"] == "int4" and hw["group"] != want_hw["group"]):
+        have = codes.get(hw["weights"], "?") + (f" (group {hw['group']})" if hw["group"] else "")
+        need = want_hw["weights"] + (f" (group {want_hw['group']})" if want_hw["weights"] == "int4" else "")
+        problems.append(f"weights {have} (the image has {need})")
+    d, f, hd = cfg["d_model"], cfg["d_ff"], cfg["d_model"] // cfg["n_head"]
+    if max(d, f) > ident["MAX_D_IN"]:
+        problems.append(f"at most {ident['MAX_D_IN']} inputs per matvec (the model needs {max(d, f)})")
+    if cfg["n_ctx"] > ident["MAX_CONTEXT"]:
+        problems.append(f"a context of at most {ident['MAX_CONTEXT']} (the model has {cfg['n_ctx']})")
+    if hd > ident["MAX_HEAD_DIM"]:
+        problems.append(f"head_dim at most {ident['MAX_HEAD_DIM']} (the model has {hd})")
+    if problems:
+        raise EngineError(f"the engine does not match {source}: it has " + "; ".join(problems)
+                          + ". Quantize the model for this engine (gpt-fpga quantize --weights/--group/--bus-bits) "
+                            "or load the matching bitstream")
+
+
+def embed_row(head_blob, row: int, d: int, hw) -> np.ndarray:
+    """The effective integer weights of one lm_head row (the token's embedding before scaling)."""
+    nbytes = hw.row_beats(d) * hw.bus_bytes
+    m = unpack_matrix(head_blob[row * nbytes:(row + 1) * nbytes], 1, d, hw)
+    w = m["w"] if m["group_scale"] is None else nx.expand_int4(m["w"], m["group_scale"], hw.group)
+    return np.asarray(w, dtype=np.int64)[0]
+
+
+def embed(head_blob, emb_mult, emb_shift, wpe_blob, token: int, pos: int, d: int, hw) -> np.ndarray:
+    """The int32 residual entering layer 0: FixedModel.embed for one token, from the image's bytes."""
+    w = embed_row(head_blob, token, d, hw)
+    tok = nx.requantize(w, int(emb_mult[token]), int(emb_shift[token]), nx.RESID_BITS)
+    wpe = np.frombuffer(wpe_blob, dtype="<i4", count=d, offset=4 * d * pos).astype(np.int64)
+    return nx.residual_add(tok, wpe)
+
+
+# ---- the driver -------------------------------------------------------------------------------
+class Driver:
+    """Runs a weight image on a device: ``reset()``, ``step(token) -> int32 logits``, ``position``."""
+
+    def __init__(self, image: Image, device: Device, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.image, self.device, self.timeout_s = image, device, timeout_s
+        h = image.header
+        self.header = h
+        cfg = h["config"]
+        self.d, self.vocab, self.n_layer, self.n_ctx = cfg["d_model"], cfg["vocab_size"], cfg["n_layer"], cfg["n_ctx"]
+        self.hw = image.hw
+        self.identity = read_identity(device.read_reg)
+        check_identity(self.identity, h, str(image.path))
+        # host-side tables for the embedding (a few bytes per token; the weights stay in device memory)
+        self.head_blob = image.section("lm_head")
+        self.emb_mult, self.emb_shift = unpack_embed_scale(image.section("embed_scale"), self.vocab)
+        self.wpe_blob = image.section("wpe")
+        # device memory: the image's data region as it is, and the state buffer
+        with open(image.path, "rb") as f:
+            f.seek(data_start(image.header_length))
+            data = f.read(h["data_size"])
+        if len(data) != h["data_size"]:
+            raise ImageError(f"{image.path}: truncated data region ({len(data)} of {h['data_size']} bytes)")
+        self.state_layout = dsc.plan_state(h, self.hw.bus_bytes)
+        self.weights = device.allocate(len(data))
+        self.state = device.allocate(self.state_layout.total)
+        self.weights[:len(data)] = np.frombuffer(data, np.uint8)
+        self.weights.flush()
+        self.place = dsc.placement(h, self.weights.device_address, self.state.device_address, self.state_layout)
+        table = dsc.build_table(h, self.place)
+        self._put(self.state_layout.desc, table)
+        self._put(self.state_layout.eps, dsc.eps_table_bytes(h["ln_eps_table"]))
+        self.state.flush()
+        self.desc_addr = self.state.device_address + self.state_layout.desc
+        self.length = 0
+        self.last_stats: list[dict] = []  # per command of the last token: name, cycles, beats
+        self.program()
+
+    # -- memory helpers
+    def _put(self, offset: int, data: bytes):
+        self.state[offset:offset + len(data)] = np.frombuffer(data, np.uint8)
+
+    def _get(self, offset: int, n: int) -> bytes:
+        return self.state[offset:offset + n].tobytes()
+
+    def program(self):
+        """The registers a reset clears: descriptor table address and interrupt enable."""
+        self.device.write_reg(REG("DESC_ADDR").offset, self.desc_addr)
+        self.device.write_reg(REG("IRQ_ENABLE").offset, REG("IRQ_ENABLE").pack(done=1))
+
+    # -- Backend-style interface
+    def reset(self):
+        """Start a new sequence. The KV cache needs no clearing: position t reads only rows 0..t,
+        each written by this sequence first."""
+        self.length = 0
+
+    @property
+    def position(self) -> int:
+        return self.length
+
+    def write_residual(self, x):
+        self._put(self.state_layout.resid, np.asarray(x, dtype="<i4").tobytes())
+
+    def read_residual(self) -> np.ndarray:
+        self.state.invalidate()
+        return np.frombuffer(self._get(self.state_layout.resid, 4 * self.d), "<i4").astype(np.int64)
+
+    def read_logits(self) -> np.ndarray:
+        self.state.invalidate()
+        return np.frombuffer(self._get(self.state_layout.logits, 4 * self.vocab), "<i4").astype(np.int64)
+
+    def embed(self, token: int, pos: int) -> np.ndarray:
+        return embed(self.head_blob, self.emb_mult, self.emb_shift, self.wpe_blob, token, pos, self.d, self.hw)
+
+    def run(self, op: int, layer: int = 0) -> dict:
+        """Start one command and wait for it; raise EngineError naming it on an error or a timeout."""
+        dev = self.device
+        name = "HEAD" if op == rm.OP_HEAD else f"LAYER {layer}"
+        dev.write_reg(REG("COMMAND").offset, REG("COMMAND").pack(op=op, layer=layer))
+        dev.write_reg(REG("CONTROL").offset, REG("CONTROL").pack(start=1))
+        finished = dev.wait_interrupt(self.timeout_s)
+        status = REG("STATUS").unpack(dev.read_reg(REG("STATUS").offset))
+        if not finished or status["busy"]:
+            where = self._where()
+            dev.write_reg(REG("CONTROL").offset, REG("CONTROL").pack(abort=1))
+            dev.wait_interrupt(1.0)
+            dev.write_reg(REG("IRQ_STATUS").offset, REG("IRQ_STATUS").pack(done=1))
+            raise EngineError(f"{name} at position {self.length} did not finish within {self.timeout_s:g} s "
+                              f"(STATUS busy={status['busy']} done={status['done']}, {where}); the command was "
+                              f"aborted")
+        dev.write_reg(REG("IRQ_STATUS").offset, REG("IRQ_STATUS").pack(done=1))
+        if status["error"]:
+            errors = [k for k, v in REG("ERROR").unpack(dev.read_reg(REG("ERROR").offset)).items() if v]
+            raise EngineError(f"{name} at position {self.length} ended with error {', '.join(errors) or '?'} "
+                              f"({self._where()}): " + "; ".join(rm.ERROR_BITS[e] for e in errors))
+        stats = {"command": name, "cycles": dev.read_reg(REG("CYCLES").offset),
+                 "beats_read": dev.read_reg(REG("BEATS_READ").offset),
+                 "beats_written": dev.read_reg(REG("BEATS_WRITTEN").offset)}
+        self.last_stats.append(stats)
+        return stats
+
+    def _where(self) -> str:
+        s = REG("STEP").unpack(self.device.read_reg(REG("STEP").offset))
+        step = rm.STEPS[s["step"]] if s["step"] < len(rm.STEPS) else f"#{s['step']}"
+        return f"step {step}" + (f", head {s['head']}" if step in ("scores_softmax", "context") else "")
+
+    def step(self, token: int, observe=None) -> np.ndarray:
+        """One token through every layer and the head; returns its int32 logits [vocab].
+
+        `observe(layer, residual)` is called after each LAYER with the residual read back (compare)."""
+        if not 0 <= token < self.vocab:
+            raise GptFpgaError(f"token id {token} is out of range (vocabulary {self.vocab})")
+        if self.length >= self.n_ctx:
+            raise GptFpgaError(f"position {self.length} is beyond the model's context of {self.n_ctx}")
+        self.last_stats = []
+        self.write_residual(self.embed(token, self.length))
+        self.state.flush()
+        self.device.write_reg(REG("POSITION").offset, self.length)
+        for layer in range(self.n_layer):
+            self.run(rm.OP_LAYER, layer)
+            if observe is not None:
+                observe(layer, self.read_residual())
+        self.run(rm.OP_HEAD)
+        self.length += 1
+        return self.read_logits()
+
+    def forward_int(self, ids) -> np.ndarray:  # [n] -> [n, vocab] int64 holding the int32 logits
+        return np.stack([self.step(int(t)) for t in ids])
+
+    def forward(self, ids) -> np.ndarray:
+        return (self.forward_int(ids) * 2.0 ** -nx.LOGIT_FRAC).astype(np.float32)
+
+    def close(self):
+        self.device.close()
