@@ -1,0 +1,334 @@
+"""Attention context of one head: ``requantize(numerics.attention_context(p, v), mult, shift, 8)``, bit exact."""
+
+from __future__ import annotations
+
+from amaranth import C, Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import bits_for, exact_log2
+
+from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.sim.contract import numerics
+from gpt_fpga.sim.contract.layout import BUS_BITS_CHOICES, ceil_div
+
+__all__ = ["AttnContext", "ERROR_BITS"]
+
+# Names of the bits of the sticky `error` output, bit 0 first.
+ERROR_BITS = ("head_dim", "n_keys", "ctx_shift", "p_tlast_early", "p_tlast_missing", "v_tlast_early",
+              "v_tlast_missing")
+HEAD_DIM_BITS = bits_for(numerics.MAX_HEAD_DIM)  # 9: values above the maximum reach the core, to be refused
+N_KEYS_BITS = bits_for(numerics.MAX_CONTEXT)  # 12
+SHIFT_BITS = bits_for(numerics.MAX_SHIFT)  # 6: 48..63 are refused
+PROB_BITS = 16  # s_p: the Softmax core's uint16 probabilities (15 fraction bits, at most 2**15 + 16)
+ACC_BITS = numerics.ACC_BITS  # per-element accumulators; the contract bounds them by 2**24
+
+# Read-out pipeline from the accumulator read to m_ctx.tvalid: the read, a register, acc * mult as
+# two partial products, their sum, the coarse and fine shifts, round + saturate into the output.
+_DRAIN_STAGES = 7
+
+
+def _check_int(name: str, value, lo: int, hi: int):
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+
+
+class AttnContext(wiring.Component):
+    """Attention context of one head: ``ctx[e] = requantize(sum_j p[j] * v[j, e], ctx_mult, ctx_shift, 8)``.
+
+    Each output equals ``numerics.requantize(numerics.attention_context(p, v), ctx_mult, ctx_shift,
+    8)`` bit for bit (``numerics.ACT_BITS`` = 8). A job is one query's probabilities against
+    ``n_keys`` cached value rows. Each value row arrives on ``s_v`` together with its probability
+    on ``s_p`` (the probability is taken with the row's first beat, so ``s_p`` connects straight to
+    ``Softmax.m_probs``); every beat adds ``p * v`` (``bus_bits / 8`` uint16 x int8 products) into
+    the row's accumulators, a memory of ``ceil(max_head_dim / (bus_bits / 8))`` words of
+    ``bus_bits / 8`` int32 accumulators read and written back once per beat (the read of a beat
+    is forwarded from the write of the beat before it when both hit the same word, so rows of a
+    single beat, ``head_dim <= bus_bits / 8``, stream without a hazard). The first row overwrites
+    the accumulators, so nothing is cleared between jobs. After the last beat the accumulators are
+    read out, requantized (per lane: ``acc * mult`` as two 16 x 15 partial products, round half up
+    by ``((2p >> shift) + 1) >> 1``, saturate to int8) and sent on ``m_ctx``. Lanes past
+    ``head_dim`` multiply by ``p = 0``, so their accumulators stay 0 and give the 0 padding.
+    Multipliers: ``bus_bits / 8`` of 17 x 8 bits (``p * v``) and ``2 * bus_bits / 8`` of 16 x 15
+    (requantization), 24 at 64 bits.
+
+    A row's first value beat and its probability are taken in the same cycle: ``s_v.tready``
+    depends on ``s_p.tvalid`` there and ``s_p.tready`` on ``s_v.tvalid`` (never on the other's
+    ``tready``), as AXI-Stream allows.
+
+    Accumulation is exact while ``|acc| < 2**31``: the contract bounds it by ``2**24`` (softmax
+    probabilities sum to about ``2**15``, ``|v| <= 128``), and any ``p <= 2**15 + 16`` is exact for up
+    to 511 keys whatever their sum.
+
+    Throughput: one ``s_v`` beat per cycle, with no bubble between rows, as long as ``s_p`` has a
+    probability ready at each row's first beat. The end of a job (accumulator read-out,
+    requantization, output) takes :attr:`latency` ``+ ceil(head_dim / (bus_bits / 8)) - 1`` cycles
+    when ``m_ctx`` does not stall, and the next job's first beat is taken the cycle after the last
+    ``m_ctx`` transfer: ``cycles_per_job(n_keys, head_dim)`` cycles per job in all.
+
+    Latency (:attr:`latency`): 12 cycles from the transfer of the job's last ``s_v`` beat to the
+    first ``m_ctx.tvalid``; then one output beat per cycle unless ``m_ctx`` stalls (the read-out
+    pipeline stalls with it).
+
+    Errors: ``error`` bit ``i`` is set when the condition ``ERROR_BITS[i]`` is seen and stays set
+    until a reset. ``head_dim`` / ``n_keys`` / ``ctx_shift``: the value on the port is 0 or above
+    the maximum (a shift above ``numerics.MAX_SHIFT``) when a job's first beat is offered
+    (``s_p.tvalid`` or ``s_v.tvalid`` high at a job start); ``p_tlast_*``: ``tlast`` on a
+    probability before the job's last, or missing on the last; ``v_tlast_*``: the same for the last
+    beat of the last value row. The beat that raises an error is taken and dropped, and from the
+    next cycle the core takes no more beats on ``s_p`` or ``s_v`` (``tready`` low) and produces no
+    output; the job must be abandoned. Nothing waits on a count it cannot reach: a bad configuration
+    is refused before any beat is used. Only a synchronous reset (e.g. the engine's soft reset
+    through ``ResetInserter``) clears ``error`` and returns the core to work.
+
+    A synchronous reset at any time abandons the job in progress (including its output) and the next
+    job is exact.
+
+    Parameters
+    ----------
+    bus_bits : int
+        Width of ``s_v`` and ``m_ctx``: 64 or 128 (``bus_bits / 8`` int8 lanes).
+    max_head_dim : int
+        Largest ``head_dim``, 1..``numerics.MAX_HEAD_DIM`` (256); sizes the accumulator memory.
+    max_keys : int
+        Largest ``n_keys``, 1..``numerics.MAX_CONTEXT`` (2048).
+
+    Attributes
+    ----------
+    s_p : In(AxiStreamSignature(16))
+        One uint16 probability per key (``Softmax.m_probs``), ``tlast`` on the last.
+    s_v : In(AxiStreamSignature(bus_bits))
+        ``n_keys`` value rows from the int8 KV cache: byte ``k`` of beat ``n`` of a row is
+        ``v[j, n * bus_bits/8 + k]``, ``ceil(head_dim / (bus_bits/8))`` beats per row (bytes past
+        ``head_dim`` are ignored), ``tlast`` only on the last beat of the last row.
+    m_ctx : Out(AxiStreamSignature(bus_bits))
+        The int8 context, packed like a value row, padding bytes 0, ``tlast`` on the last beat.
+    head_dim : In(9)
+        Elements per value row, 1..``max_head_dim``.
+    n_keys : In(12)
+        Keys (probabilities and value rows) of the job, 1..``max_keys``.
+    ctx_mult : In(15)
+        Requantization multiplier (``numerics.MULT_BITS`` bits, unsigned).
+    ctx_shift : In(6)
+        Requantization shift, 0..``numerics.MAX_SHIFT`` (47).
+    error : Out(7)
+        Sticky error bits, named by :attr:`ERROR_BITS`.
+
+    ``head_dim``, ``n_keys``, ``ctx_mult`` and ``ctx_shift`` are sampled on the job's first beat
+    (its first ``s_v`` transfer, which also takes the first probability); they may change for the
+    next job from the cycle after.
+    """
+
+    ERROR_BITS = ERROR_BITS  #: names of ``error``'s bits, bit 0 first
+
+    def __init__(self, *, bus_bits: int = 64, max_head_dim: int = numerics.MAX_HEAD_DIM,
+                 max_keys: int = numerics.MAX_CONTEXT):
+        try:
+            if bus_bits not in BUS_BITS_CHOICES or isinstance(bus_bits, bool):
+                raise ValueError(f"bus_bits must be one of {BUS_BITS_CHOICES}, got {bus_bits!r}")
+            _check_int("max_head_dim", max_head_dim, 1, numerics.MAX_HEAD_DIM)
+            _check_int("max_keys", max_keys, 1, numerics.MAX_CONTEXT)
+        except ValueError:
+            self._MustUse__silence = True  # a rejected component is not an unused one
+            raise
+        self.bus_bits, self.max_head_dim, self.max_keys = bus_bits, max_head_dim, max_keys
+        self.lanes = bus_bits // 8
+        self.max_beats = ceil_div(max_head_dim, self.lanes)
+        super().__init__({
+            "s_p": In(AxiStreamSignature(PROB_BITS)),
+            "s_v": In(AxiStreamSignature(bus_bits)),
+            "m_ctx": Out(AxiStreamSignature(bus_bits)),
+            "head_dim": In(HEAD_DIM_BITS),
+            "n_keys": In(N_KEYS_BITS),
+            "ctx_mult": In(numerics.MULT_BITS),
+            "ctx_shift": In(SHIFT_BITS),
+            "error": Out(len(ERROR_BITS)),
+        })
+
+    @property
+    def latency(self) -> int:
+        """Cycles from the transfer of the job's last ``s_v`` beat to the first ``m_ctx.tvalid``."""
+        # S1 (beat), S2 (multiplier inputs), S3 (products, accumulator read), S4 (accumulate and
+        # write back), the switch to the read-out, then the read-out pipeline.
+        return 4 + 1 + _DRAIN_STAGES
+
+    @property
+    def throughput(self) -> int:
+        """``s_v`` beats accepted per cycle while ``s_p`` keeps up: 1."""
+        return 1
+
+    def beats(self, head_dim: int) -> int:
+        """Beats per value row (and of the output)."""
+        return ceil_div(head_dim, self.lanes)
+
+    def cycles_per_job(self, n_keys: int, head_dim: int) -> int:
+        """Cycles between the first ``s_v`` transfers of two back-to-back jobs when nothing stalls."""
+        nb = self.beats(head_dim)
+        # values, then latency - 1 cycles to the first output beat, nb output beats, and the next
+        # job's first beat in the cycle after the last one
+        return n_keys * nb + (self.latency - 1) + nb
+
+    def elaborate(self, platform):
+        m = Module()
+        L, nbm = self.lanes, self.max_beats
+        lg = exact_log2(L)
+        sp, sv, mo = self.s_p, self.s_v, self.m_ctx
+
+        def reg(shape, name, reset_less=True):
+            return Signal(shape, name=name, reset_less=reset_less)
+
+        acc_mem = m.submodules.acc_mem = Memory(shape=unsigned(ACC_BITS * L), depth=max(2, nbm), init=[])
+        acc_wr, acc_rd = acc_mem.write_port(), acc_mem.read_port(domain="sync")
+
+        halted = Signal()  # an error was seen: take nothing more until reset
+        m.d.comb += halted.eq(self.error.any())
+        draining = Signal()  # the job's accumulators are being read out (stall-able by m_ctx)
+        r_hd = Signal(HEAD_DIM_BITS)  # the job's configuration, from its first beat on
+        r_nk = Signal(N_KEYS_BITS)
+        r_nb = Signal(range(nbm + 1))
+        r_mult = Signal(numerics.MULT_BITS)
+        r_shift = Signal(SHIFT_BITS)
+
+        # ---- S0: handshake; a row's first beat also takes its probability. The job's first beat
+        # uses the ports (decoded without arithmetic, to keep the handshake logic shallow) and
+        # registers them; later beats and the read-out use the registers.
+        v_beat = Signal(range(max(2, nbm)))
+        v_row = Signal(range(max(2, self.max_keys)))
+        start = (v_row == 0) & (v_beat == 0)
+        row_start = v_beat == 0
+        v_last = Mux(start, self.head_dim <= L, v_beat + 1 == r_nb)
+        row_last = Mux(start, self.n_keys == 1, v_row + 1 == r_nk)
+        final = v_last & row_last
+        accum = ~halted & ~draining
+        m.d.comb += [sv.tready.eq(accum & (~row_start | sp.tvalid)), sp.tready.eq(accum & row_start & sv.tvalid)]
+        take = accum & sv.tvalid & (~row_start | sp.tvalid)
+        offered = accum & start & (sv.tvalid | sp.tvalid)
+        e_hd = offered & ((self.head_dim == 0) | (self.head_dim > self.max_head_dim))
+        e_nk = offered & ((self.n_keys == 0) | (self.n_keys > self.max_keys))
+        e_sh = offered & (self.ctx_shift > numerics.MAX_SHIFT)
+        cfg_bad = e_hd | e_nk | e_sh
+        p_take = take & row_start & ~cfg_bad
+        e_p_early = p_take & sp.tlast & ~row_last
+        e_p_missing = p_take & row_last & ~sp.tlast
+        v_take = take & ~cfg_bad
+        e_v_early = v_take & sv.tlast & ~final
+        e_v_missing = v_take & final & ~sv.tlast
+        new_err = Cat(e_hd, e_nk, e_sh, e_p_early, e_p_missing, e_v_early, e_v_missing)
+        ok = take & ~new_err.any()
+        m.d.sync += self.error.eq(self.error | new_err)
+
+        p_row = reg(PROB_BITS, "p_row")  # the probability of the row in progress
+        p_use = Mux(row_start, sp.tdata, p_row)
+        with m.If(ok):
+            with m.If(start):
+                m.d.sync += [r_hd.eq(self.head_dim), r_nk.eq(self.n_keys), r_nb.eq((self.head_dim + (L - 1)) >> lg),
+                             r_mult.eq(self.ctx_mult), r_shift.eq(self.ctx_shift)]
+            with m.If(row_start):
+                m.d.sync += p_row.eq(sp.tdata)
+            with m.If(v_last):
+                m.d.sync += v_beat.eq(0)
+                with m.If(row_last):
+                    m.d.sync += [v_row.eq(0), draining.eq(1)]
+                with m.Else():
+                    m.d.sync += v_row.eq(v_row + 1)
+            with m.Else():
+                m.d.sync += v_beat.eq(v_beat + 1)
+
+        # lanes past head_dim (on a row's last beat) multiply by p = 0: their accumulators stay 0,
+        # which requantizes to the 0 padding of the output. Each lane has its own copy of p, placed
+        # at its multiplier.
+        rem = Mux(start, self.head_dim[:lg], r_hd[:lg])
+        keep = Signal(L)
+        m.d.comb += keep.eq(Mux(~v_last | (rem == 0), (1 << L) - 1, (C(1, L) << rem) - 1))
+
+        # ---- S1: the beat and its probability. Control (valid, last beat of the job, first row,
+        # accumulator word) travels with the data: ctl[k] holds stage k + 1's.
+        ctl = [dict(valid=ok, final=ok & final, first=v_row == 0, addr=v_beat)]
+        for k in range(1, 5):
+            stage = {}
+            for key, sig in ctl[-1].items():
+                r = Signal(sig.shape(), name=f"s{k}_{key}", reset_less=key in ("first", "addr"))
+                m.d.sync += r.eq(sig)
+                stage[key] = r
+            ctl.append(stage)
+        s1_p = reg(PROB_BITS, "s1_p")
+        s1_keep = reg(L, "s1_keep")
+        s1_v = reg(8 * L, "s1_v")
+        m.d.sync += [s1_p.eq(p_use), s1_keep.eq(keep), s1_v.eq(sv.tdata)]
+
+        # ---- S2: registered multiplier inputs, one copy of p per lane (placed at its multiplier)
+        s2_p = [reg(PROB_BITS, f"s2_p{i}") for i in range(L)]
+        s2_v = reg(8 * L, "s2_v")
+        m.d.sync += [s2_p[i].eq(Mux(s1_keep[i], s1_p, 0)) for i in range(L)]
+        m.d.sync += s2_v.eq(s1_v)
+
+        # ---- S3: products p * v (uint16 x int8), then registered again (S4) next to the
+        # accumulators; the accumulator word of the beat is read in S3
+        prods = []
+        for i in range(L):
+            p3 = reg(signed(PROB_BITS + 9), f"prod{i}")
+            p4 = reg(signed(PROB_BITS + 9), f"prod{i}_r")
+            m.d.sync += [p3.eq(s2_p[i] * s2_v.word_select(i, 8).as_signed()), p4.eq(p3)]
+            prods.append(p4)
+        s3, s4 = ctl[3], ctl[4]
+
+        # ---- S4: add to the accumulators (the word read in S3, or the one written in the cycle of
+        # that read, which the read did not see) and write back; the first row overwrites
+        fwd = Signal(name="fwd")  # the word read in S3 was written in the same cycle: use that write
+        m.d.sync += fwd.eq(s4["valid"] & (s4["addr"] == s3["addr"]))
+        lw_data = reg(ACC_BITS * L, "lw_data")  # the word written in the previous cycle
+        old = Mux(fwd, lw_data, acc_rd.data)
+        sums = [Mux(s4["first"], 0, old.word_select(i, ACC_BITS).as_signed()) + prods[i] for i in range(L)]
+        new = Cat(*[s[:ACC_BITS] for s in sums])
+        m.d.comb += [acc_wr.addr.eq(s4["addr"]), acc_wr.data.eq(new), acc_wr.en.eq(s4["valid"])]
+        m.d.sync += lw_data.eq(new)
+
+        # ---- read-out: starts the cycle after the last beat's write; stalled as a whole by m_ctx
+        adv = ~mo.tvalid | mo.tready
+        d_go = Signal()  # the last write is done: issue reads
+        d_cnt = Signal(range(nbm + 1))
+        with m.If(s4["final"]):
+            m.d.sync += [d_go.eq(1), d_cnt.eq(0)]
+        issue = d_go & (d_cnt != r_nb) & adv
+        with m.If(issue):
+            m.d.sync += d_cnt.eq(d_cnt + 1)
+        m.d.comb += [acc_rd.addr.eq(Mux(d_go, d_cnt, s3["addr"])), acc_rd.en.eq(~d_go | adv)]
+        with m.If(mo.tvalid & mo.tready & mo.tlast):
+            m.d.sync += [d_go.eq(0), draining.eq(0)]
+
+        # D1: the accumulator word (the read port's register); D2: registered again; D3: partial
+        # products acc * mult; D4: their sum; D5, D6: coarse and fine shift; then round and
+        # saturate into the output register. The whole pipeline advances with m_ctx.
+        d_valid, d_last = [issue], [d_cnt + 1 == r_nb]
+        for k in range(1, _DRAIN_STAGES):
+            v, last = Signal(name=f"d{k}_valid"), Signal(name=f"d{k}_last")
+            with m.If(adv):
+                m.d.sync += [v.eq(d_valid[-1]), last.eq(d_last[-1])]
+            d_valid.append(v)
+            d_last.append(last)
+        with m.If(adv):
+            m.d.sync += [mo.tvalid.eq(d_valid[-1]), mo.tlast.eq(d_last[-1])]
+        fine_bits = r_shift[:3]
+        coarse_bits = Cat(C(0, 3), r_shift[3:])
+        outs = []
+        for i in range(L):
+            acc = reg(signed(ACC_BITS), f"rq_acc{i}")
+            p_lo = reg(unsigned(16 + numerics.MULT_BITS), f"p_lo{i}")
+            p_hi = reg(signed(16 + numerics.MULT_BITS + 1), f"p_hi{i}")
+            prod = reg(signed(ACC_BITS + numerics.MULT_BITS + 1), f"rq_prod{i}")  # |acc * mult| < 2**46
+            coarse = reg(signed(ACC_BITS + numerics.MULT_BITS + 2), f"rq_coarse{i}")
+            fine = reg(signed(ACC_BITS + numerics.MULT_BITS + 2), f"rq_fine{i}")
+            out = reg(signed(8), f"rq_out{i}")
+            rounded = (fine + 1) >> 1  # round_shift(p, s) == ((2p >> s) + 1) >> 1 for every s >= 0
+            with m.If(adv):
+                m.d.sync += [
+                    acc.eq(acc_rd.data.word_select(i, ACC_BITS)),
+                    p_lo.eq(acc[:16] * r_mult), p_hi.eq(acc[16:].as_signed() * r_mult),
+                    prod.eq((p_hi << 16) + p_lo),
+                    coarse.eq((prod << 1) >> coarse_bits),
+                    fine.eq(coarse >> fine_bits),
+                    out.eq(Mux(rounded > 127, 127, Mux(rounded < -128, -128, rounded))),
+                ]
+            outs.append(out)
+        m.d.comb += mo.tdata.eq(Cat(*outs))
+        return m
