@@ -28,7 +28,11 @@ from gpt_fpga.sim.contract.image import FORMAT_VERSION, Image, data_start
 from gpt_fpga.sim.contract.layout import unpack_embed_scale, unpack_matrix
 
 REG = rm.register
-DEFAULT_TIMEOUT_S = 10.0
+# A command may take this many times its roofline time at a 50 MHz engine clock before it is declared
+# hung (plus a floor for the host's own latency). Simulated devices apply it in simulated time.
+TIMEOUT_SLACK = 10.0
+TIMEOUT_CLOCK_HZ = 50e6
+TIMEOUT_FLOOR_S = 0.01
 
 
 class Buffer(Protocol):
@@ -122,12 +126,25 @@ def embed(head_blob, emb_mult, emb_shift, wpe_blob, token: int, pos: int, d: int
     return nx.residual_add(tok, wpe)
 
 
+def command_timeouts(header: dict, hw) -> dict:
+    """Seconds a LAYER (at the last position) and a HEAD may take before they count as hung."""
+    from gpt_fpga.sim.contract.config import ModelConfig
+    from gpt_fpga.sim.contract.layout import decode_bytes_per_token
+
+    cfg = ModelConfig.from_dict(header["config"])
+    per = decode_bytes_per_token(cfg, hw)
+    layer_bytes = (per["weights"] + per["kv_cache"]) / cfg.n_layer
+    return {name: TIMEOUT_FLOOR_S + TIMEOUT_SLACK * nbytes / hw.bus_bytes / TIMEOUT_CLOCK_HZ
+            for name, nbytes in (("LAYER", layer_bytes), ("HEAD", per["lm_head"]))}
+
+
 # ---- the driver -------------------------------------------------------------------------------
 class Driver:
     """Runs a weight image on a device: ``reset()``, ``step(token) -> int32 logits``, ``position``."""
 
-    def __init__(self, image: Image, device: Device, timeout_s: float = DEFAULT_TIMEOUT_S):
-        self.image, self.device, self.timeout_s = image, device, timeout_s
+    def __init__(self, image: Image, device: Device, timeout_s: float | None = None):
+        """`timeout_s`: per command; by default from the command's DDR traffic (command_timeouts)."""
+        self.image, self.device = image, device
         h = image.header
         self.header = h
         cfg = h["config"]
@@ -158,6 +175,8 @@ class Driver:
         self.desc_addr = self.state.device_address + self.state_layout.desc
         self.length = 0
         self.last_stats: list[dict] = []  # per command of the last token: name, cycles, beats
+        self.timeouts = command_timeouts(h, self.hw) if timeout_s is None else \
+            {"LAYER": timeout_s, "HEAD": timeout_s}
         self.program()
 
     # -- memory helpers
@@ -200,16 +219,17 @@ class Driver:
         """Start one command and wait for it; raise EngineError naming it on an error or a timeout."""
         dev = self.device
         name = "HEAD" if op == rm.OP_HEAD else f"LAYER {layer}"
+        timeout_s = self.timeouts["HEAD" if op == rm.OP_HEAD else "LAYER"]
         dev.write_reg(REG("COMMAND").offset, REG("COMMAND").pack(op=op, layer=layer))
         dev.write_reg(REG("CONTROL").offset, REG("CONTROL").pack(start=1))
-        finished = dev.wait_interrupt(self.timeout_s)
+        finished = dev.wait_interrupt(timeout_s)
         status = REG("STATUS").unpack(dev.read_reg(REG("STATUS").offset))
         if not finished or status["busy"]:
             where = self._where()
             dev.write_reg(REG("CONTROL").offset, REG("CONTROL").pack(abort=1))
             dev.wait_interrupt(1.0)
             dev.write_reg(REG("IRQ_STATUS").offset, REG("IRQ_STATUS").pack(done=1))
-            raise EngineError(f"{name} at position {self.length} did not finish within {self.timeout_s:g} s "
+            raise EngineError(f"{name} at position {self.length} did not finish within {timeout_s:g} s "
                               f"(STATUS busy={status['busy']} done={status['done']}, {where}); the command was "
                               f"aborted")
         dev.write_reg(REG("IRQ_STATUS").offset, REG("IRQ_STATUS").pack(done=1))

@@ -1,0 +1,753 @@
+"""The decoder engine: one GPT layer, or the head, per command, streamed from DDR.
+
+See docs/engine.md for the dataflow and the reasons behind it; the register map is
+``sim/contract/registers.py`` and the descriptor table ``sim/contract/descriptors.py``.
+"""
+
+from __future__ import annotations
+
+from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.hdl import ResetInserter
+from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
+
+from gpt_fpga.hw.attn_context import AttnContext
+from gpt_fpga.hw.attn_scores import AttnScores
+from gpt_fpga.hw.axi import Axi4ReadSignature, Axi4WriteSignature, AxiLiteSignature
+from gpt_fpga.hw.axi_read import AxiReadDma
+from gpt_fpga.hw.axi_write import AxiWriteDma
+from gpt_fpga.hw.gelu import Gelu
+from gpt_fpga.hw.layernorm import LayerNorm
+from gpt_fpga.hw.matvec import MatVec
+from gpt_fpga.hw.regfile import RegisterFile
+from gpt_fpga.hw.softmax import Softmax
+from gpt_fpga.sim.contract import descriptors as dsc
+from gpt_fpga.sim.contract import numerics as nx
+from gpt_fpga.sim.contract import registers as rm
+from gpt_fpga.sim.contract.image import FORMAT_VERSION
+from gpt_fpga.sim.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_PARAM_BYTES, ROW_HEADER_FIXED_BYTES,
+                                          WEIGHT_FORMATS)
+
+__all__ = ["Engine"]
+
+# read-stream destinations (the tag queued with each read command)
+T_DESC, T_EPS, T_RESID, T_LNP, T_W, T_GELU, T_K, T_V = range(8)
+STEP = {name: i for i, name in enumerate(rm.STEPS)}
+EPS_ENTRIES = nx.LN_MAX_SHIFT + 1
+GELU_TABLE_BYTES = 256
+
+
+def _lg(n: int) -> int:
+    assert n > 0 and n & (n - 1) == 0, n
+    return n.bit_length() - 1
+
+
+class Engine(wiring.Component):
+    """Runs one decoder layer (LAYER) or the final LayerNorm and lm_head (HEAD) per command.
+
+    The host writes the descriptor table (``descriptors.build_table``) and the int32 residual into
+    DDR, sets COMMAND / POSITION / DESC_ADDR and writes CONTROL.start. The engine fetches the model
+    record and the command's record, checks every field, then streams each weight section and the
+    visible part of the KV cache from DDR once, and writes back the residual (LAYER) or the int32
+    logits (HEAD). Every value equals ``sim/fixed_model.py`` for one token.
+
+    LAYER steps: load residual, LN1, QKV matvec (q, k, v kept on chip in head rows), write this
+    token's k and v rows to the KV cache, then per head: scores (AttnScores) -> Softmax ->
+    AttnContext over the visible keys, attn_out matvec + residual, LN2, fc matvec -> GELU,
+    proj matvec + residual, store residual. HEAD: load residual, LNf, lm_head -> logits.
+
+    Throughput: every matvec takes one weight beat per cycle from the read DMA (several bursts in
+    flight), so a command's time is about its weight beats plus the LayerNorm passes (~3 d cycles
+    each) and per head ~3 n cycles of softmax plus the K and V beats. CYCLES, BEATS_READ and
+    BEATS_WRITTEN count every command.
+
+    Errors (ERROR register): an AXI error response, a stream whose length or tlast disagrees
+    (flagged by a core or the write DMA), a descriptor field out of range, or a bad command end the
+    command: the DMAs are flushed (outstanding reads are drained, owed write beats go out with no
+    byte enabled), the cores are reset, and STATUS.done, STATUS.error and the interrupt rise.
+    CONTROL.abort does the same at any time. Nothing is written before the descriptor checks pass,
+    and then only the residual, the logits and this position's K/V rows that the descriptor names.
+
+    Parameters
+    ----------
+    weights, group, bus_bits : the stream layout (``layout.HwLayout``) the engine reads.
+    max_d : int
+        Largest d_model and d_ff (on-chip vectors), a multiple of 16, at most ``numerics.MAX_D_IN``.
+    max_context : int
+        Largest n_ctx (keys per head), at most ``numerics.MAX_CONTEXT``.
+    max_head_dim : int
+        Largest head_dim, at most ``numerics.MAX_HEAD_DIM``.
+    max_heads : int
+        Sizes the q/k/v head-row buffer: ``n_head * ceil(head_dim / bus_bytes)`` must be at most
+        ``max_d / bus_bytes + max_heads``.
+
+    Attributes
+    ----------
+    s_axi : In(AxiLiteSignature)
+        Registers (sim/contract/registers.py).
+    m_axi_r, m_axi_w : Out(Axi4ReadSignature), Out(Axi4WriteSignature)
+        DDR, one AXI4 manager (read and write halves), bursts of at most 16 beats.
+    interrupt : Out(1)
+        Level: IRQ_STATUS & IRQ_ENABLE.
+    """
+
+    def __init__(self, *, weights: str = "int8", group: int = 32, bus_bits: int = 64, max_d: int = nx.MAX_D_IN,
+                 max_context: int = nx.MAX_CONTEXT, max_head_dim: int = nx.MAX_HEAD_DIM, max_heads: int = 64):
+        if weights not in WEIGHT_FORMATS or group not in GROUP_CHOICES or bus_bits not in BUS_BITS_CHOICES:
+            raise ValueError(f"unsupported layout: weights={weights!r} group={group!r} bus_bits={bus_bits!r}")
+        if not (16 <= max_d <= nx.MAX_D_IN and max_d % 16 == 0):
+            raise ValueError(f"max_d must be a multiple of 16 in [16, {nx.MAX_D_IN}], got {max_d}")
+        if not 1 <= max_context <= nx.MAX_CONTEXT or not 1 <= max_head_dim <= nx.MAX_HEAD_DIM:
+            raise ValueError("max_context / max_head_dim exceed the contract's limits")
+        self.weights, self.group, self.bus_bits = weights, group, bus_bits
+        self.bus_bytes = bus_bits // 8
+        self.max_d, self.max_context, self.max_head_dim, self.max_heads = max_d, max_context, max_head_dim, max_heads
+        self.head_words = max_d // self.bus_bytes + max_heads  # q (or k, or v) rows of all heads, in beats
+        super().__init__({
+            "s_axi": In(AxiLiteSignature(addr_bits=rm.ADDRESS_BITS)),
+            "m_axi_r": Out(Axi4ReadSignature(data_bits=bus_bits)),
+            "m_axi_w": Out(Axi4WriteSignature(data_bits=bus_bits)),
+            "interrupt": Out(1),
+        })
+
+    def identity(self) -> dict[str, int]:
+        """Values of the identity registers (the host compares them with the image)."""
+        return {
+            "ID": rm.ENGINE_MAGIC,
+            "VERSION": rm.register("VERSION").pack(contract=nx.CONTRACT_VERSION, image_format=FORMAT_VERSION,
+                                                   regmap=rm.REGMAP_VERSION),
+            "HW_CONFIG": rm.register("HW_CONFIG").pack(bus_bits=self.bus_bits, weights=rm.WEIGHT_CODES[self.weights],
+                                                       group=self.group if self.weights == "int4" else 0),
+            "MAX_D_IN": self.max_d, "MAX_CONTEXT": self.max_context, "MAX_HEAD_DIM": self.max_head_dim,
+        }
+
+    def elaborate(self, platform):
+        m = Module()
+        B = self.bus_bytes
+        lgB = _lg(B)
+        int4 = self.weights == "int4"
+        per_beat = B * (2 if int4 else 1)  # weights per beat
+
+        # ---- submodules ------------------------------------------------------------------------
+        m.submodules.regs = regs = RegisterFile()
+        wiring.connect(m, wiring.flipped(self.s_axi), regs.s_axi)
+        # The DMAs are reset only at the end of a command, when nothing is in flight on the bus: that
+        # clears their sticky error flags without abandoning an AXI transaction.
+        dma_rst = Signal()
+        rd = AxiReadDma(data_bits=self.bus_bits)
+        wr = AxiWriteDma(data_bits=self.bus_bits)
+        m.submodules.rd = ResetInserter(dma_rst)(rd)
+        m.submodules.wr = ResetInserter(dma_rst)(wr)
+        wiring.connect(m, wiring.flipped(self.m_axi_r), rd.axi)
+        wiring.connect(m, wiring.flipped(self.m_axi_w), wr.axi)
+
+        core_rst = Signal()  # soft reset of the datapath: abort and error recovery
+        ln = LayerNorm(max_d=self.max_d)
+        mv = MatVec(bus_bits=self.bus_bits, weights=self.weights, group=self.group, max_d_in=self.max_d)
+        gelu = Gelu(lanes=1)
+        sm = Softmax(max_len=self.max_context)
+        qk = AttnScores(bus_bits=self.bus_bits, max_head_dim=self.max_head_dim, max_keys=self.max_context)
+        pv = AttnContext(bus_bits=self.bus_bits, max_head_dim=self.max_head_dim, max_keys=self.max_context)
+        for name, core in (("ln", ln), ("mv", mv), ("gelu", gelu), ("sm", sm), ("qk", qk), ("pv", pv)):
+            m.submodules[name] = ResetInserter(core_rst)(core)
+
+        ident = self.identity()
+        for name, value in ident.items():
+            m.d.comb += getattr(regs, name.lower()).eq(value)
+
+        def fld(word, reg, field):
+            f = rm.register(reg).field(field)
+            return word[f.lsb:f.lsb + f.width]
+
+        control, command = regs.control, regs.command
+        start = fld(control, "CONTROL", "start")
+        abort = fld(control, "CONTROL", "abort")
+        op = fld(command, "COMMAND", "op")
+        layer = fld(command, "COMMAND", "layer")
+        position = regs.position
+
+        # ---- descriptor records ----------------------------------------------------------------
+        rec_beats = dsc.RECORD_BYTES // B
+        rec_model = Signal(8 * dsc.RECORD_BYTES)
+        rec_cmd = Signal(8 * dsc.RECORD_BYTES)
+
+        def dfield(rec, kind, name):
+            lsb, width = dsc.field_bits(kind, name)
+            return rec[lsb:lsb + width]
+
+        n_layer = dfield(rec_model, "model", "n_layer")
+        n_head = dfield(rec_model, "model", "n_head")
+        d_model = dfield(rec_model, "model", "d_model")
+        head_dim = dfield(rec_model, "model", "head_dim")
+        d_ff = dfield(rec_model, "model", "d_ff")
+        n_ctx = dfield(rec_model, "model", "n_ctx")
+        vocab = dfield(rec_model, "model", "vocab")
+
+        def lf(name):
+            return dfield(rec_cmd, "layer", name)
+
+        def hf(name):
+            return dfield(rec_cmd, "head", name)
+
+        # derived per-command constants (registered in the CHECK state)
+        row_beats_kv = Signal(range(self.max_head_dim // B + 2))  # beats of one K/V row
+        kv_row_bytes = Signal(16)
+        lo = Signal(16)  # first visible key
+        n_keys = Signal(16)
+        ctx_stride = Signal(32)  # bytes between heads in a K/V region: n_ctx * kv_row_bytes
+        pos_off = Signal(32)  # position * kv_row_bytes
+        lo_off = Signal(32)  # lo * kv_row_bytes
+        m.d.comb += row_beats_kv.eq((head_dim + (B - 1)) >> lgB)
+        m.d.comb += kv_row_bytes.eq(row_beats_kv << lgB)
+
+        # ---- on-chip vectors -------------------------------------------------------------------
+        # x: int32 residual; a: int8 activations (8 per word); h: q|k|v head rows (8 per word)
+        m.submodules.xbuf = xbuf = Memory(shape=unsigned(32), depth=self.max_d, init=[])
+        x_wp, x_rp = xbuf.write_port(), xbuf.read_port()
+        a_words = self.max_d // B
+        m.submodules.abuf = abuf = Memory(shape=unsigned(8 * B), depth=a_words, init=[])
+        a_wp, a_rp = abuf.write_port(granularity=8), abuf.read_port()
+        m.submodules.hbuf = hbuf = Memory(shape=unsigned(8 * B), depth=3 * self.head_words, init=[])
+        h_wp, h_rp = hbuf.write_port(granularity=8), hbuf.read_port()
+
+        def write_byte(wp, index, byte, en):
+            """Byte `index` of a vector of 8-bit values packed B per word."""
+            m.d.comb += [wp.addr.eq(index >> lgB), wp.data.eq(Cat(*([byte[:8]] * B))),
+                         wp.en.eq(Mux(en, 1 << index[:lgB], 0))]
+
+        # ---- sequencer state ---------------------------------------------------------------------
+        step = Signal(range(len(rm.STEPS)))
+        head = Signal(8)
+        busy = Signal()
+        done = Signal()
+        err = Signal(len(rm.ERROR_BITS))
+        err_bit = {name: i for i, name in enumerate(rm.ERROR_BITS)}
+        cycles = Signal(32)
+        beats_read, beats_written = Signal(32), Signal(32)  # AXI data handshakes of this command
+        def word(reg, **values):
+            """A register word from signals placed at their fields' bit positions."""
+            out = Const(0, 32)
+            for name, value in values.items():
+                f = rm.register(reg).field(name)
+                out = out | (value[:f.width].as_unsigned() << f.lsb)
+            return out[:32]
+
+        m.d.comb += [
+            regs.status.eq(word("STATUS", busy=busy, done=done, error=err.any())),
+            regs.error.eq(err),
+            regs.cycles.eq(cycles),
+            regs.beats_read.eq(beats_read),
+            regs.beats_written.eq(beats_written),
+            regs.step.eq(word("STEP", step=step, head=head)),
+            self.interrupt.eq((regs.irq_status & regs.irq_enable) != 0),
+        ]
+        with m.If(busy):
+            m.d.sync += cycles.eq(cycles + 1)
+        with m.If(self.m_axi_r.rvalid & self.m_axi_r.rready):
+            m.d.sync += beats_read.eq(beats_read + 1)
+        with m.If(self.m_axi_w.wvalid & self.m_axi_w.wready):
+            m.d.sync += beats_written.eq(beats_written + 1)
+
+        # ---- read commands and the destination of their data -----------------------------------
+        tags = SyncFIFOBuffered(width=3, depth=4)
+        m.submodules.tags = ResetInserter(core_rst)(tags)
+        rd_out = Signal(3)  # read commands issued whose last beat has not been consumed yet
+        rd_addr, rd_n, rd_tag, rd_go = Signal(32), Signal(32), Signal(3), Signal()
+        rd_issued = Signal()  # the command presented by the sequencer this cycle was accepted
+        m.d.comb += [rd.cmd.addr.eq(rd_addr), rd.cmd.beats.eq(rd_n), tags.w_data.eq(rd_tag)]
+        m.d.comb += [rd.cmd.valid.eq(rd_go & tags.w_rdy), tags.w_en.eq(rd_go & rd.cmd.ready)]
+        m.d.comb += rd_issued.eq(rd_go & rd.cmd.ready & tags.w_rdy)
+
+        src = rd.m_data
+        dest = tags.r_data
+        d_valid = src.tvalid & tags.r_rdy
+        d_ready = Signal()
+        m.d.comb += [src.tready.eq(d_ready & tags.r_rdy), tags.r_en.eq(src.tvalid & src.tready & src.tlast)]
+        m.d.sync += rd_out.eq(rd_out + rd_issued - tags.r_en)
+        with m.If(core_rst):
+            m.d.sync += rd_out.eq(0)
+
+        wr_addr, wr_n, wr_go = Signal(32), Signal(32), Signal()
+        wr_issued = Signal()
+        m.d.comb += [wr.cmd.addr.eq(wr_addr), wr.cmd.beats.eq(wr_n), wr.cmd.valid.eq(wr_go)]
+        m.d.comb += wr_issued.eq(wr_go & wr.cmd.ready)
+
+        # descriptor capture
+        rec_sel = Signal()  # 0: model record, 1: command record
+        with m.If((dest == T_DESC) & d_valid):
+            m.d.comb += d_ready.eq(1)
+            with m.If(rec_sel):
+                m.d.sync += rec_cmd.eq(Cat(rec_cmd[8 * B:], src.tdata))
+            with m.Else():
+                m.d.sync += rec_model.eq(Cat(rec_model[8 * B:], src.tdata))
+
+        # eps table -> LayerNorm
+        # eps table and LayerNorm parameters: 8-byte entries, B/8 per beat, taken one per cycle
+        per8 = B // 8
+        eps_i = Signal(range(EPS_ENTRIES + per8 + 1))
+        lane8 = Signal(range(per8)) if per8 > 1 else Const(0, 1)
+        with m.If((dest == T_EPS) & d_valid):
+            m.d.comb += [ln.eps_we.eq(eps_i < EPS_ENTRIES), ln.eps_addr.eq(eps_i),
+                         ln.eps_data.eq(src.tdata.word_select(lane8, 64))]
+            m.d.sync += eps_i.eq(eps_i + 1)
+            if per8 > 1:
+                m.d.sync += lane8.eq(lane8 + 1)
+            m.d.comb += d_ready.eq(lane8 == per8 - 1)
+        lnp_i = Signal(range(self.max_d + per8 + 1))  # parameters offered to LayerNorm so far
+        if per8 > 1:
+            with m.If(core_rst):
+                m.d.sync += lane8.eq(0)
+
+        # LayerNorm parameters and matrix weights go straight to their cores
+        m.d.comb += [ln.s_params.tdata.eq(src.tdata.word_select(lane8, 8 * LN_PARAM_BYTES)),
+                     ln.s_params.tlast.eq(src.tlast & (lane8 == per8 - 1)),
+                     mv.s_weights.tdata.eq(src.tdata), mv.s_weights.tlast.eq(src.tlast),
+                     qk.s_k.tdata.eq(src.tdata), qk.s_k.tlast.eq(src.tlast),
+                     pv.s_v.tdata.eq(src.tdata), pv.s_v.tlast.eq(src.tlast)]
+        for tag, port in ((T_W, mv.s_weights), (T_K, qk.s_k), (T_V, pv.s_v)):
+            with m.If(dest == tag):
+                m.d.comb += [port.tvalid.eq(d_valid), d_ready.eq(port.tready)]
+        with m.If(dest == T_LNP):
+            real = lnp_i < d_model  # padding entries of the last beat are dropped
+            m.d.comb += ln.s_params.tvalid.eq(d_valid & real)
+            take = d_valid & (ln.s_params.tready | ~real)
+            with m.If(take):
+                m.d.sync += lnp_i.eq(lnp_i + 1)
+                if per8 > 1:
+                    m.d.sync += lane8.eq(lane8 + 1)
+                m.d.comb += d_ready.eq(lane8 == per8 - 1)
+
+        # residual load: one beat -> B/4 int32 values, one per cycle
+        res_i = Signal(range(self.max_d + B))  # next x index
+        res_lane = Signal(range(B // 4))
+        with m.If((dest == T_RESID) & d_valid):
+            m.d.comb += [x_wp.addr.eq(res_i), x_wp.data.eq(src.tdata.word_select(res_lane, 32)),
+                         x_wp.en.eq(res_i < d_model)]
+            m.d.sync += [res_i.eq(res_i + 1), res_lane.eq(res_lane + 1)]
+            with m.If(res_lane == B // 4 - 1):
+                m.d.comb += d_ready.eq(1)
+
+        # GELU table: one beat -> B table entries, one per cycle
+        gt_i = Signal(range(GELU_TABLE_BYTES + 1))
+        with m.If((dest == T_GELU) & d_valid):
+            m.d.comb += [gelu.table_we.eq(1), gelu.table_addr.eq(gt_i),
+                         gelu.table_data.eq(src.tdata.word_select(gt_i[:lgB], 8))]
+            m.d.sync += gt_i.eq(gt_i + 1)
+            with m.If(gt_i[:lgB] == B - 1):
+                m.d.comb += d_ready.eq(1)
+
+        # ---- vector streamers (memory -> stream, one word per cycle, stalls hold the read) ---------
+        def streamer(name, rp, port, count):
+            """Stream words rp[base + i], i < count, into `port` (the caller wires rp.data); tlast on the
+            last. Returns (go, base, active): `go` starts it (base set in the same cycle)."""
+            base, i = Signal(16, name=f"{name}_base"), Signal(16, name=f"{name}_i")
+            active, valid, last = Signal(name=f"{name}_active"), Signal(name=f"{name}_valid"), Signal(name=f"{name}_last")
+            go = Signal(name=f"{name}_go")
+            adv = (~valid | port.tready) & active & (i < count)
+            m.d.comb += [rp.addr.eq(base + i), rp.en.eq(adv), port.tvalid.eq(valid), port.tlast.eq(last)]
+            with m.If(adv):
+                m.d.sync += [i.eq(i + 1), valid.eq(1), last.eq(i + 1 == count)]
+            with m.Elif(port.tready):
+                m.d.sync += valid.eq(0)
+            with m.If(go):
+                m.d.sync += [i.eq(0), active.eq(1), valid.eq(0)]
+            with m.If(active & (i == count) & ~valid):
+                m.d.sync += active.eq(0)
+            return go, base, active
+
+        # a -> MatVec activations
+        act_words = Signal(16)
+        act_port = mv.s_act
+        act_go, act_base, _ = streamer("act", a_rp, act_port, act_words)
+        m.d.comb += act_port.tdata.eq(a_rp.data)
+
+        # h -> AttnScores query, or -> write DMA (K and V rows)
+        h_count = Signal(16)
+        h_to_wr = Signal()  # step write_kv: h rows go to the write DMA
+        hq = wiring.Signature({"tdata": Out(8 * B), "tvalid": Out(1), "tready": In(1), "tlast": Out(1)}).create()
+        h_go, h_base, h_active = streamer("hrow", h_rp, hq, h_count)
+        # K/V rows to DDR need tlast per row (one write command per row)
+        kvrow_i = Signal(16)
+        m.d.comb += [hq.tdata.eq(h_rp.data)]
+        with m.If(h_to_wr):
+            m.d.comb += [wr.s_data.tdata.eq(hq.tdata), wr.s_data.tvalid.eq(hq.tvalid), hq.tready.eq(wr.s_data.tready),
+                         wr.s_data.tlast.eq(kvrow_i == row_beats_kv - 1)]
+            with m.If(wr.s_data.tvalid & wr.s_data.tready):
+                m.d.sync += kvrow_i.eq(Mux(kvrow_i == row_beats_kv - 1, 0, kvrow_i + 1))
+        with m.Else():
+            m.d.comb += [qk.s_q.tdata.eq(hq.tdata), qk.s_q.tvalid.eq(hq.tvalid), hq.tready.eq(qk.s_q.tready),
+                         qk.s_q.tlast.eq(hq.tlast)]
+
+        # x -> LayerNorm input (one int32 per cycle), or -> write DMA (residual store, B/4 per beat)
+        x_count = Signal(range(self.max_d + 1))
+        x_to_wr = Signal()
+        xs = wiring.Signature({"tdata": Out(32), "tvalid": Out(1), "tready": In(1), "tlast": Out(1)}).create()
+        x_go, _, x_active = streamer("xvec", x_rp, xs, x_count)
+        m.d.comb += xs.tdata.eq(x_rp.data)
+        pack = Signal(8 * B)
+        pack_n = Signal(range(B // 4 + 1))
+        pack_last = Signal()
+        with m.If(x_to_wr):
+            # gather B/4 values into one beat; the tail beat is padded with zeros
+            with m.If(pack_n == B // 4):
+                m.d.comb += [wr.s_data.tdata.eq(pack), wr.s_data.tvalid.eq(1), wr.s_data.tlast.eq(pack_last)]
+                with m.If(wr.s_data.tready):
+                    m.d.sync += [pack_n.eq(0), pack.eq(0)]
+            with m.Elif(xs.tvalid):
+                m.d.comb += xs.tready.eq(1)
+                m.d.sync += [pack.word_select(pack_n, 32).eq(xs.tdata), pack_last.eq(xs.tlast)]
+                m.d.sync += pack_n.eq(Mux(xs.tlast, B // 4, pack_n + 1))
+        with m.Else():
+            m.d.comb += [ln.s_x.tdata.eq(xs.tdata), ln.s_x.tvalid.eq(xs.tvalid), xs.tready.eq(ln.s_x.tready),
+                         ln.s_x.tlast.eq(xs.tlast)]
+
+        # ---- sinks --------------------------------------------------------------------------------
+        sink_i = Signal(range(max(self.max_d, nx.MAX_ROWS) + 1))  # values received by the step's sink
+        sink_target = Signal(range(max(self.max_d, nx.MAX_ROWS) + 1))
+        sink_done = Signal()
+        m.d.comb += sink_done.eq(sink_i == sink_target)  # sink_target: set with the matvec geometry below
+
+        # LayerNorm out -> a
+        with m.If((step == STEP["ln1"]) | (step == STEP["ln2"]) | (step == STEP["lnf"])):
+            m.d.comb += ln.m_y.tready.eq(1)
+            write_byte(a_wp, sink_i, ln.m_y.tdata, ln.m_y.tvalid)
+            with m.If(ln.m_y.tvalid):
+                m.d.sync += sink_i.eq(sink_i + 1)
+
+        # qkv matvec out -> h (q rows, then k rows, then v rows, each head's row padded to whole words)
+        e_i = Signal(range(self.max_head_dim + 1))  # element within the head row
+        row_word = Signal(range(3 * self.head_words + 1))  # first word of the current head row
+        with m.If(step == STEP["qkv"]):
+            m.d.comb += mv.m_out.tready.eq(1)
+            with m.If(mv.m_out.tvalid):
+                m.d.comb += [h_wp.addr.eq(row_word + (e_i >> lgB)), h_wp.data.eq(Cat(*([mv.m_out.tdata[:8]] * B))),
+                             h_wp.en.eq(1 << e_i[:lgB])]
+                m.d.sync += sink_i.eq(sink_i + 1)
+                with m.If(e_i == head_dim - 1):
+                    m.d.sync += [e_i.eq(0), row_word.eq(row_word + row_beats_kv)]
+                with m.Else():
+                    m.d.sync += e_i.eq(e_i + 1)
+
+        # attn_out / proj matvec out -> x += y (saturating), two cycles per value
+        add_y = Signal(32)
+        add_pending = Signal()
+        with m.If((step == STEP["attn_out"]) | (step == STEP["proj"])):
+            m.d.comb += mv.m_out.tready.eq(~add_pending)
+            with m.If(mv.m_out.tvalid & ~add_pending):
+                m.d.comb += [x_rp.addr.eq(sink_i), x_rp.en.eq(1)]
+                m.d.sync += [add_y.eq(mv.m_out.tdata), add_pending.eq(1)]
+            with m.If(add_pending):
+                total = Signal(34)
+                m.d.comb += total.eq(x_rp.data.as_signed() + add_y.as_signed())
+                hi, lo_ = (1 << 31) - 1, -(1 << 31)
+                sat = Mux(total.as_signed() > hi, hi, Mux(total.as_signed() < lo_, lo_, total))
+                m.d.comb += [x_wp.addr.eq(sink_i), x_wp.data.eq(sat), x_wp.en.eq(1)]
+                m.d.sync += [add_pending.eq(0), sink_i.eq(sink_i + 1)]
+
+        # fc matvec out -> GELU -> a
+        with m.If(step == STEP["fc_gelu"]):
+            m.d.comb += [gelu.s_x.tdata.eq(mv.m_out.tdata[:8]), gelu.s_x.tvalid.eq(mv.m_out.tvalid),
+                         mv.m_out.tready.eq(gelu.s_x.tready), gelu.s_x.tlast.eq(mv.m_out.tlast),
+                         gelu.m_y.tready.eq(1)]
+            write_byte(a_wp, sink_i, gelu.m_y.tdata, gelu.m_y.tvalid)
+            with m.If(gelu.m_y.tvalid):
+                m.d.sync += sink_i.eq(sink_i + 1)
+
+        # lm_head out -> logits beats -> write DMA
+        lg_pack = Signal(8 * B)
+        lg_n = Signal(range(B // 4 + 1))
+        lg_last = Signal()
+        with m.If(step == STEP["lm_head"]):
+            with m.If(lg_n == B // 4):
+                m.d.comb += [wr.s_data.tdata.eq(lg_pack), wr.s_data.tvalid.eq(1), wr.s_data.tlast.eq(lg_last)]
+                with m.If(wr.s_data.tready):
+                    m.d.sync += [lg_n.eq(0), lg_pack.eq(0)]
+            with m.Else():
+                m.d.comb += mv.m_out.tready.eq(1)
+                with m.If(mv.m_out.tvalid):
+                    is_last = sink_i + 1 == sink_target
+                    m.d.sync += [lg_pack.word_select(lg_n, 32).eq(mv.m_out.tdata), lg_last.eq(is_last),
+                                 lg_n.eq(Mux(is_last, B // 4, lg_n + 1)), sink_i.eq(sink_i + 1)]
+
+        # attention: scores -> softmax -> context -> a (ctx[h * head_dim + e])
+        m.d.comb += [sm.s_scores.tdata.eq(qk.m_scores.tdata), sm.s_scores.tvalid.eq(qk.m_scores.tvalid),
+                     sm.s_scores.tlast.eq(qk.m_scores.tlast), sm.s_scores.tuser.eq(1),
+                     qk.m_scores.tready.eq(sm.s_scores.tready),
+                     pv.s_p.tdata.eq(sm.m_probs.tdata), pv.s_p.tvalid.eq(sm.m_probs.tvalid),
+                     pv.s_p.tlast.eq(sm.m_probs.tlast), sm.m_probs.tready.eq(pv.s_p.tready)]
+        ctx_beat = Signal(8 * B)
+        ctx_have = Signal()
+        ctx_lane = Signal(range(B))
+        ctx_e = Signal(range(self.max_head_dim + 1))  # element of this head written so far
+        ctx_base = Signal(range(self.max_d + 1))  # h * head_dim
+        m.d.comb += pv.m_ctx.tready.eq(~ctx_have)
+        with m.If(pv.m_ctx.tvalid & ~ctx_have):
+            m.d.sync += [ctx_beat.eq(pv.m_ctx.tdata), ctx_have.eq(1), ctx_lane.eq(0)]
+        with m.If(ctx_have):
+            write_byte(a_wp, ctx_base + ctx_e, ctx_beat.word_select(ctx_lane, 8), ctx_e < head_dim)
+            m.d.sync += [ctx_lane.eq(ctx_lane + 1), ctx_e.eq(ctx_e + 1)]
+            with m.If((ctx_lane == B - 1) | (ctx_e + 1 == head_dim)):
+                m.d.sync += ctx_have.eq(0)
+
+        m.d.comb += [qk.head_dim.eq(head_dim), qk.n_keys.eq(n_keys), pv.head_dim.eq(head_dim), pv.n_keys.eq(n_keys),
+                     sm.mult.eq(lf("score_mult")), sm.shift.eq(lf("score_shift")),
+                     pv.ctx_mult.eq(lf("ctx_mult")), pv.ctx_shift.eq(lf("ctx_shift"))]
+
+        # ---- matvec geometry: a function of the step, stable for the step's duration --------------------
+        mv_d_in, mv_rows, mv_int8 = Signal(range(self.max_d + 1)), Signal(16), Signal()
+        with m.Switch(step):
+            with m.Case(STEP["qkv"]):
+                m.d.comb += [mv_d_in.eq(d_model), mv_rows.eq(3 * d_model), mv_int8.eq(1), sink_target.eq(3 * d_model)]
+            with m.Case(STEP["attn_out"]):
+                m.d.comb += [mv_d_in.eq(d_model), mv_rows.eq(d_model), sink_target.eq(d_model)]
+            with m.Case(STEP["fc_gelu"]):
+                m.d.comb += [mv_d_in.eq(d_model), mv_rows.eq(d_ff), mv_int8.eq(1), sink_target.eq(d_ff)]
+            with m.Case(STEP["proj"]):
+                m.d.comb += [mv_d_in.eq(d_ff), mv_rows.eq(d_model), sink_target.eq(d_model)]
+            with m.Case(STEP["lm_head"]):
+                m.d.comb += [mv_d_in.eq(d_model), mv_rows.eq(vocab), sink_target.eq(vocab)]
+            with m.Default():
+                m.d.comb += sink_target.eq(d_model)  # the LayerNorm steps
+        m.d.comb += [mv.d_in.eq(mv_d_in), mv.n_rows.eq(mv_rows), mv.out_int8.eq(mv_int8)]
+        if int4:
+            hdr_bytes = ROW_HEADER_FIXED_BYTES + ((mv_d_in + (self.group - 1)) >> _lg(self.group))
+        else:
+            hdr_bytes = Const(ROW_HEADER_FIXED_BYTES, 8)
+        row_beats = Signal(16)
+        m.d.comb += row_beats.eq(((hdr_bytes + (B - 1)) >> lgB) + ((mv_d_in + (per_beat - 1)) >> _lg(per_beat)))
+        m.d.comb += act_words.eq((mv_d_in + (B - 1)) >> lgB)
+
+        # ---- errors -------------------------------------------------------------------------------
+        def flagged(core):
+            return core.error.any() if hasattr(core, "error") else Const(0)
+
+        core_err = Signal()
+        m.d.comb += core_err.eq(flagged(ln) | flagged(mv) | flagged(sm) | flagged(qk) | flagged(pv) | wr.error[1])
+        live_err = Signal(len(err))
+        m.d.comb += [live_err[err_bit["axi_read"]].eq(rd.error), live_err[err_bit["axi_write"]].eq(wr.error[0]),
+                     live_err[err_bit["stream"]].eq(core_err)]
+
+        # ---- the sequencer ------------------------------------------------------------------------
+        sub = Signal(3)  # sub-state within a step
+        is_head = Signal()
+        ln_shift = Signal(6)
+        m.d.comb += ln.out_shift.eq(ln_shift)
+
+        def begin(step_value):
+            m.d.sync += [step.eq(step_value), sub.eq(0), sink_i.eq(0)]
+
+        def read(addr, beats, tag):
+            m.d.comb += [rd_addr.eq(addr), rd_n.eq(beats), rd_tag.eq(tag), rd_go.eq(1)]
+
+        def matvec(addr):
+            """sub 0: weights read + activations; returns 'all the step's sink values are in'."""
+            with m.If(sub == 0):
+                read(addr, mv_rows * row_beats, T_W)
+                with m.If(rd_issued):
+                    m.d.comb += act_go.eq(1)
+                    m.d.sync += [act_base.eq(0), sub.eq(1)]
+            return (sub == 1) & sink_done
+
+        def layernorm(addr, shift, nxt):
+            with m.If(sub == 0):
+                m.d.sync += [ln_shift.eq(shift), x_count.eq(d_model)]
+                read(addr, (d_model + (per8 - 1)) >> _lg(per8), T_LNP)
+                with m.If(rd_issued):
+                    m.d.comb += x_go.eq(1)
+                    m.d.sync += [lnp_i.eq(0), sub.eq(1)]
+            with m.Elif(sink_done):
+                begin(STEP[nxt])
+
+        stop = Signal()  # an error or CONTROL.abort ends the command
+        m.d.comb += stop.eq(live_err.any() | abort)
+
+        with m.FSM(name="seq"):
+            with m.State("IDLE"):
+                with m.If(start):
+                    m.d.sync += [busy.eq(1), done.eq(0), err.eq(0), cycles.eq(0), head.eq(0),
+                                 beats_read.eq(0), beats_written.eq(0), is_head.eq(op == rm.OP_HEAD)]
+                    begin(STEP["fetch_descriptor"])
+                    with m.If(op > rm.OP_HEAD):
+                        m.d.sync += err[err_bit["command"]].eq(1)
+                        m.next = "END"
+                    with m.Else():
+                        m.next = "FETCH"
+            with m.State("FETCH"):
+                with m.If(stop):
+                    m.d.sync += err.eq(err | live_err)
+                    m.next = "ABORT"
+                with m.Elif(sub == 0):
+                    m.d.sync += rec_sel.eq(0)
+                    read(regs.desc_addr, rec_beats, T_DESC)
+                    with m.If(rd_issued):
+                        m.d.sync += sub.eq(1)
+                with m.Elif(sub == 1):  # the model record gives n_layer, needed to find the HEAD record
+                    with m.If(rd_out == 0):
+                        m.d.sync += [rec_sel.eq(1), sub.eq(2)]
+                with m.Elif(sub == 2):
+                    index = Mux(is_head, n_layer, layer)
+                    read(regs.desc_addr + ((index + 1) << _lg(dsc.RECORD_BYTES)), rec_beats, T_DESC)
+                    with m.If(rd_issued):
+                        m.d.sync += sub.eq(3)
+                with m.Elif(sub == 3):
+                    read(dfield(rec_model, "model", "eps_addr"), -(-EPS_ENTRIES // per8), T_EPS)
+                    with m.If(rd_issued):
+                        m.d.sync += [eps_i.eq(0), sub.eq(4)]
+                with m.Elif(sub == 4):
+                    with m.If(rd_out == 0):
+                        m.d.sync += sub.eq(5)
+                with m.Elif(sub == 5):  # the layer's GELU table (the HEAD has none)
+                    with m.If(is_head | (layer >= n_layer)):
+                        m.next = "CHECK"
+                    with m.Else():
+                        read(lf("gelu_addr"), GELU_TABLE_BYTES // B, T_GELU)
+                        with m.If(rd_issued):
+                            m.d.sync += [gt_i.eq(0), sub.eq(6)]
+                with m.Elif(rd_out == 0):
+                    m.next = "CHECK"
+            with m.State("CHECK"):
+                bad = Signal()
+                bad_cmd = Signal()
+                hd_n = Signal(32)
+                m.d.comb += hd_n.eq(head_dim * n_head)
+                m.d.comb += bad_cmd.eq(~is_head & (layer >= n_layer))
+                checks = [
+                    dfield(rec_model, "model", "magic") != dsc.DESC_MAGIC,
+                    n_layer == 0, n_head == 0, head_dim == 0, head_dim > self.max_head_dim,
+                    d_model == 0, d_model > self.max_d, hd_n != d_model,
+                    d_ff == 0, d_ff > self.max_d, n_ctx == 0, n_ctx > self.max_context,
+                    vocab == 0, vocab > nx.MAX_ROWS, position >= n_ctx,
+                    n_head * row_beats_kv > self.head_words,
+                ]
+                layer_checks = [lf("score_shift") > nx.MAX_SHIFT, lf("ctx_shift") > nx.MAX_SHIFT,
+                                lf("ln1_shift") > nx.LN_MAX_OUT_SHIFT, lf("ln2_shift") > nx.LN_MAX_OUT_SHIFT,
+                                lf("window") >= n_ctx]
+                m.d.comb += bad.eq(Cat(*checks).any() | (~is_head & Cat(*layer_checks).any())
+                                   | (is_head & (hf("lnf_shift") > nx.LN_MAX_OUT_SHIFT)))
+                window = lf("window")
+                first = Mux((window != 0) & (position >= window), position - window + 1, 0)
+                m.d.sync += [lo.eq(first), n_keys.eq(position - first + 1),
+                             ctx_stride.eq(n_ctx * kv_row_bytes), pos_off.eq(position * kv_row_bytes),
+                             lo_off.eq(first * kv_row_bytes)]
+                with m.If(bad_cmd):
+                    m.d.sync += err[err_bit["command"]].eq(1)
+                    m.next = "ABORT"
+                with m.Elif(bad):
+                    m.d.sync += err[err_bit["descriptor"]].eq(1)
+                    m.next = "ABORT"
+                with m.Else():
+                    begin(STEP["load_residual"])
+                    m.next = "RUN"
+            with m.State("RUN"):
+                with m.If(stop):
+                    m.d.sync += err.eq(err | live_err)
+                    m.next = "ABORT"
+                with m.Elif(step == STEP["load_residual"]):
+                    with m.If(sub == 0):
+                        read(dfield(rec_model, "model", "resid_addr"), (d_model + (B // 4 - 1)) >> _lg(B // 4),
+                             T_RESID)
+                        with m.If(rd_issued):
+                            m.d.sync += [res_i.eq(0), res_lane.eq(0), sub.eq(1)]
+                    with m.Elif(rd_out == 0):
+                        begin(Mux(is_head, STEP["lnf"], STEP["ln1"]))
+                with m.Elif(step == STEP["ln1"]):
+                    layernorm(lf("ln1_addr"), lf("ln1_shift"), "qkv")
+                with m.Elif(step == STEP["qkv"]):
+                    with m.If(sub == 0):
+                        m.d.sync += [e_i.eq(0), row_word.eq(0)]
+                    with m.If(matvec(lf("qkv_addr"))):
+                        begin(STEP["write_kv"])
+                with m.Elif(step == STEP["write_kv"]):
+                    # 2 * n_head row writes (all k rows, then all v rows) fed by one linear read of h
+                    m.d.comb += h_to_wr.eq(1)
+                    with m.If(sub == 0):
+                        m.d.sync += [h_base.eq(n_head * row_beats_kv), h_count.eq(2 * n_head * row_beats_kv),
+                                     kvrow_i.eq(0), head.eq(0), sub.eq(1)]
+                        m.d.comb += h_go.eq(1)
+                    with m.Elif(sub == 1):
+                        is_k = head < n_head
+                        kv = Mux(is_k, lf("k_cache_addr"), lf("v_cache_addr"))
+                        hh = Mux(is_k, head, head - n_head)
+                        m.d.comb += [wr_addr.eq(kv + hh * ctx_stride + pos_off), wr_n.eq(row_beats_kv),
+                                     wr_go.eq(head < 2 * n_head)]
+                        with m.If(wr_issued):
+                            m.d.sync += head.eq(head + 1)
+                        with m.If((head == 2 * n_head) & ~h_active):
+                            m.d.sync += sub.eq(2)
+                    with m.Elif(wr.idle):
+                        m.d.sync += head.eq(0)
+                        begin(STEP["scores_softmax"])
+                with m.Elif(step == STEP["scores_softmax"]):
+                    # per head: K and V reads queued back to back, then the q row; done when the
+                    # head's head_dim context bytes are in a
+                    koff = head * ctx_stride + lo_off
+                    with m.If(sub == 0):
+                        read(lf("k_cache_addr") + koff, n_keys * row_beats_kv, T_K)
+                        with m.If(rd_issued):
+                            m.d.sync += sub.eq(1)
+                    with m.Elif(sub == 1):
+                        read(lf("v_cache_addr") + koff, n_keys * row_beats_kv, T_V)
+                        with m.If(rd_issued):
+                            m.d.comb += h_go.eq(1)
+                            m.d.sync += [h_base.eq(head * row_beats_kv), h_count.eq(row_beats_kv),
+                                         ctx_e.eq(0), ctx_base.eq(head * head_dim), sub.eq(2)]
+                    with m.Elif((ctx_e == head_dim) & ~ctx_have):
+                        with m.If(head + 1 == n_head):
+                            begin(STEP["attn_out"])
+                        with m.Else():
+                            m.d.sync += [head.eq(head + 1), sub.eq(0)]
+                with m.Elif(step == STEP["attn_out"]):
+                    with m.If(matvec(lf("attn_out_addr")) & ~add_pending):
+                        begin(STEP["ln2"])
+                with m.Elif(step == STEP["ln2"]):
+                    layernorm(lf("ln2_addr"), lf("ln2_shift"), "fc_gelu")
+                with m.Elif(step == STEP["fc_gelu"]):
+                    with m.If(matvec(lf("fc_addr"))):
+                        begin(STEP["proj"])
+                with m.Elif(step == STEP["proj"]):
+                    with m.If(matvec(lf("proj_addr")) & ~add_pending):
+                        begin(STEP["store_residual"])
+                with m.Elif(step == STEP["store_residual"]):
+                    m.d.comb += x_to_wr.eq(1)
+                    with m.If(sub == 0):
+                        m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "resid_addr")),
+                                     wr_n.eq((d_model + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
+                        with m.If(wr_issued):
+                            m.d.comb += x_go.eq(1)
+                            m.d.sync += [x_count.eq(d_model), pack_n.eq(0), pack.eq(0), sub.eq(1)]
+                    with m.Elif(~x_active & (pack_n == 0) & wr.idle):
+                        m.next = "END"
+                with m.Elif(step == STEP["lnf"]):
+                    layernorm(hf("lnf_addr"), hf("lnf_shift"), "lm_head")
+                with m.Elif(step == STEP["lm_head"]):
+                    with m.If(sub == 0):  # the logits' write command first, then the matvec
+                        m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
+                                     wr_n.eq((vocab + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
+                        with m.If(wr_issued):
+                            m.d.sync += [lg_n.eq(0), lg_pack.eq(0), sub.eq(2)]
+                    with m.Elif(sub == 2):
+                        read(hf("lm_head_addr"), mv_rows * row_beats, T_W)
+                        with m.If(rd_issued):
+                            m.d.comb += act_go.eq(1)
+                            m.d.sync += [act_base.eq(0), sub.eq(3)]
+                    with m.Elif(sink_done & (lg_n == 0) & wr.idle):
+                        m.next = "END"
+            with m.State("ABORT"):
+                # flush the DMAs (one cycle) and reset the cores
+                m.d.comb += [core_rst.eq(1), rd.flush.eq(1), wr.flush.eq(1)]
+                m.next = "DRAIN"
+            with m.State("DRAIN"):
+                # reads cannot be cancelled: their beats are dropped; owed write beats go out unstrobed
+                m.d.comb += core_rst.eq(1)
+                with m.If(rd.idle & wr.idle):
+                    m.next = "END"
+            with m.State("END"):
+                m.d.comb += [core_rst.eq(1), dma_rst.eq(1), regs.irq_status_set.eq(1 << rm.register("IRQ_STATUS").field("done").lsb)]
+                m.d.sync += [busy.eq(0), done.eq(1)]
+                with m.If(err == 0):
+                    m.d.sync += step.eq(STEP["done"])
+                m.next = "IDLE"
+        return m
