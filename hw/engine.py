@@ -684,16 +684,19 @@ class Engine(wiring.Component):
                     # per head: K and V reads queued back to back, then the q row; done when the
                     # head's head_dim context bytes are in a
                     koff = head * ctx_stride + lo_off
+                    # The query goes out with the K read: the read DMA may hold the V command back until
+                    # the K transfer is split into bursts, which needs AttnScores to drain K, which
+                    # needs the query.
                     with m.If(sub == 0):
                         read(lf("k_cache_addr") + koff, n_keys * row_beats_kv, T_K)
                         with m.If(rd_issued):
-                            m.d.sync += sub.eq(1)
+                            m.d.comb += h_go.eq(1)
+                            m.d.sync += [h_base.eq(head * row_beats_kv), h_count.eq(row_beats_kv),
+                                         ctx_e.eq(0), ctx_base.eq(head * head_dim), sub.eq(1)]
                     with m.Elif(sub == 1):
                         read(lf("v_cache_addr") + koff, n_keys * row_beats_kv, T_V)
                         with m.If(rd_issued):
-                            m.d.comb += h_go.eq(1)
-                            m.d.sync += [h_base.eq(head * row_beats_kv), h_count.eq(row_beats_kv),
-                                         ctx_e.eq(0), ctx_base.eq(head * head_dim), sub.eq(2)]
+                            m.d.sync += sub.eq(2)
                     with m.Elif((ctx_e == head_dim) & ~ctx_have):
                         with m.If(head + 1 == n_head):
                             begin(STEP["attn_out"])
