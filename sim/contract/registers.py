@@ -2,9 +2,11 @@
 
 Pure Python (no numpy, no amaranth), so the board's Python imports it as it is. From this table:
 
-* the gateware register file (``hw/regfile.py``) is generated: offsets, widths, access, reset;
+* the gateware register file (``hw/regfile.py``) is generated: offsets, widths, access (every
+  register resets to 0);
 * the host driver reads and writes registers by these names and fields;
-* ``docs/registers.md`` is written by :func:`markdown` (``make docs`` checks it is current).
+* ``docs/registers.md`` is written by :func:`markdown` (``tests/test_hw_regfile.py`` checks it is
+  current; regenerate with ``python -m gpt_fpga.sim.contract.registers > docs/registers.md``).
 
 All registers are 32 bits wide at 4-byte-aligned offsets. Access kinds:
 
@@ -153,7 +155,10 @@ ADDRESS_BITS = 7  # offsets 0x00..0x7F
 
 
 def register(name: str) -> Register:
-    return BY_NAME[name]
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"no register {name!r} (registers: {', '.join(BY_NAME)})") from None
 
 
 def _check():
