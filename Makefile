@@ -47,6 +47,11 @@ verilog: $(VENV)/.dev ## write the cores' Verilog to build/verilog and lint it w
 synth: $(VENV)/.dev ## yosys xc7 utilization + nextpnr-ecp5 Fmax per core -> build/synth/*.json
 	$(PY) -m gpt_fpga.hw.synth synth
 
+.PHONY: bitstream
+bitstream: $(VENV)/.dev ## PYNQ-Z2 overlay with Vivado -> build/overlay/gpt_fpga.{bit,hwh,json} (WEIGHTS= GROUP= CLOCK_MHZ=)
+	@$(PY) -m gpt_fpga.hw.bitstream --weights $(or $(WEIGHTS),int8) --group $(or $(GROUP),32) \
+		--clock-mhz $(or $(CLOCK_MHZ),100)
+
 bench: $(VENV)/.dev ## speed, accuracy and core-throughput benchmarks -> build/bench/*.json
 	$(PY) -m gpt_fpga.sim.bench --out build/bench
 
