@@ -10,8 +10,8 @@
   engine's xc7 utilization (build/synth/engine_int4.json), and build/synth/summary.json with the
   engine against the xc7z020 budget.
 
-Vivado is not needed for these reports. There is no bitstream flow yet: a bitstream needs Vivado
-(not installed here), and no `make` target runs it.
+Vivado is not needed for these reports. The bitstream itself is `make bitstream` (hw/bitstream.py,
+hw/vivado/), which needs Vivado.
 """
 
 from __future__ import annotations
