@@ -3,6 +3,7 @@
 ``float``: the float32 golden model (sim/float_model.py) on a Hugging Face directory.
 ``fixed``: the bit-exact integer model of the accelerator (sim/fixed_model.py) on a weight image.
 ``rtl``: the engine's RTL (Verilator) driven by host/driver.py, the same driver the board uses.
+``pynq``: the engine on the board (host/pynq_device.py, pynq), through the same driver.
 Image backends also give ``forward_int(ids)``: the contract's int32 logits, compared by equality.
 """
 
@@ -18,7 +19,7 @@ from gpt_fpga.quantize.checkpoint import load_checkpoint
 from gpt_fpga.sim.contract.errors import GptFpgaError, InputError
 from gpt_fpga.quantize.tokenizer import TextCodec
 
-BACKENDS = ("float", "fixed", "rtl")
+BACKENDS = ("float", "fixed", "rtl", "pynq")
 
 
 class Backend:
@@ -112,7 +113,34 @@ class RtlBackend(ImageBackend):
         self.codec = _image_codec(image, image_path)
 
 
-def open_backend(name: str, model: str | Path) -> Backend:
+class PynqBackend(ImageBackend):
+    """The engine on a PYNQ board (host/pynq_device.py), through the driver (host/driver.py).
+
+    `overlay`: the .bit (with its .hwh); default $GPT_FPGA_OVERLAY or build/overlay/gpt_fpga.bit."""
+
+    name = "pynq"
+
+    def __init__(self, image_path: Path, overlay: str | Path | None = None, **device_kw):
+        from gpt_fpga.host.driver import Driver
+        from gpt_fpga.host.pynq_device import PynqDevice
+        from gpt_fpga.sim.fixed_model import check_model_header
+
+        image = _read_image_file(image_path, self.name)
+        self.config = check_model_header(image.path, image.header)
+        self.device = PynqDevice(overlay, **device_kw)
+        try:
+            self.model = Driver(image, self.device)
+        except BaseException:  # identity mismatch, no CMA, ...: give the buffers back before the error
+            self.device.close()
+            raise
+        self.codec = _image_codec(image, image_path)
+
+
+def open_backend(name: str, model: str | Path, overlay: str | Path | None = None) -> Backend:
+    if overlay is not None and name != "pynq":
+        raise InputError(f"--overlay applies to --backend pynq only (not {name})")
+    if name == "pynq":
+        return PynqBackend(Path(model), overlay)
     if name == "float":
         if Path(model).is_file():
             raise GptFpgaError(f"{model}: is a file; --backend float takes a Hugging Face model directory "

@@ -57,7 +57,7 @@ def text_file(path: str) -> Path:
 def _open(args):
     from gpt_fpga.host.backends import open_backend
 
-    return open_backend(args.backend, args.model)
+    return open_backend(args.backend, args.model, overlay=getattr(args, "overlay", None))
 
 
 def _input_ids(backend, args) -> list[int]:
@@ -229,6 +229,13 @@ def cmd_compare(args):
           f"over {summary['tokens']} tokens")
 
 
+def cmd_board_check(args):
+    from gpt_fpga.host.board_check import board_check
+
+    if not board_check(args.overlay, args.image):
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gpt_fpga.host.backends import BACKENDS
     from gpt_fpga.sim.contract.layout import BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS
@@ -245,10 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_backend(sp):
-        sp.add_argument("model", help="Hugging Face model directory (float) or weight image (fixed, rtl)")
+        sp.add_argument("model", help="Hugging Face model directory (float) or weight image (fixed, rtl, pynq)")
         sp.add_argument("--backend", default="float", choices=list(BACKENDS),
                         help="float: float32 golden model; fixed: bit-exact integer model of the accelerator; "
-                             "rtl: the engine's RTL in Verilator, through the board's driver")
+                             "rtl: the engine's RTL in Verilator, through the board's driver; "
+                             "pynq: the engine on the board (PYNQ)")
+        sp.add_argument("--overlay", help="--backend pynq: the overlay's .bit, its .hwh beside it (default "
+                        "$GPT_FPGA_OVERLAY, else build/overlay/gpt_fpga.bit)")
 
     g = sub.add_parser("generate", help="generate text, streamed as it is decoded")
     with_backend(g)
@@ -305,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("model", help="Hugging Face model directory or weight image")
     inf.add_argument("--json", action="store_true")
     inf.set_defaults(func=cmd_info)
+
+    bc = sub.add_parser("board-check", help="on the board: identity, DMA, bandwidth, interrupt and a LAYER "
+                        "against the fixed model, as a table")
+    bc.add_argument("--overlay", help="the overlay's .bit, its .hwh beside it (default $GPT_FPGA_OVERLAY, else "
+                    "build/overlay/gpt_fpga.bit)")
+    bc.add_argument("--image", help="weight image to run (default: a small random model built for the engine)")
+    bc.set_defaults(func=cmd_board_check)
     return p
 
 
