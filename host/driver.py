@@ -162,12 +162,14 @@ class Driver:
             data = f.read(h["data_size"])
         if len(data) != h["data_size"]:
             raise ImageError(f"{image.path}: truncated data region ({len(data)} of {h['data_size']} bytes)")
-        self.state_layout = dsc.plan_state(h, self.hw.bus_bytes)
+        self.state_layout = lay = dsc.plan_state(h, self.hw.bus_bytes)
         self.weights = device.allocate(len(data))
-        self.state = device.allocate(self.state_layout.total)
+        self.state = device.allocate(lay.kv_offset)  # descriptors, eps, x, logits: flushed / invalidated
+        self.kv = device.allocate(lay.total - lay.kv_offset)  # only the engine touches it: never synced
         self.weights[:len(data)] = np.frombuffer(data, np.uint8)
         self.weights.flush()
-        self.place = dsc.placement(h, self.weights.device_address, self.state.device_address, self.state_layout)
+        self.place = dsc.placement(h, self.weights.device_address, self.state.device_address, lay,
+                                   kv_base=self.kv.device_address)
         table = dsc.build_table(h, self.place)
         self._put(self.state_layout.desc, table)
         self._put(self.state_layout.eps, dsc.eps_table_bytes(h["ln_eps_table"]))

@@ -151,8 +151,10 @@ def _up(n: int, align: int) -> int:
 
 @dataclass(frozen=True)
 class StateLayout:
-    """Offsets in the engine's state buffer (everything but the weights), each 64-byte aligned
-    (K/V regions 4 KiB aligned, so a head's rows never share a page with another buffer)."""
+    """Offsets in the engine's state (everything but the weights), each 64-byte aligned; the K/V
+    regions 4 KiB aligned and last, from ``kv_offset`` on, so they can live in a buffer of their own:
+    the host never touches the KV cache, so that buffer needs no cache flush or invalidate (pynq's
+    sync the whole buffer, and the KV cache is most of the state)."""
 
     desc: int
     eps: int
@@ -161,6 +163,7 @@ class StateLayout:
     k_cache: tuple
     v_cache: tuple
     total: int
+    kv_offset: int
 
 
 def plan_state(header: dict, bus_bytes: int) -> StateLayout:
@@ -180,15 +183,20 @@ def plan_state(header: dict, bus_bytes: int) -> StateLayout:
     resid = take(4 * d)
     logits = take(4 * v)
     region = kv_region_bytes(cfg["n_head"], cfg["n_ctx"], hd, bus_bytes)
+    kv_offset = _up(at, 4096)
     k = tuple(take(region, 4096) for _ in range(n_layer))
     vv = tuple(take(region, 4096) for _ in range(n_layer))
-    return StateLayout(desc, eps, resid, logits, k, vv, _up(at, 4096))
+    return StateLayout(desc, eps, resid, logits, k, vv, _up(at, 4096), kv_offset)
 
 
-def placement(header: dict, weights_base: int, state_base: int, state: StateLayout) -> Placement:
+def placement(header: dict, weights_base: int, state_base: int, state: StateLayout,
+              kv_base: int | None = None) -> Placement:
     """Device addresses: the image's data region copied as it is to `weights_base` (sections keep
-    their 4 KiB-aligned offsets), the state buffer at `state_base`."""
+    their 4 KiB-aligned offsets), the state at `state_base`, and the K/V regions at `kv_base` (a
+    buffer of ``total - kv_offset`` bytes) or, by default, after the rest of the state in one buffer."""
     sections = {s["name"]: weights_base + s["offset"] for s in header["sections"]}
+    kv = state_base + state.kv_offset if kv_base is None else kv_base
     return Placement(sections=sections, resid_addr=state_base + state.resid, logits_addr=state_base + state.logits,
-                     eps_addr=state_base + state.eps, k_cache=tuple(state_base + o for o in state.k_cache),
-                     v_cache=tuple(state_base + o for o in state.v_cache))
+                     eps_addr=state_base + state.eps,
+                     k_cache=tuple(kv + o - state.kv_offset for o in state.k_cache),
+                     v_cache=tuple(kv + o - state.kv_offset for o in state.v_cache))
