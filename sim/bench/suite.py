@@ -7,6 +7,10 @@ float
     The float32 golden model (sim/float_model.py) against transformers, side by side in one process on
     a random GPT-Neo of TinyStories-33M shape: prefill of a 256-token prompt and decode ms/token with
     the KV cache. Also ``load_memory``: peak RSS of loading a GPT-2-124M-shaped fp32 checkpoint.
+
+engine
+    Whole tokens through the driver on the engine's RTL (Verilator, DDR model) at TinyStories-33M and
+    GPT-2 124M shapes against the bandwidth roofline, with a PYNQ-Z2 projection (sim/bench/engine.py).
 """
 
 from __future__ import annotations
@@ -261,10 +265,17 @@ def _summary_cores(r: dict) -> str:
                      for fmt, v in r["matvec"].items())
 
 
+def _summary_engine(r: dict) -> str:
+    from gpt_fpga.sim.bench.engine import summary
+
+    return summary(r)
+
+
 BENCHES = {"float": (bench_float, _summary_float),
            "cores": (_lazy("gpt_fpga.sim.bench.cores", "bench_cores"), _summary_cores),
            "accuracy": (_lazy("gpt_fpga.sim.bench.accuracy", "bench_accuracy"), _summary_accuracy),
-           "fixed": (_lazy("gpt_fpga.sim.bench.accuracy", "bench_fixed"), _summary_fixed)}
+           "fixed": (_lazy("gpt_fpga.sim.bench.accuracy", "bench_fixed"), _summary_fixed),
+           "engine": (_lazy("gpt_fpga.sim.bench.engine", "bench_engine"), _summary_engine)}
 
 
 def main(argv: list[str] | None = None) -> int:
