@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def cmd_logits(args):
     if len(ids) > backend.config.n_ctx:
         raise InputError(f"{len(ids)} ids exceed the model's context of {backend.config.n_ctx} tokens")
     out = output_file(args.out, "--out")
+    check_writable(out, "--out")
     backend.reset()
     if args.int32:
         if not hasattr(backend, "forward_int"):
@@ -212,17 +214,25 @@ def cmd_compare(args):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: is a file; give a directory")
-    if args.backend == "rtl":
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise InputError(f"--out {out}: cannot write there ({existing} is not a writable directory)")
+    if getattr(args, "overlay", None) is not None and args.backend != "pynq":
+        raise InputError(f"--overlay applies to --backend pynq only (not {args.backend})")
+    if args.backend in ("rtl", "pynq"):
         if args.image is not None:
-            raise InputError("compare --backend rtl takes one weight image (rtl is compared with fixed on it), "
-                             "not a model and an image")
-        summary = compare_rtl(args.model, text_file(args.text), out, args.tokens)
+            raise InputError(f"compare --backend {args.backend} takes one weight image (the device is compared with "
+                             f"the fixed model on it), not a model and an image")
+        summary = compare_rtl(args.model, text_file(args.text), out, args.tokens, backend=args.backend,
+                              overlay=args.overlay)
         print(summary["verdict"])
         if not summary["identical"]:
             raise SystemExit(1)
         return
     if args.image is None:
-        raise InputError("compare needs MODEL IMAGE (float against fixed), or IMAGE --backend rtl")
+        raise InputError("compare needs MODEL IMAGE (float against fixed), or IMAGE --backend rtl|pynq")
     summary = compare(args.model, args.image, text_file(args.text), out, args.tokens)
     print(f"wrote {args.out}/compare.json and {args.out}/compare.png; logits SNR "
           f"{summary['logits']['snr_db']:.1f} dB, top-1 agreement {summary['top1_agreement']:.3f} "
@@ -277,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--ids", required=True)
     lg.add_argument("--out", required=True, help="output .npy file")
     lg.add_argument("--int32", action="store_true",
-                    help="write the contract's int32 logits (fixed, rtl backends) instead of float32")
+                    help="write the contract's int32 logits (fixed, rtl, pynq backends) instead of float32")
     lg.set_defaults(func=cmd_logits)
 
     pp = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
@@ -303,12 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="per-layer accuracy of fixed against float, or equality of rtl and fixed")
     cp.add_argument("model", help="Hugging Face model directory (or, with --backend rtl, the weight image)")
     cp.add_argument("image", nargs="?", help="weight image made from the model")
-    cp.add_argument("--backend", default="fixed", choices=["fixed", "rtl"],
-                    help="fixed: fixed against float, per layer and operation (default); rtl: the engine's RTL "
-                         "against fixed, per layer, naming the first difference")
+    cp.add_argument("--backend", default="fixed", choices=["fixed", "rtl", "pynq"],
+                    help="fixed: fixed against float, per layer and operation (default); rtl or pynq: the engine "
+                         "(RTL simulation, or the board) against fixed, per layer, naming the first difference")
+    cp.add_argument("--overlay", help="--backend pynq: the overlay's .bit, its .hwh beside it (default "
+                    "$GPT_FPGA_OVERLAY, else build/overlay/gpt_fpga.bit)")
     cp.add_argument("--text", required=True, help="text to run both models on")
-    cp.add_argument("--out", required=True, help="output directory for compare.json and compare.png")
-    cp.add_argument("--tokens", type=int, default=256, help="tokens of --text to use (at most the context)")
+    cp.add_argument("--out", required=True, help="output directory for compare.json (and compare.png for fixed)")
+    cp.add_argument("--tokens", type=int, default=256, help="tokens of --text to use (default 256; at most the "
+                    "model's context)")
     cp.set_defaults(func=cmd_compare)
 
     inf = sub.add_parser("info", help="model shape, parameters and DDR bytes per decoded token")

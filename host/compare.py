@@ -121,26 +121,38 @@ def compare(model_dir, image_path, text_path, out_dir, tokens: int = 256) -> dic
     return summary
 
 
-def compare_rtl(image_path, text_path: Path, out_dir: Path, tokens: int, **device_kw) -> dict:
-    """The engine's RTL (through the driver) against the fixed model: every layer's residual and the
-    logits of every position must be equal. Writes compare.json; names the first difference."""
-    from gpt_fpga.host.backends import FixedBackend, RtlBackend
+def compare_rtl(image_path, text_path: Path, out_dir: Path, tokens: int, backend: str = "rtl",
+                overlay=None) -> dict:
+    """The engine (RTL simulation, or the board), through the driver, against the fixed model: every
+    layer's residual and the logits of every position must be equal. Writes compare.json; names the
+    first difference."""
+    import sys
 
+    from tqdm import tqdm
+
+    from gpt_fpga.host.backends import FixedBackend, open_backend
+
+    if Path(image_path).is_dir():
+        raise InputError(f"{image_path}: is a directory (a Hugging Face model?); compare --backend {backend} "
+                         f"takes a weight image, the file made by 'gpt-fpga quantize MODEL -o IMAGE'")
     fixed = FixedBackend(Path(image_path))
     if fixed.codec is None:
         raise InputError(f"{image_path} has no embedded tokenizer: compare needs one to tokenize {text_path}")
     ids = fixed.codec.encode(Path(text_path).read_text(encoding="utf-8", errors="replace"))
+    if tokens > fixed.config.n_ctx:
+        print(f"gpt-fpga compare: --tokens {tokens} exceeds the model's context; using {fixed.config.n_ctx}",
+              file=sys.stderr)
     ids = ids[:min(tokens, fixed.config.n_ctx)]
     if len(ids) < 2:
         raise InputError(f"{text_path}: fewer than 2 tokens")
-    rtl = RtlBackend(Path(image_path), **device_kw)
+    rtl = open_backend(backend, Path(image_path), **({"overlay": overlay} if backend == "pynq" else {}))
     model, driver = fixed.model, rtl.model
     model.reset(), driver.reset()
     n_layer = fixed.config.n_layer
     layers = [{"layer": i, "equal_positions": 0, "first_difference": None} for i in range(n_layer)]
     logits = {"equal_positions": 0, "first_difference": None}
     first = None
-    for pos, tok in enumerate(ids):
+    for pos, tok in enumerate(tqdm(ids, desc=f"{backend} vs fixed", unit="token", file=sys.stderr)):
         x = model.embed([tok], pos)
         want = []
         for layer in range(n_layer):
@@ -179,13 +191,13 @@ def compare_rtl(image_path, text_path: Path, out_dir: Path, tokens: int, **devic
                     first = dict(logits["first_difference"], where="logits")
     identical = first is None
     if identical:
-        verdict = (f"rtl == fixed: every layer's residual and every logit equal at all {len(ids)} positions "
+        verdict = (f"{backend} == fixed: every layer's residual and every logit equal at all {len(ids)} positions "
                    f"({n_layer} layers)")
     else:
-        verdict = (f"rtl != fixed: first difference in the {first['where']} at position {first['position']}, "
-                   f"element {first['index']}: rtl {first['rtl']}, fixed {first['fixed']} "
+        verdict = (f"{backend} != fixed: first difference in the {first['where']} at position {first['position']}, "
+                   f"element {first['index']}: {backend} {first['rtl']}, fixed {first['fixed']} "
                    f"({first['count']} elements differ there)")
-    summary = {"backend": "rtl", "reference": "fixed", "image": str(image_path), "tokens": len(ids),
+    summary = {"backend": backend, "reference": "fixed", "image": str(image_path), "tokens": len(ids),
                "identical": identical, "first_difference": first, "layers": layers, "logits": logits,
                "verdict": verdict}
     out_dir.mkdir(parents=True, exist_ok=True)

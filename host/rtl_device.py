@@ -214,7 +214,8 @@ def build_library(params: dict, quiet: bool = False) -> Path:
     lib = out / LIB_NAME
     if not lib.is_file():
         if not quiet:
-            print(f"building the RTL simulation of the engine ({params['weights']}, one-time, "
+            print(f"building the RTL simulation of the engine ({params['weights']}, {params['bus_bits']}-bit bus; "
+                  f"once per engine configuration, "
                   f"~{BUILD_MINUTES} min)...", file=sys.stderr, flush=True)
         tmp = root / f"{digest}.tmp-{os.getpid()}"
         _compile(tmp, text, bus_bytes)  # on failure the directory stays, with its build.log
