@@ -198,6 +198,11 @@ class Engine(wiring.Component):
         lo = Signal(16)  # first visible key
         n_keys = Signal(16)
         ctx_stride = Signal(32)  # bytes between heads in a K/V region: n_ctx * kv_row_bytes
+        hd_n = Signal(32)  # head_dim * n_head (must equal d_model)
+        nh_rb = Signal(32)  # n_head * row_beats_kv: words of q (or k, or v) head rows
+        kv_beats = Signal(32)  # n_keys * row_beats_kv: one head's K (or V) transfer
+        kv_off = Signal(32)  # this head's visible rows: head * ctx_stride + lo_off (kept incrementally)
+        kv_wr_addr = Signal(32)  # next K/V row write (kept incrementally)
         pos_off = Signal(32)  # position * kv_row_bytes
         lo_off = Signal(32)  # lo * kv_row_bytes
         m.d.comb += row_beats_kv.eq((head_dim + (B - 1)) >> lgB)
@@ -220,7 +225,7 @@ class Engine(wiring.Component):
 
         # ---- sequencer state ---------------------------------------------------------------------
         step = Signal(range(len(rm.STEPS)))
-        head = Signal(8)
+        head = Signal(16)  # also counts the 2 * n_head K/V row writes
         busy = Signal()
         done = Signal()
         err = Signal(len(rm.ERROR_BITS))
@@ -406,9 +411,11 @@ class Engine(wiring.Component):
 
         # ---- sinks --------------------------------------------------------------------------------
         sink_i = Signal(range(max(self.max_d, nx.MAX_ROWS) + 1))  # values received by the step's sink
-        sink_target = Signal(range(max(self.max_d, nx.MAX_ROWS) + 1))
+        sink_target = Signal(range(max(self.max_d, nx.MAX_ROWS) + 1))  # this step's values (comb, below)
+        sink_target_r = Signal.like(sink_target)  # registered: one cycle behind the step, long before any value
         sink_done = Signal()
-        m.d.comb += sink_done.eq(sink_i == sink_target)  # sink_target: set with the matvec geometry below
+        m.d.sync += sink_target_r.eq(sink_target)
+        m.d.comb += sink_done.eq(sink_i == sink_target_r)
 
         # LayerNorm out -> a
         with m.If((step == STEP["ln1"]) | (step == STEP["ln2"]) | (step == STEP["lnf"])):
@@ -468,7 +475,7 @@ class Engine(wiring.Component):
             with m.Else():
                 m.d.comb += mv.m_out.tready.eq(1)
                 with m.If(mv.m_out.tvalid):
-                    is_last = sink_i + 1 == sink_target
+                    is_last = sink_i + 1 == sink_target_r
                     m.d.sync += [lg_pack.word_select(lg_n, 32).eq(mv.m_out.tdata), lg_last.eq(is_last),
                                  lg_n.eq(Mux(is_last, B // 4, lg_n + 1)), sink_i.eq(sink_i + 1)]
 
@@ -517,6 +524,8 @@ class Engine(wiring.Component):
         else:
             hdr_bytes = Const(ROW_HEADER_FIXED_BYTES, 8)
         row_beats = Signal(16)
+        row_beats_r = Signal(16)
+        mat_beats = Signal(32)
         m.d.comb += row_beats.eq(((hdr_bytes + (B - 1)) >> lgB) + ((mv_d_in + (per_beat - 1)) >> _lg(per_beat)))
         m.d.comb += act_words.eq((mv_d_in + (B - 1)) >> lgB)
 
@@ -542,14 +551,19 @@ class Engine(wiring.Component):
         def read(addr, beats, tag):
             m.d.comb += [rd_addr.eq(addr), rd_n.eq(beats), rd_tag.eq(tag), rd_go.eq(1)]
 
-        def matvec(addr):
-            """sub 0: weights read + activations; returns 'all the step's sink values are in'."""
-            with m.If(sub == 0):
-                read(addr, mv_rows * row_beats, T_W)
+        def matvec(addr, first_sub=0):
+            """From sub `first_sub`: the matrix's beats (registered in two steps: no multiplier on the path
+            to the DMA), then the weights read with the activations; returns 'the step's values are in'."""
+            with m.If(sub == first_sub):
+                m.d.sync += [row_beats_r.eq(row_beats), sub.eq(first_sub + 1)]
+            with m.Elif(sub == first_sub + 1):
+                m.d.sync += [mat_beats.eq(mv_rows * row_beats_r), sub.eq(first_sub + 2)]
+            with m.Elif(sub == first_sub + 2):
+                read(addr, mat_beats, T_W)
                 with m.If(rd_issued):
                     m.d.comb += act_go.eq(1)
-                    m.d.sync += [act_base.eq(0), sub.eq(1)]
-            return (sub == 1) & sink_done
+                    m.d.sync += [act_base.eq(0), sub.eq(first_sub + 3)]
+            return (sub == first_sub + 3) & sink_done
 
         def layernorm(addr, shift, nxt):
             with m.If(sub == 0):
@@ -609,10 +623,19 @@ class Engine(wiring.Component):
                 with m.Elif(rd_out == 0):
                     m.next = "CHECK"
             with m.State("CHECK"):
+                # products of descriptor fields, registered before anything compares or uses them
+                window = lf("window")
+                m.d.sync += [hd_n.eq(head_dim * n_head), nh_rb.eq(n_head * row_beats_kv),
+                             ctx_stride.eq(n_ctx * kv_row_bytes), pos_off.eq(position * kv_row_bytes),
+                             lo.eq(Mux((window != 0) & (position >= window), position - window + 1, 0))]
+                m.next = "CHECK2"
+            with m.State("CHECK2"):
+                m.d.sync += [n_keys.eq(position - lo + 1), lo_off.eq(lo * kv_row_bytes)]
+                m.next = "CHECK3"
+            with m.State("CHECK3"):
+                m.d.sync += kv_beats.eq(n_keys * row_beats_kv)
                 bad = Signal()
                 bad_cmd = Signal()
-                hd_n = Signal(32)
-                m.d.comb += hd_n.eq(head_dim * n_head)
                 m.d.comb += bad_cmd.eq(~is_head & (layer >= n_layer))
                 checks = [
                     dfield(rec_model, "model", "magic") != dsc.DESC_MAGIC,
@@ -620,18 +643,13 @@ class Engine(wiring.Component):
                     d_model == 0, d_model > self.max_d, hd_n != d_model,
                     d_ff == 0, d_ff > self.max_d, n_ctx == 0, n_ctx > self.max_context,
                     vocab == 0, vocab > nx.MAX_ROWS, position >= n_ctx,
-                    n_head * row_beats_kv > self.head_words,
+                    nh_rb > self.head_words,
                 ]
                 layer_checks = [lf("score_shift") > nx.MAX_SHIFT, lf("ctx_shift") > nx.MAX_SHIFT,
                                 lf("ln1_shift") > nx.LN_MAX_OUT_SHIFT, lf("ln2_shift") > nx.LN_MAX_OUT_SHIFT,
                                 lf("window") >= n_ctx]
                 m.d.comb += bad.eq(Cat(*checks).any() | (~is_head & Cat(*layer_checks).any())
                                    | (is_head & (hf("lnf_shift") > nx.LN_MAX_OUT_SHIFT)))
-                window = lf("window")
-                first = Mux((window != 0) & (position >= window), position - window + 1, 0)
-                m.d.sync += [lo.eq(first), n_keys.eq(position - first + 1),
-                             ctx_stride.eq(n_ctx * kv_row_bytes), pos_off.eq(position * kv_row_bytes),
-                             lo_off.eq(first * kv_row_bytes)]
                 with m.If(bad_cmd):
                     m.d.sync += err[err_bit["command"]].eq(1)
                     m.next = "ABORT"
@@ -664,44 +682,41 @@ class Engine(wiring.Component):
                     # 2 * n_head row writes (all k rows, then all v rows) fed by one linear read of h
                     m.d.comb += h_to_wr.eq(1)
                     with m.If(sub == 0):
-                        m.d.sync += [h_base.eq(n_head * row_beats_kv), h_count.eq(2 * n_head * row_beats_kv),
-                                     kvrow_i.eq(0), head.eq(0), sub.eq(1)]
+                        m.d.sync += [h_base.eq(nh_rb), h_count.eq(nh_rb << 1), kvrow_i.eq(0), head.eq(0),
+                                     kv_wr_addr.eq(lf("k_cache_addr") + pos_off), sub.eq(1)]
                         m.d.comb += h_go.eq(1)
                     with m.Elif(sub == 1):
-                        is_k = head < n_head
-                        kv = Mux(is_k, lf("k_cache_addr"), lf("v_cache_addr"))
-                        hh = Mux(is_k, head, head - n_head)
-                        m.d.comb += [wr_addr.eq(kv + hh * ctx_stride + pos_off), wr_n.eq(row_beats_kv),
-                                     wr_go.eq(head < 2 * n_head)]
+                        m.d.comb += [wr_addr.eq(kv_wr_addr), wr_n.eq(row_beats_kv), wr_go.eq(head < (n_head << 1))]
                         with m.If(wr_issued):
-                            m.d.sync += head.eq(head + 1)
-                        with m.If((head == 2 * n_head) & ~h_active):
+                            m.d.sync += [head.eq(head + 1),
+                                         kv_wr_addr.eq(Mux(head + 1 == n_head, lf("v_cache_addr") + pos_off,
+                                                           kv_wr_addr + ctx_stride))]
+                        with m.If((head == (n_head << 1)) & ~h_active):
                             m.d.sync += sub.eq(2)
                     with m.Elif(wr.idle):
-                        m.d.sync += head.eq(0)
+                        m.d.sync += [head.eq(0), kv_off.eq(lo_off), h_base.eq(0), ctx_base.eq(0)]
                         begin(STEP["scores_softmax"])
                 with m.Elif(step == STEP["scores_softmax"]):
                     # per head: K and V reads queued back to back, then the q row; done when the
                     # head's head_dim context bytes are in a
-                    koff = head * ctx_stride + lo_off
                     # The query goes out with the K read: the read DMA may hold the V command back until
                     # the K transfer is split into bursts, which needs AttnScores to drain K, which
-                    # needs the query.
+                    # needs the query. h_base, ctx_base and kv_off step by one head (no multiplier).
                     with m.If(sub == 0):
-                        read(lf("k_cache_addr") + koff, n_keys * row_beats_kv, T_K)
+                        read(lf("k_cache_addr") + kv_off, kv_beats, T_K)
                         with m.If(rd_issued):
                             m.d.comb += h_go.eq(1)
-                            m.d.sync += [h_base.eq(head * row_beats_kv), h_count.eq(row_beats_kv),
-                                         ctx_e.eq(0), ctx_base.eq(head * head_dim), sub.eq(1)]
+                            m.d.sync += [h_count.eq(row_beats_kv), ctx_e.eq(0), sub.eq(1)]
                     with m.Elif(sub == 1):
-                        read(lf("v_cache_addr") + koff, n_keys * row_beats_kv, T_V)
+                        read(lf("v_cache_addr") + kv_off, kv_beats, T_V)
                         with m.If(rd_issued):
                             m.d.sync += sub.eq(2)
                     with m.Elif((ctx_e == head_dim) & ~ctx_have):
                         with m.If(head + 1 == n_head):
                             begin(STEP["attn_out"])
                         with m.Else():
-                            m.d.sync += [head.eq(head + 1), sub.eq(0)]
+                            m.d.sync += [head.eq(head + 1), sub.eq(0), h_base.eq(h_base + row_beats_kv),
+                                         ctx_base.eq(ctx_base + head_dim), kv_off.eq(kv_off + ctx_stride)]
                 with m.Elif(step == STEP["attn_out"]):
                     with m.If(matvec(lf("attn_out_addr")) & ~add_pending):
                         begin(STEP["ln2"])
@@ -730,13 +745,8 @@ class Engine(wiring.Component):
                         m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
                                      wr_n.eq((vocab + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
                         with m.If(wr_issued):
-                            m.d.sync += [lg_n.eq(0), lg_pack.eq(0), sub.eq(2)]
-                    with m.Elif(sub == 2):
-                        read(hf("lm_head_addr"), mv_rows * row_beats, T_W)
-                        with m.If(rd_issued):
-                            m.d.comb += act_go.eq(1)
-                            m.d.sync += [act_base.eq(0), sub.eq(3)]
-                    with m.Elif(sink_done & (lg_n == 0) & wr.idle):
+                            m.d.sync += [lg_n.eq(0), lg_pack.eq(0), sub.eq(1)]
+                    with m.Elif(matvec(hf("lm_head_addr"), first_sub=1) & (lg_n == 0) & wr.idle):
                         m.next = "END"
             with m.State("ABORT"):
                 # flush the DMAs (one cycle) and reset the cores
