@@ -505,9 +505,11 @@ class Engine(wiring.Component):
 
         # ---- matvec geometry: a function of the step, stable for the step's duration --------------------
         mv_d_in, mv_rows, mv_int8 = Signal(range(self.max_d + 1)), Signal(16), Signal()
+        d3 = Signal(18)  # 3 * d_model, rows of the qkv matrix (a shift and an add, not a multiplier)
+        m.d.sync += d3.eq((d_model << 1) + d_model)
         with m.Switch(step):
             with m.Case(STEP["qkv"]):
-                m.d.comb += [mv_d_in.eq(d_model), mv_rows.eq(3 * d_model), mv_int8.eq(1), sink_target.eq(3 * d_model)]
+                m.d.comb += [mv_d_in.eq(d_model), mv_rows.eq(d3), mv_int8.eq(1), sink_target.eq(d3)]
             with m.Case(STEP["attn_out"]):
                 m.d.comb += [mv_d_in.eq(d_model), mv_rows.eq(d_model), sink_target.eq(d_model)]
             with m.Case(STEP["fc_gelu"]):
@@ -525,6 +527,7 @@ class Engine(wiring.Component):
             hdr_bytes = Const(ROW_HEADER_FIXED_BYTES, 8)
         row_beats = Signal(16)
         row_beats_r = Signal(16)
+        mv_rows_r = Signal(16)
         mat_beats = Signal(32)
         m.d.comb += row_beats.eq(((hdr_bytes + (B - 1)) >> lgB) + ((mv_d_in + (per_beat - 1)) >> _lg(per_beat)))
         m.d.comb += act_words.eq((mv_d_in + (B - 1)) >> lgB)
@@ -555,9 +558,9 @@ class Engine(wiring.Component):
             """From sub `first_sub`: the matrix's beats (registered in two steps: no multiplier on the path
             to the DMA), then the weights read with the activations; returns 'the step's values are in'."""
             with m.If(sub == first_sub):
-                m.d.sync += [row_beats_r.eq(row_beats), sub.eq(first_sub + 1)]
+                m.d.sync += [row_beats_r.eq(row_beats), mv_rows_r.eq(mv_rows), sub.eq(first_sub + 1)]
             with m.Elif(sub == first_sub + 1):
-                m.d.sync += [mat_beats.eq(mv_rows * row_beats_r), sub.eq(first_sub + 2)]
+                m.d.sync += [mat_beats.eq(mv_rows_r * row_beats_r), sub.eq(first_sub + 2)]
             with m.Elif(sub == first_sub + 2):
                 read(addr, mat_beats, T_W)
                 with m.If(rd_issued):
