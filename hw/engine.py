@@ -438,21 +438,28 @@ class Engine(wiring.Component):
                 with m.Else():
                     m.d.sync += e_i.eq(e_i + 1)
 
-        # attn_out / proj matvec out -> x += y (saturating), two cycles per value
-        add_y = Signal(32)
+        # attn_out / proj matvec out -> x += y (saturating), three cycles per value (at most one value
+        # per weight row): read x, register it (no adder behind the block RAM's output), add and write
+        add_y, add_x = Signal(32), Signal(32)
+        add_phase = Signal(2)
         add_pending = Signal()
+        m.d.comb += add_pending.eq(add_phase != 0)
         with m.If((step == STEP["attn_out"]) | (step == STEP["proj"])):
             m.d.comb += mv.m_out.tready.eq(~add_pending)
             with m.If(mv.m_out.tvalid & ~add_pending):
                 m.d.comb += [x_rp.addr.eq(sink_i), x_rp.en.eq(1)]
-                m.d.sync += [add_y.eq(mv.m_out.tdata), add_pending.eq(1)]
-            with m.If(add_pending):
+                m.d.sync += [add_y.eq(mv.m_out.tdata), add_phase.eq(1)]
+            with m.If(add_phase == 1):
+                m.d.sync += [add_x.eq(x_rp.data), add_phase.eq(2)]
+            with m.If(add_phase == 2):
                 total = Signal(34)
-                m.d.comb += total.eq(x_rp.data.as_signed() + add_y.as_signed())
+                m.d.comb += total.eq(add_x.as_signed() + add_y.as_signed())
                 hi, lo_ = (1 << 31) - 1, -(1 << 31)
                 sat = Mux(total.as_signed() > hi, hi, Mux(total.as_signed() < lo_, lo_, total))
                 m.d.comb += [x_wp.addr.eq(sink_i), x_wp.data.eq(sat), x_wp.en.eq(1)]
-                m.d.sync += [add_pending.eq(0), sink_i.eq(sink_i + 1)]
+                m.d.sync += [add_phase.eq(0), sink_i.eq(sink_i + 1)]
+        with m.If(core_rst):
+            m.d.sync += add_phase.eq(0)
 
         # fc matvec out -> GELU -> a
         with m.If(step == STEP["fc_gelu"]):
