@@ -8,9 +8,10 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, exact_log2
 
+from gpt_fpga.hw.attn_scores import check_attention_params
 from gpt_fpga.hw.axis import AxiStreamSignature
 from gpt_fpga.sim.contract import numerics
-from gpt_fpga.sim.contract.layout import BUS_BITS_CHOICES, ceil_div
+from gpt_fpga.sim.contract.layout import ceil_div
 
 __all__ = ["AttnContext", "ERROR_BITS"]
 
@@ -27,10 +28,6 @@ ACC_BITS = numerics.ACC_BITS  # per-element accumulators; the contract bounds th
 # two partial products, their sum, the coarse and fine shifts, round + saturate into the output.
 _DRAIN_STAGES = 7
 
-
-def _check_int(name: str, value, lo: int, hi: int):
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
 
 
 class AttnContext(wiring.Component):
@@ -123,14 +120,7 @@ class AttnContext(wiring.Component):
 
     def __init__(self, *, bus_bits: int = 64, max_head_dim: int = numerics.MAX_HEAD_DIM,
                  max_keys: int = numerics.MAX_CONTEXT):
-        try:
-            if bus_bits not in BUS_BITS_CHOICES or isinstance(bus_bits, bool):
-                raise ValueError(f"bus_bits must be one of {BUS_BITS_CHOICES}, got {bus_bits!r}")
-            _check_int("max_head_dim", max_head_dim, 1, numerics.MAX_HEAD_DIM)
-            _check_int("max_keys", max_keys, 1, numerics.MAX_CONTEXT)
-        except ValueError:
-            self._MustUse__silence = True  # a rejected component is not an unused one
-            raise
+        check_attention_params(bus_bits, max_head_dim, max_keys)
         self.bus_bits, self.max_head_dim, self.max_keys = bus_bits, max_head_dim, max_keys
         self.lanes = bus_bits // 8
         self.max_beats = ceil_div(max_head_dim, self.lanes)

@@ -29,6 +29,15 @@ def _check_int(name: str, value, lo: int, hi: int):
         raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
 
 
+def check_attention_params(bus_bits, max_head_dim, max_keys):
+    """The parameters AttnScores and AttnContext share (a rejected core's never-used warning is
+    filtered once, in pyproject.toml)."""
+    if bus_bits not in BUS_BITS_CHOICES or isinstance(bus_bits, bool):
+        raise ValueError(f"bus_bits must be one of {BUS_BITS_CHOICES}, got {bus_bits!r}")
+    _check_int("max_head_dim", max_head_dim, 1, numerics.MAX_HEAD_DIM)
+    _check_int("max_keys", max_keys, 1, numerics.MAX_CONTEXT)
+
+
 class AttnScores(wiring.Component):
     """Attention scores of one head: ``scores[j] = sum_e q[e] * k[j, e]`` (int8 . int8, int32 out).
 
@@ -105,14 +114,7 @@ class AttnScores(wiring.Component):
 
     def __init__(self, *, bus_bits: int = 64, max_head_dim: int = numerics.MAX_HEAD_DIM,
                  max_keys: int = numerics.MAX_CONTEXT):
-        try:
-            if bus_bits not in BUS_BITS_CHOICES or isinstance(bus_bits, bool):
-                raise ValueError(f"bus_bits must be one of {BUS_BITS_CHOICES}, got {bus_bits!r}")
-            _check_int("max_head_dim", max_head_dim, 1, numerics.MAX_HEAD_DIM)
-            _check_int("max_keys", max_keys, 1, numerics.MAX_CONTEXT)
-        except ValueError:
-            self._MustUse__silence = True  # a rejected component is not an unused one
-            raise
+        check_attention_params(bus_bits, max_head_dim, max_keys)
         self.bus_bits, self.max_head_dim, self.max_keys = bus_bits, max_head_dim, max_keys
         self.lanes = bus_bits // 8
         self.max_beats = ceil_div(max_head_dim, self.lanes)

@@ -94,7 +94,6 @@ def make_engine(weights: str, group: int):
         engine = Engine(weights=weights, group=group)
     except ValueError as e:
         raise BitstreamError(f"{e} (WEIGHTS is int8 or int4, GROUP 32, 64 or 128)") from None
-    engine._MustUse__silence = True  # read for its identity only; engine_verilog elaborates its own
     return engine
 
 
@@ -187,7 +186,7 @@ def params_tcl(engine, clock_mhz: float, jobs: int) -> str:
 def prepare(out_dir: Path, weights: str = "int8", group: int = 32, clock_mhz: float = 100.0,
             jobs: int | None = None) -> dict:
     """Write the Verilog, the Tcl and the json into `out_dir`; return the json's content."""
-    from gpt_fpga.hw.synth import engine_verilog
+    from gpt_fpga.hw.top import verilog
 
     fclk0_divisor(clock_mhz)
     engine = make_engine(weights, group)
@@ -195,7 +194,7 @@ def prepare(out_dir: Path, weights: str = "int8", group: int = 32, clock_mhz: fl
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in (f"{OUT_NAME}.bit", f"{OUT_NAME}.hwh", RESULT_NAME):
         (out_dir / stale).unlink(missing_ok=True)
-    (out_dir / VERILOG_NAME).write_text(engine_verilog(weights, group))
+    (out_dir / VERILOG_NAME).write_text(verilog(engine))  # the engine whose identity goes into the json
     for name in TCL_FILES:
         shutil.copyfile(VIVADO_DIR / name, out_dir / name)
     (out_dir / PARAMS_NAME).write_text(params_tcl(engine, clock_mhz, jobs))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tool_missing
 from gpt_fpga.hw import bitstream as bs
 
 VIVADO_DIR = REPO / "hw" / "vivado"
@@ -442,7 +442,7 @@ def test_bad_weights_are_one_line(tmp_path):
 
 def test_makefile_passes_the_variables():
     if shutil.which("make") is None:
-        pytest.skip("make is not installed")
+        tool_missing("make", "apt-get install make")
     r = subprocess.run(["make", "-n", "bitstream", "WEIGHTS=int4", "GROUP=64", "CLOCK_MHZ=142.857"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
