@@ -53,7 +53,7 @@ bitstream: $(VENV)/.dev ## PYNQ-Z2 overlay with Vivado -> build/overlay/gpt_fpga
 		--clock-mhz $(or $(CLOCK_MHZ),100)
 
 bench: $(VENV)/.dev ## speed, accuracy and core-throughput benchmarks -> build/bench/*.json
-	$(PY) -m gpt_fpga.sim.bench --out build/bench
+	$(PY) -m gpt_fpga.bench --out build/bench
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.sim.contract.config import ModelConfig
+from gpt_fpga.contract.config import ModelConfig
 
 from gpt_fpga.quantize.checkpoint import load_checkpoint
-from gpt_fpga.sim.contract.errors import GptFpgaError, InputError
+from gpt_fpga.contract.errors import GptFpgaError, InputError
 from gpt_fpga.quantize.tokenizer import TextCodec
 
 BACKENDS = ("float", "fixed", "rtl", "pynq")
@@ -61,7 +61,7 @@ class FloatBackend(Backend):
 
 
 def _read_image_file(image_path: Path, backend: str):
-    from gpt_fpga.sim.contract.image import read_image
+    from gpt_fpga.contract.image import read_image
 
     if Path(image_path).is_dir():
         raise GptFpgaError(f"{image_path}: is a directory (a Hugging Face model?); --backend {backend} takes a "

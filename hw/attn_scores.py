@@ -10,8 +10,8 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, exact_log2
 
 from gpt_fpga.hw.axis import AxiStreamSignature
-from gpt_fpga.sim.contract import numerics
-from gpt_fpga.sim.contract.layout import BUS_BITS_CHOICES, ceil_div
+from gpt_fpga.contract import numerics
+from gpt_fpga.contract.layout import BUS_BITS_CHOICES, ceil_div
 
 __all__ = ["AttnScores", "ERROR_BITS"]
 

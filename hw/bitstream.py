@@ -110,9 +110,9 @@ def git_state() -> dict:
 def identity(engine, clock_mhz: float) -> dict:
     """gpt_fpga.json: what the board side checks before it trusts the overlay."""
     from gpt_fpga.hw.top import TOP_NAME
-    from gpt_fpga.sim.contract import numerics as nx
-    from gpt_fpga.sim.contract import registers as rm
-    from gpt_fpga.sim.contract.image import FORMAT_VERSION
+    from gpt_fpga.contract import numerics as nx
+    from gpt_fpga.contract import registers as rm
+    from gpt_fpga.contract.image import FORMAT_VERSION
 
     n = fclk0_divisor(clock_mhz)
     return {

@@ -1,7 +1,7 @@
 """The decoder engine: one GPT layer, or the head, per command, streamed from DDR.
 
 See docs/engine.md for the dataflow and the reasons behind it; the register map is
-``sim/contract/registers.py`` and the descriptor table ``sim/contract/descriptors.py``.
+``contract/registers.py`` and the descriptor table ``contract/descriptors.py``.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from gpt_fpga.hw.layernorm import LayerNorm
 from gpt_fpga.hw.matvec import MatVec
 from gpt_fpga.hw.regfile import RegisterFile
 from gpt_fpga.hw.softmax import Softmax
-from gpt_fpga.sim.contract import descriptors as dsc
-from gpt_fpga.sim.contract import numerics as nx
-from gpt_fpga.sim.contract import registers as rm
-from gpt_fpga.sim.contract.image import FORMAT_VERSION
-from gpt_fpga.sim.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_PARAM_BYTES, ROW_HEADER_FIXED_BYTES,
+from gpt_fpga.contract import descriptors as dsc
+from gpt_fpga.contract import numerics as nx
+from gpt_fpga.contract import registers as rm
+from gpt_fpga.contract.image import FORMAT_VERSION
+from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_PARAM_BYTES, ROW_HEADER_FIXED_BYTES,
                                           WEIGHT_FORMATS)
 
 __all__ = ["Engine"]
@@ -87,7 +87,7 @@ class Engine(wiring.Component):
     Attributes
     ----------
     s_axi : In(AxiLiteSignature)
-        Registers (sim/contract/registers.py).
+        Registers (contract/registers.py).
     m_axi_r, m_axi_w : Out(Axi4ReadSignature), Out(Axi4WriteSignature)
         DDR, one AXI4 manager (read and write halves), bursts of at most 16 beats.
     interrupt : Out(1)

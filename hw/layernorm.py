@@ -11,8 +11,8 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
 from gpt_fpga.hw.axis import AxiStreamSignature
-from gpt_fpga.sim.contract.layout import LN_BETA_BITS, LN_GAMMA_BITS, LN_PARAM_BYTES
-from gpt_fpga.sim.contract import numerics
+from gpt_fpga.contract.layout import LN_BETA_BITS, LN_GAMMA_BITS, LN_PARAM_BYTES
+from gpt_fpga.contract import numerics
 
 __all__ = ["LayerNorm"]
 

@@ -1,7 +1,7 @@
 """Streaming matrix-vector product with per-row requantization (int8 or grouped int4 weights).
 
 Arithmetic is :func:`numerics.matvec` bit for bit; the weight stream is the row layout of
-:mod:`sim.contract.layout`.
+:mod:`contract.layout`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from gpt_fpga.hw.axis import AxiStreamSignature
-from gpt_fpga.sim.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div,
+from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div,
                              header_bits)
-from gpt_fpga.sim.contract.numerics import ACC_BITS, MAX_D_IN, MAX_ROWS, MAX_SHIFT
+from gpt_fpga.contract.numerics import ACC_BITS, MAX_D_IN, MAX_ROWS, MAX_SHIFT
 
 __all__ = ["MatVec"]
 

@@ -1,4 +1,4 @@
-"""The engine's AXI4-Lite register file, generated from ``sim/contract/registers.REGISTERS``.
+"""The engine's AXI4-Lite register file, generated from ``contract/registers.REGISTERS``.
 
 Nothing here knows an offset, a width or an access kind: every register, its port and its
 behaviour come from the contract's table, so the host driver, ``docs/registers.md`` and the gateware
@@ -64,7 +64,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from gpt_fpga.hw.axi import RESP_OKAY, AxiLiteSignature
-from gpt_fpga.sim.contract import registers
+from gpt_fpga.contract import registers
 
 __all__ = ["RegisterFile", "field", "pack", "port_name", "set_port_name", "lookup"]
 

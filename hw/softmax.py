@@ -9,7 +9,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
 from gpt_fpga.hw.axis import AxiStreamSignature
-from gpt_fpga.sim.contract import numerics
+from gpt_fpga.contract import numerics
 
 __all__ = ["Softmax"]
 

@@ -41,7 +41,7 @@ def pynq_z2_cores() -> dict:
     from gpt_fpga.hw.matvec import MatVec
     from gpt_fpga.hw.regfile import RegisterFile
     from gpt_fpga.hw.softmax import Softmax
-    from gpt_fpga.sim.contract.numerics import MAX_CONTEXT, MAX_D_IN
+    from gpt_fpga.contract.numerics import MAX_CONTEXT, MAX_D_IN
 
     return {
         "matvec_int8": lambda: MatVec(bus_bits=64, weights="int8"),

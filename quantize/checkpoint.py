@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.sim.contract.config import ModelConfig, expected_shapes, load_config
-from gpt_fpga.sim.contract.errors import CheckpointError
+from gpt_fpga.contract.config import ModelConfig, expected_shapes, load_config
+from gpt_fpga.contract.errors import CheckpointError
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias")

@@ -1,4 +1,4 @@
-"""Float checkpoint -> fixed-point weight image, following the contract in sim/contract/numerics.py.
+"""Float checkpoint -> fixed-point weight image, following the contract in contract/numerics.py.
 
 Steps: calibrate activation ranges on text (static per-tensor int8 scales), quantize each matrix
 (int8 per output channel, or int4 with uint8 group scales), turn every real scale ratio into an
@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpt_fpga.sim.contract.config import ModelConfig
+from gpt_fpga.contract.config import ModelConfig
 
 from gpt_fpga.quantize.checkpoint import Checkpoint, load_checkpoint
-from gpt_fpga.sim.contract.errors import InputError
-from gpt_fpga.sim.contract.image import write_image
-from gpt_fpga.sim.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_BETA_BITS, LN_GAMMA_BITS, WEIGHT_FORMATS,
+from gpt_fpga.contract.errors import InputError
+from gpt_fpga.contract.image import write_image
+from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_BETA_BITS, LN_GAMMA_BITS, WEIGHT_FORMATS,
                                           HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix)
-from gpt_fpga.sim.contract import numerics as nx
+from gpt_fpga.contract import numerics as nx
 from gpt_fpga.sim.float_model import FloatModel
 
 # Activations whose int8 scale is calibrated, per layer (the names FloatModel.forward observes).
@@ -296,7 +296,7 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
     clips = {tensor: kinds for tensor, kinds in clips.items() if kinds}
     if ckpt.tokenizer_path is not None:
         sections["tokenizer"] = ckpt.tokenizer_path.read_bytes()
-    from gpt_fpga.sim.contract.numerics import CONTRACT_VERSION
+    from gpt_fpga.contract.numerics import CONTRACT_VERSION
 
     header = {"contract_version": CONTRACT_VERSION, "config": cfg.to_dict(), "hardware": hw.to_dict(),
               "layers": layers, "lnf_shift": shf, "lnf_scale": s_lnf,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpt_fpga.sim.contract.errors import InputError
+from gpt_fpga.contract.errors import InputError
 
 
 class TextCodec:

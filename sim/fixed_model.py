@@ -1,6 +1,6 @@
-"""Bit-exact integer model of the accelerator, built only from sim/contract/numerics.py operations.
+"""Bit-exact integer model of the accelerator, built only from contract/numerics.py operations.
 
-It reads a weight image (sim/contract/image.py) exactly as the hardware streams it, so a wrong byte in
+It reads a weight image (contract/image.py) exactly as the hardware streams it, so a wrong byte in
 the image shows up here too. Shapes: n = new tokens, t = cached + new, d = d_model, h = heads,
 hd = head_dim, f = d_ff, v = vocab. Integers are held in int64 (or float64 holding exact integers
 for the matmuls, see numerics.matvec_acc).
@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt_fpga.sim.contract.config import ModelConfig
-from gpt_fpga.sim.contract.errors import ImageError
-from gpt_fpga.sim.contract.image import Image
-from gpt_fpga.sim.contract.layout import HwLayout, layer_matrices, unpack_embed_scale, unpack_ln_params, unpack_matrix
-from gpt_fpga.sim.contract import numerics as nx
+from gpt_fpga.contract.config import ModelConfig
+from gpt_fpga.contract.errors import ImageError
+from gpt_fpga.contract.image import Image
+from gpt_fpga.contract.layout import HwLayout, layer_matrices, unpack_embed_scale, unpack_ln_params, unpack_matrix
+from gpt_fpga.contract import numerics as nx
 
 
 @dataclass

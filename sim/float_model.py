@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
-from gpt_fpga.sim.contract.config import ModelConfig
-from gpt_fpga.sim.contract.numerics import visible_keys
+from gpt_fpga.contract.config import ModelConfig
+from gpt_fpga.contract.numerics import visible_keys
 
 _GELU_C = math.sqrt(2.0 / math.pi)  # a Python float: an np.float64 would promote float32 to float64
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.sim.contract.config import expected_shapes, parse_config
+from gpt_fpga.contract.config import expected_shapes, parse_config
 
 _LN_GAINS = ("ln_1.weight", "ln_2.weight", "ln_f.weight")
 

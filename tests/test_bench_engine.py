@@ -1,4 +1,4 @@
-"""The pure parts of the engine roofline benchmark (sim/bench/engine.py): the record of a run, the
+"""The pure parts of the engine roofline benchmark (bench/engine.py): the record of a run, the
 roofline arithmetic, the PYNQ-Z2 projection, the goals, the STEP breakdown, the analysis, the plot,
 and the instant device that times the host's own work. No RTL simulation here (make bench runs it).
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpt_fpga.sim.bench import engine as eb
+from gpt_fpga.bench import engine as eb
 
 REQUIRED = {"model", "weights", "position", "bytes", "cycles", "beats_per_cycle", "roofline_fraction", "tok_s"}
 
@@ -143,9 +143,9 @@ def test_instant_device_times_the_driver(tmp_path):
     """The host-cost stand-in runs the real driver: 1 POSITION write per token, then per command
     COMMAND, CONTROL and IRQ_STATUS writes and STATUS, CYCLES, BEATS_READ, BEATS_WRITTEN reads."""
     from gpt_fpga.quantize.quantizer import quantize_checkpoint
-    from gpt_fpga.sim.contract import numerics as nx
-    from gpt_fpga.sim.contract import registers as rm
-    from gpt_fpga.sim.contract.image import FORMAT_VERSION
+    from gpt_fpga.contract import numerics as nx
+    from gpt_fpga.contract import registers as rm
+    from gpt_fpga.contract.image import FORMAT_VERSION
     from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
     cfg = make_config("gpt2", vocab=64, d=32, heads=2, layers=2, n_ctx=16)

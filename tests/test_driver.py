@@ -13,10 +13,10 @@ import pytest
 
 from gpt_fpga.host.driver import Driver, EngineError, check_identity, embed, read_identity
 from gpt_fpga.quantize.quantizer import quantize_checkpoint
-from gpt_fpga.sim.contract import numerics as nx
-from gpt_fpga.sim.contract import registers as rm
-from gpt_fpga.sim.contract.image import FORMAT_VERSION, read_image
-from gpt_fpga.sim.contract.layout import unpack_embed_scale
+from gpt_fpga.contract import numerics as nx
+from gpt_fpga.contract import registers as rm
+from gpt_fpga.contract.image import FORMAT_VERSION, read_image
+from gpt_fpga.contract.layout import unpack_embed_scale
 from gpt_fpga.sim.fixed_model import FixedModel
 from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 

@@ -15,7 +15,7 @@ import pytest
 from gpt_fpga.hw.engine import Engine
 from gpt_fpga.hw.top import TOP_NAME, verilog
 from gpt_fpga.quantize.quantizer import quantize_checkpoint
-from gpt_fpga.sim.contract.image import read_image
+from gpt_fpga.contract.image import read_image
 from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 from gpt_fpga.sim.tb.runner import BUILD, run_cocotb, simulator_cases
 

@@ -1,7 +1,7 @@
 """The bit-exact fixed-point model (sim/fixed_model.py) and the quantizer that feeds it.
 
 * prefill == token-by-token decode, bit for bit, for both families, int8/int4, both bus widths;
-* the row stream round-trips (sim/contract/layout.py), and its bytes are where the docstring says;
+* the row stream round-trips (contract/layout.py), and its bytes are where the docstring says;
 * an independent pure-Python re-implementation of the whole forward pass (plain ints, tables rebuilt
   from the docstring formulas, weights parsed from the raw section bytes) equals FixedModel exactly;
 * the quantizer's integer ranges, its calibration messages and option checks;
@@ -19,11 +19,11 @@ import pytest
 
 from conftest import MODELS, TINY_MODEL, run_cli, write_tiny_model
 from gpt_fpga.host.cli import main
-from gpt_fpga.sim.contract.errors import InputError
-from gpt_fpga.sim.contract.image import read_image
-from gpt_fpga.sim.contract.layout import HwLayout, layer_matrices, pack_matrix, unpack_matrix
+from gpt_fpga.contract.errors import InputError
+from gpt_fpga.contract.image import read_image
+from gpt_fpga.contract.layout import HwLayout, layer_matrices, pack_matrix, unpack_matrix
 from gpt_fpga.quantize.quantizer import quantize_checkpoint
-from gpt_fpga.sim.contract import numerics as nx
+from gpt_fpga.contract import numerics as nx
 from gpt_fpga.sim.fixed_model import FixedModel
 
 # the tiny checkpoints of conftest.write_tiny_model (Neo: layer 0 local with window 3, layer 1 global)
@@ -290,7 +290,7 @@ class RefModel:
 
 
 def image_cfg(image):
-    from gpt_fpga.sim.contract.config import ModelConfig
+    from gpt_fpga.contract.config import ModelConfig
 
     return ModelConfig.from_dict(image.header["config"])
 
@@ -502,7 +502,7 @@ def test_neo_kjv_int8_greedy_matches_float(capsys, tmp_path):
 def test_quantizer_refuses_configs_beyond_the_engine(field, value, needle):
     import dataclasses
 
-    from gpt_fpga.sim.contract.config import parse_config
+    from gpt_fpga.contract.config import parse_config
     from gpt_fpga.quantize.quantizer import QuantOptions
     from gpt_fpga.sim.random_checkpoint import make_config
 

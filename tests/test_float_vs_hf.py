@@ -133,7 +133,7 @@ def test_tied_lm_head_present(saved, tmp_path):
 
 
 def test_untied_lm_head_is_refused(saved, tmp_path):
-    from gpt_fpga.sim.contract.errors import CheckpointError
+    from gpt_fpga.contract.errors import CheckpointError
     from gpt_fpga.quantize.checkpoint import load_checkpoint
 
     family, model, d = saved

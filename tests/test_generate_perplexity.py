@@ -10,7 +10,7 @@ import pytest
 
 from conftest import MODELS, tiny_gpt2_config, tiny_gpt2_tensors, write_model_dir
 from gpt_fpga.host.backends import Backend, FloatBackend
-from gpt_fpga.sim.contract.errors import InputError
+from gpt_fpga.contract.errors import InputError
 from gpt_fpga.host.generate import Sampling, generate, sample_next
 from gpt_fpga.host.perplexity import perplexity, windows
 

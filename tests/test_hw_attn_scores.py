@@ -6,7 +6,7 @@ import gc
 import pytest
 
 from gpt_fpga.hw.attn_scores import ERROR_BITS, AttnScores
-from gpt_fpga.sim.contract import numerics
+from gpt_fpga.contract import numerics
 from gpt_fpga.sim.tb.runner import SIMULATORS, run_cocotb, simulator_cases
 
 # The 64-bit core on both simulators (every test, including n_keys 2048); the 128-bit core on

@@ -3,7 +3,7 @@
 import pytest
 
 from gpt_fpga.hw.layernorm import LayerNorm
-from gpt_fpga.sim.contract.numerics import MAX_D_IN
+from gpt_fpga.contract.numerics import MAX_D_IN
 from gpt_fpga.sim.tb.runner import SIMULATORS, row_timing, run_cocotb, simulator_cases
 
 

@@ -1,4 +1,4 @@
-"""Register file: generated from sim/contract/registers.REGISTERS; cocotb against the table's semantics.
+"""Register file: generated from contract/registers.REGISTERS; cocotb against the table's semantics.
 
 The fast tests (no simulator) check that docs/registers.md is the table's markdown, that the ports
 follow the table, that lookups refuse unknown names, and the engine's field helpers.
@@ -13,7 +13,7 @@ from amaranth.lib.wiring import Flow
 from amaranth.sim import Simulator
 
 from gpt_fpga.hw.regfile import RegisterFile, field, lookup, pack
-from gpt_fpga.sim.contract import registers
+from gpt_fpga.contract import registers
 from gpt_fpga.sim.tb.runner import BUILD, SIMULATORS, run_cocotb, simulator_cases, write_verilog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_regfile_verilog_lints(sim):
 def test_doc_is_generated_from_the_table():
     doc = REPO / "docs" / "registers.md"
     assert doc.read_text() == registers.markdown(), (
-        "docs/registers.md is stale: python -m gpt_fpga.sim.contract.registers > docs/registers.md")
+        "docs/registers.md is stale: python -m gpt_fpga.contract.registers > docs/registers.md")
 
 
 def test_ports_follow_the_table():

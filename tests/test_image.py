@@ -1,4 +1,4 @@
-"""The weight image file (sim/contract/image.py): round trip, and every bad image is an ImageError naming the problem.
+"""The weight image file (contract/image.py): round trip, and every bad image is an ImageError naming the problem.
 
 The valid images come from quantizing tiny random GPT-2 / GPT-Neo checkpoints written here with NumPy.
 """
@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY_MODEL, run_cli, write_tiny_model
-from gpt_fpga.sim.contract.errors import ImageError
-from gpt_fpga.sim.contract.image import MAGIC, PREAMBLE, data_start, read_image, write_image
-from gpt_fpga.sim.contract.layout import SECTION_ALIGN, HwLayout
+from gpt_fpga.contract.errors import ImageError
+from gpt_fpga.contract.image import MAGIC, PREAMBLE, data_start, read_image, write_image
+from gpt_fpga.contract.layout import SECTION_ALIGN, HwLayout
 from gpt_fpga.quantize.quantizer import quantize_checkpoint
 from gpt_fpga.sim.fixed_model import FixedModel
-from gpt_fpga.sim.contract.numerics import CONTRACT_VERSION
+from gpt_fpga.contract.numerics import CONTRACT_VERSION
 
 VOCAB = TINY_MODEL["vocab"]  # of the images quantized from conftest.write_tiny_model
 

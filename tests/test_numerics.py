@@ -1,4 +1,4 @@
-"""The integer arithmetic contract (sim/contract/numerics.py), pinned against hand-derived cases.
+"""The integer arithmetic contract (contract/numerics.py), pinned against hand-derived cases.
 
 Every expected value below was worked out by hand from the rule written in the docstrings, with the
 derivation in a comment next to it; none comes from running the code under test. No case is marked
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt_fpga.sim.contract import numerics as nx
+from gpt_fpga.contract import numerics as nx
 
 I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
 

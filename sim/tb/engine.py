@@ -21,10 +21,10 @@ from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AddressSpace, AxiBus, AxiLiteBus, AxiLiteMaster, AxiSlave, MemoryRegion
 
-from gpt_fpga.sim.contract import descriptors as dsc
-from gpt_fpga.sim.contract import numerics as nx
-from gpt_fpga.sim.contract import registers as rm
-from gpt_fpga.sim.contract.image import data_start, read_image
+from gpt_fpga.contract import descriptors as dsc
+from gpt_fpga.contract import numerics as nx
+from gpt_fpga.contract import registers as rm
+from gpt_fpga.contract.image import data_start, read_image
 from gpt_fpga.sim.fixed_model import FixedModel
 from gpt_fpga.sim.tb.common import PARAMS, stalls
 

@@ -17,7 +17,7 @@ from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
 from gpt_fpga.hw.gelu import Gelu
-from gpt_fpga.sim.contract import numerics
+from gpt_fpga.contract import numerics
 from gpt_fpga.sim.tb.common import PARAMS, CycleMonitor, Scoreboard, StreamTB, int8_values, set_stalls
 
 LANES = int(PARAMS.get("lanes", 1))

@@ -19,8 +19,8 @@ from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
 from gpt_fpga.hw.layernorm import LayerNorm
-from gpt_fpga.sim.contract.layout import pack_ln_params
-from gpt_fpga.sim.contract import numerics
+from gpt_fpga.contract.layout import pack_ln_params
+from gpt_fpga.contract import numerics
 from gpt_fpga.sim.tb.common import (PARAMS, CycleMonitor, Scoreboard, StreamTB, int8_values, linear, set_stalls,
                                     watch_rows)
 

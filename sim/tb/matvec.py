@@ -9,10 +9,10 @@ throughput test writes ``{weights: {beats, cycles, efficiency}}`` to).
 
 Structure (after cocotb's matrix_multiplier example and taxi's AXI-Stream tests):
 * :class:`Case` - one matvec: the integer arrays, packed into the weight stream by
-  sim/contract/layout.pack_matrix;
+  contract/layout.pack_matrix;
 * :func:`model` - the expected outputs: the packed stream read back by ``sim/fixed_model.Matrix``
   (the very object ``--backend fixed`` uses: ``Matrix.from_stream`` unpacks it with
-  sim/contract/layout.unpack_matrix, and calling it is sim/contract/numerics.matvec);
+  contract/layout.unpack_matrix, and calling it is contract/numerics.matvec);
 * :class:`TB` - clock, reset, cocotbext-axi sources/sink (sim/tb/common.StreamTB) with pause
   generators (common.set_stalls), a cycle monitor on the weight stream (common.CycleMonitor) and
   the scoreboard (common.Scoreboard), fed by a monitor coroutine with each m_out frame (tlast
@@ -34,9 +34,9 @@ import numpy as np
 from cocotb.triggers import ClockCycles
 
 from gpt_fpga.hw.matvec import MatVec
-from gpt_fpga.sim.contract.layout import HwLayout, ceil_div, pack_matrix
+from gpt_fpga.contract.layout import HwLayout, ceil_div, pack_matrix
 from gpt_fpga.sim.fixed_model import Matrix
-from gpt_fpga.sim.contract import numerics as nx
+from gpt_fpga.contract import numerics as nx
 from gpt_fpga.sim.tb.common import PARAMS, CycleMonitor, Scoreboard, StreamTB, set_stalls
 
 LAYOUT = HwLayout(bus_bits=PARAMS.get("bus_bits", 64), weights=PARAMS.get("weights", "int8"),

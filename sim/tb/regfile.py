@@ -1,4 +1,4 @@
-"""cocotb testbench for hw.regfile.RegisterFile: every register of sim/contract/registers.REGISTERS
+"""cocotb testbench for hw.regfile.RegisterFile: every register of contract/registers.REGISTERS
 behaves as its access kind says, over a stalling AXI4-Lite bus.
 
 Structure:
@@ -29,7 +29,7 @@ from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, RisingEdge
 from cocotbext.axi import AxiLiteBus, AxiLiteMaster, AxiResp
 
-from gpt_fpga.sim.contract import registers
+from gpt_fpga.contract import registers
 from gpt_fpga.sim.tb.common import PARAMS, stalls
 
 REGS = registers.REGISTERS

@@ -18,7 +18,7 @@ from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
 from gpt_fpga.hw.softmax import Softmax
-from gpt_fpga.sim.contract import numerics
+from gpt_fpga.contract import numerics
 from gpt_fpga.sim.tb.common import PARAMS, CycleMonitor, Scoreboard, StreamTB, linear, set_stalls, watch_rows
 
 MAX_LEN = int(PARAMS.get("max_len", 2048))

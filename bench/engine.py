@@ -23,7 +23,7 @@ Also:
 
 Images are cached in ``build/bench/engine-cache/`` (keyed by shape, quantizer settings and the
 quantizer / contract sources), so a rerun only simulates. Run alone:
-``python -m gpt_fpga.sim.bench --only engine``.
+``python -m gpt_fpga.bench --only engine``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CACHE = "engine-cache"
 
 # ---- the projection -----------------------------------------------------------------------------
@@ -71,7 +71,7 @@ TOP_K = 50
 
 
 def model_configs() -> dict:
-    from gpt_fpga.sim.bench.suite import GPT2_124M, TINYSTORIES_33M
+    from gpt_fpga.bench.shapes import GPT2_124M, TINYSTORIES_33M
 
     return {"tinystories-33m": TINYSTORIES_33M, "gpt2-124m": GPT2_124M}
 
@@ -229,7 +229,7 @@ class InstantDevice:
     (``identity``: offset -> word); register accesses are counted (``reads``, ``writes``)."""
 
     def __init__(self, identity: dict[int, int]):
-        from gpt_fpga.sim.contract import registers as rm
+        from gpt_fpga.contract import registers as rm
 
         self.regs = dict(identity)
         self.status = rm.register("STATUS").offset
@@ -261,15 +261,15 @@ IDENTITY_REGISTERS = ("ID", "VERSION", "HW_CONFIG", "MAX_D_IN", "MAX_CONTEXT", "
 
 
 def identity_words(device) -> dict[int, int]:
-    from gpt_fpga.sim.contract import registers as rm
+    from gpt_fpga.contract import registers as rm
 
     return {rm.register(n).offset: device.read_reg(rm.register(n).offset) for n in IDENTITY_REGISTERS}
 
 
 # what an image's bytes depend on besides its settings (descriptors, registers and the driver are not
 # part of the image: editing them must not invalidate the cache)
-IMAGE_SOURCES = ("quantize/quantizer.py", "quantize/checkpoint.py", "sim/contract/numerics.py",
-                 "sim/contract/layout.py", "sim/contract/image.py", "sim/contract/config.py", "sim/float_model.py",
+IMAGE_SOURCES = ("quantize/quantizer.py", "quantize/checkpoint.py", "contract/numerics.py",
+                 "contract/layout.py", "contract/image.py", "contract/config.py", "sim/float_model.py",
                  "sim/random_checkpoint.py")
 
 
@@ -369,7 +369,7 @@ def profile_command(device, op: int, layer: int, position: int, chunk: int = PRO
     """Run one command (the descriptor table and residual already in place) in chunks of `chunk`
     cycles, reading STEP after each; the CYCLES / BEATS counters at each change of step give the
     cycles and beats of every step (each boundary placed within `chunk` cycles)."""
-    from gpt_fpga.sim.contract import registers as rm
+    from gpt_fpga.contract import registers as rm
 
     R = rm.register
     rd = device.read_reg
@@ -401,10 +401,10 @@ def measure_config(image_path: Path, model: str, positions, bus_bits: int, bar, 
     """Decode one token at each position on a fresh RtlDevice; per run the record, per configuration
     the STEP profile of LAYER 0 (each position) and of the HEAD (first position)."""
     from gpt_fpga.host.rtl_device import RtlDevice
-    from gpt_fpga.sim.contract import registers as rm
-    from gpt_fpga.sim.contract.image import read_image
-    from gpt_fpga.sim.contract.layout import decode_bytes_per_token
-    from gpt_fpga.sim.contract.config import ModelConfig
+    from gpt_fpga.contract import registers as rm
+    from gpt_fpga.contract.image import read_image
+    from gpt_fpga.contract.layout import decode_bytes_per_token
+    from gpt_fpga.contract.config import ModelConfig
 
     image = read_image(image_path)
     hw = image.hw
@@ -459,8 +459,8 @@ def host_cost(image_path: Path, identity: dict, tokens: int = HOST_TOKENS) -> di
     sampling at temperature 1). Medians over `tokens` tokens after a warm-up."""
     from gpt_fpga.host.driver import Driver
     from gpt_fpga.host.generate import Sampling, sample_next
-    from gpt_fpga.sim.contract import numerics as nx
-    from gpt_fpga.sim.contract.image import read_image
+    from gpt_fpga.contract import numerics as nx
+    from gpt_fpga.contract.image import read_image
 
     image = read_image(image_path)
     dev = InstantDevice(identity)
@@ -552,7 +552,7 @@ def _pct(a: float, b: float) -> str:
 
 def analysis(result: dict) -> dict:
     """Where the cycles go, and which engine parameter closes the gap to the goals (numbers from the runs)."""
-    from gpt_fpga.sim.contract.config import parse_config
+    from gpt_fpga.contract.config import parse_config
 
     runs, profiles = result["runs"], result["step_profile"]
     cfgs = {name: parse_config(c) for name, c in model_configs().items()}

@@ -6,7 +6,7 @@ Pure Python (no numpy, no amaranth), so the board's Python imports it as it is. 
   register resets to 0);
 * the host driver reads and writes registers by these names and fields;
 * ``docs/registers.md`` is written by :func:`markdown` (``tests/test_hw_regfile.py`` checks it is
-  current; regenerate with ``python -m gpt_fpga.sim.contract.registers > docs/registers.md``).
+  current; regenerate with ``python -m gpt_fpga.contract.registers > docs/registers.md``).
 
 All registers are 32 bits wide at 4-byte-aligned offsets. Access kinds:
 
@@ -181,7 +181,7 @@ _check()
 def markdown() -> str:
     """docs/registers.md, generated from this table."""
     out = ["# Engine registers (AXI4-Lite)", "",
-           "Generated from `sim/contract/registers.py` by `python -m gpt_fpga.sim.contract.registers`; "
+           "Generated from `contract/registers.py` by `python -m gpt_fpga.contract.registers`; "
            "do not edit by hand.", "",
            f"Register map version {REGMAP_VERSION}. All registers are 32 bits at 4-byte offsets.",
            "Access: `ro` read-only, `rw` read-write, `w1s` write 1 to act (reads 0), `w1c` write 1 to clear.", "",

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
-from gpt_fpga.sim.contract.errors import CheckpointError
+from gpt_fpga.contract.errors import CheckpointError
 
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the same tanh formula
 

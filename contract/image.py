@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.sim.contract.errors import ImageError
-from gpt_fpga.sim.contract.layout import SECTION_ALIGN, HwLayout
+from gpt_fpga.contract.errors import ImageError
+from gpt_fpga.contract.layout import SECTION_ALIGN, HwLayout
 
 MAGIC = b"GPTFPGA\0"
 FORMAT_VERSION = 1
@@ -136,7 +136,7 @@ def read_image(path: str | Path, expect_hw: HwLayout | None = None, verify: bool
 
 
 def _check_header(path: Path, h: dict, size: int, start: int) -> None:
-    from gpt_fpga.sim.contract.numerics import CONTRACT_VERSION
+    from gpt_fpga.contract.numerics import CONTRACT_VERSION
 
     def need(key, kind):
         if not isinstance(h.get(key), kind):
@@ -152,7 +152,7 @@ def _check_header(path: Path, h: dict, size: int, start: int) -> None:
     hw = need("hardware", dict)
     try:
         layout = HwLayout(**hw)
-        from gpt_fpga.sim.contract.layout import BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS
+        from gpt_fpga.contract.layout import BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS
 
         if layout.bus_bits not in BUS_BITS_CHOICES or layout.weights not in WEIGHT_FORMATS \
                 or layout.group not in GROUP_CHOICES:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gpt_fpga.sim.contract.config import ModelConfig
+from gpt_fpga.contract.config import ModelConfig
 
 ROW_HEADER_FIXED_BYTES = 8  # bias int32, multiplier uint16, shift uint8, reserved uint8
 ROW_HEADER_FIELDS = {"bias": (0, "<i4"), "mult": (4, "<u2"), "shift": (6, "u1")}  # byte offset, dtype

@@ -1,4 +1,4 @@
-"""Cycle counts of the cores in simulation (Verilator): `python -m gpt_fpga.sim.bench.cores --out build/bench`.
+"""Cycle counts of the cores in simulation (Verilator): `python -m gpt_fpga.bench.cores --out build/bench`.
 
 matvec: a 768 x 3072 matvec (d_out 768, d_in 3072: GPT-2 small's MLP projection) streamed with no
 back-pressure at the PYNQ-Z2 default configuration (64-bit bus, int4 group 32); `cycles` runs

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MODELS = ("neo-kjv", "gpt2-kjv")
 HELDOUT = REPO / "models" / "kjv-heldout.txt"
 STUDY_TOKENS = 8192
@@ -48,7 +48,7 @@ def _ppl(backend, ids):
 def bench_accuracy(out: Path) -> dict:
     from gpt_fpga.host.backends import FixedBackend, FloatBackend
     from gpt_fpga.quantize.quantizer import quantize_checkpoint, self_generated_ids
-    from gpt_fpga.sim.bench.scale_study import scale_study
+    from gpt_fpga.bench.scale_study import scale_study
 
     tmp = out / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -120,9 +120,9 @@ def _decode_ms(model, prompt, steps) -> float:
 def bench_fixed(out: Path) -> dict:
     """Fixed vs float decode on a TinyStories-33M-shaped random model, and quantize time at GPT-2 124M."""
     from gpt_fpga.quantize.checkpoint import load_checkpoint
-    from gpt_fpga.sim.contract.image import read_image
+    from gpt_fpga.contract.image import read_image
     from gpt_fpga.quantize.quantizer import quantize_checkpoint
-    from gpt_fpga.sim.bench.suite import GPT2_124M, TINYSTORIES_33M
+    from gpt_fpga.bench.shapes import GPT2_124M, TINYSTORIES_33M
     from gpt_fpga.sim.fixed_model import FixedModel
     from gpt_fpga.sim.float_model import FloatModel
     from gpt_fpga.sim.random_checkpoint import random_tensors, write_checkpoint

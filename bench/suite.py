@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m gpt_fpga.sim.bench --out build/bench [--only float ...]``.
+"""Benchmarks: ``python -m gpt_fpga.bench --out build/bench [--only float ...]``.
 
 Each section is a function ``bench_<name>(out: Path) -> dict`` registered in :data:`BENCHES`; it writes
 ``out/<name>.json`` and returns what it wrote. Sections added later follow the same pattern.
@@ -10,7 +10,7 @@ float
 
 engine
     Whole tokens through the driver on the engine's RTL (Verilator, DDR model) at TinyStories-33M and
-    GPT-2 124M shapes against the bandwidth roofline, with a PYNQ-Z2 projection (sim/bench/engine.py).
+    GPT-2 124M shapes against the bandwidth roofline, with a PYNQ-Z2 projection (bench/engine.py).
 """
 
 from __future__ import annotations
@@ -28,18 +28,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[2]
+from gpt_fpga.bench.shapes import GPT2_124M, TINYSTORIES_33M
 
-# TinyStories-33M (roneneldan/TinyStories-33M) shape
-TINYSTORIES_33M = dict(model_type="gpt_neo", vocab_size=50257, max_position_embeddings=2048, hidden_size=768,
-                       num_layers=4, num_heads=16, window_size=256, attention_types=[[["global", "local"], 2]],
-                       intermediate_size=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                       embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, bos_token_id=50256,
-                       eos_token_id=50256)
-# GPT-2 124M shape (openai-community/gpt2)
-GPT2_124M = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                 n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=50256,
-                 eos_token_id=50256)
+REPO = Path(__file__).resolve().parents[1]
 
 PROMPT_LEN = 256
 DECODE_STEPS = 64
@@ -266,20 +257,20 @@ def _summary_cores(r: dict) -> str:
 
 
 def _summary_engine(r: dict) -> str:
-    from gpt_fpga.sim.bench.engine import summary
+    from gpt_fpga.bench.engine import summary
 
     return summary(r)
 
 
 BENCHES = {"float": (bench_float, _summary_float),
-           "cores": (_lazy("gpt_fpga.sim.bench.cores", "bench_cores"), _summary_cores),
-           "accuracy": (_lazy("gpt_fpga.sim.bench.accuracy", "bench_accuracy"), _summary_accuracy),
-           "fixed": (_lazy("gpt_fpga.sim.bench.accuracy", "bench_fixed"), _summary_fixed),
-           "engine": (_lazy("gpt_fpga.sim.bench.engine", "bench_engine"), _summary_engine)}
+           "cores": (_lazy("gpt_fpga.bench.cores", "bench_cores"), _summary_cores),
+           "accuracy": (_lazy("gpt_fpga.bench.accuracy", "bench_accuracy"), _summary_accuracy),
+           "fixed": (_lazy("gpt_fpga.bench.accuracy", "bench_fixed"), _summary_fixed),
+           "engine": (_lazy("gpt_fpga.bench.engine", "bench_engine"), _summary_engine)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gpt_fpga.sim.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m gpt_fpga.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "build" / "bench", help="output directory")
     ap.add_argument("--only", nargs="+", choices=sorted(BENCHES), metavar="NAME",
                     help=f"run only these sections ({', '.join(BENCHES)})")

@@ -1,5 +1,0 @@
-import sys
-
-from gpt_fpga.sim.bench.suite import main
-
-sys.exit(main())
