@@ -29,7 +29,7 @@ from gpt_fpga.contract import numerics as nx
 from gpt_fpga.contract import registers as rm
 from gpt_fpga.contract.image import FORMAT_VERSION
 from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_PARAM_BYTES, ROW_HEADER_FIXED_BYTES,
-                                          WEIGHT_FORMATS)
+                                      WEIGHT_FORMATS)
 
 __all__ = ["Engine"]
 

@@ -14,7 +14,7 @@ from amaranth.lib.wiring import In, Out
 
 from gpt_fpga.hw.axis import AxiStreamSignature
 from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div,
-                             header_bits)
+                                      header_bits)
 from gpt_fpga.contract.numerics import ACC_BITS, MAX_D_IN, MAX_ROWS, MAX_SHIFT
 
 __all__ = ["MatVec"]

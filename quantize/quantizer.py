@@ -21,7 +21,7 @@ from gpt_fpga.quantize.checkpoint import Checkpoint, load_checkpoint
 from gpt_fpga.contract.errors import InputError
 from gpt_fpga.contract.image import write_image
 from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_BETA_BITS, LN_GAMMA_BITS, WEIGHT_FORMATS,
-                                          HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix)
+                                      HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix)
 from gpt_fpga.contract import numerics as nx
 from gpt_fpga.sim.float_model import FloatModel
 

@@ -20,7 +20,7 @@ from gpt_fpga.contract.config import parse_config
 from gpt_fpga.contract.errors import ImageError, InputError
 from gpt_fpga.contract.image import read_image, write_image
 from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS, HwLayout,
-                                          unpack_ln_params, unpack_matrix)
+                                      unpack_ln_params, unpack_matrix)
 from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 
 D, LAYERS, VOCAB, N_CTX = 32, 2, 64, 32
