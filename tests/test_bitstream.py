@@ -161,7 +161,7 @@ proc create_bd_cell {args} {
         if {![info exists ::compiled]} { error "module reference before update_compile_order" }
         set ports [module_ports [opt $args -reference]]
         set intf {}
-        foreach p {s_axi m_axi} { if {[lsearch -glob $ports ${p}_*] >= 0} { lappend intf $p } }
+        foreach p {s_axi m_axi m_axi1} { if {[lsearch -glob $ports ${p}_*] >= 0} { lappend intf $p } }
         dict set ::cells $name [dict create kind module ports $ports intf $intf]
     } else {
         set vlnv [opt $args -vlnv]
@@ -181,7 +181,9 @@ proc cell_pins {name} {
             if {[getp $o CONFIG.PCW_EN_CLK0_PORT 1]} { lappend pins FCLK_CLK0 }
             if {[getp $o CONFIG.PCW_EN_RST0_PORT 1]} { lappend pins FCLK_RESET0_N }
             if {[getp $o CONFIG.PCW_USE_M_AXI_GP0 0]} { lappend pins M_AXI_GP0_ACLK; lappend intf M_AXI_GP0 }
-            if {[getp $o CONFIG.PCW_USE_S_AXI_HP0 0]} { lappend pins S_AXI_HP0_ACLK; lappend intf S_AXI_HP0 }
+            foreach hp {HP0 HP2} {
+                if {[getp $o CONFIG.PCW_USE_S_AXI_$hp 0]} { lappend pins S_AXI_${hp}_ACLK; lappend intf S_AXI_$hp }
+            }
             if {[getp $o CONFIG.PCW_USE_FABRIC_INTERRUPT 0] && [getp $o CONFIG.PCW_IRQ_F2P_INTR 0]} {
                 lappend pins IRQ_F2P
             }
@@ -235,8 +237,10 @@ proc slave_segments {} {
     set out {}
     dict for {name c} $::cells {
         if {[dict get $c kind] eq "module" && "s_axi" in [dict get $c intf]} { lappend out $name/s_axi/reg0 }
-        if {"S_AXI_HP0" in [lindex [cell_pins $name] 1]} {
-            lappend out $name/S_AXI_HP0/HP0_DDR_LOWOCM $name/S_AXI_HP0/HP0_HIGH_OCM
+        foreach hp {HP0 HP2} {
+            if {"S_AXI_$hp" in [lindex [cell_pins $name] 1]} {
+                lappend out $name/S_AXI_$hp/${hp}_DDR_LOWOCM $name/S_AXI_$hp/${hp}_HIGH_OCM
+            }
         }
     }
     return $out
@@ -413,7 +417,8 @@ def test_without_vivado_one_line_exit_2_and_the_inputs_are_written(no_vivado):
     assert ident["engine"]["bus_bits"] == 64 and ident["engine"]["top"] == "gpt_fpga_engine"
     assert ident["engine"]["identity_registers"]["HW_CONFIG"] == 64  # bus 64, int8, group 0
     assert ident["clock"]["fclk0_mhz"] == 100.0 and ident["registers"]["base"] == 0x4000_0000
-    assert ident["ddr"] == {"base": 0, "range": 512 << 20, "port": "S_AXI_HP0", "segment": "HP0_DDR_LOWOCM"}
+    assert ident["ddr"] == {"base": 0, "range": 512 << 20,
+                            "ports": [{"master": "m_axi", "port": "S_AXI_HP0", "segment": "HP0_DDR_LOWOCM"}]}
     assert len(ident["git"]["commit"]) == 40 and ident["vivado"] is None
     assert (ident["bitstream"], ident["hwh"]) == ("gpt_fpga.bit", "gpt_fpga.hwh")
 
