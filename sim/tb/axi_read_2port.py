@@ -17,12 +17,12 @@ import random
 from collections import deque
 
 import cocotb
-from cocotb.triggers import ClockCycles, RisingEdge
+from cocotb.triggers import RisingEdge
 
 from gpt_fpga.sim.tb import common
-from gpt_fpga.sim.tb.axi_read import (DATA_BYTES, MAX_BURST, PAGE, RESP_DECERR, RESP_SLVERR, DmaCmdBus,
-                                      DmaCmdSource, DmaCmdTransaction, ReadRam, split_bursts)
-from gpt_fpga.sim.tb.common import PARAMS, Scoreboard, StreamTB
+from gpt_fpga.sim.tb.axi_read import (DATA_BYTES, MAX_BURST, PAGE, RESP_DECERR, RESP_SLVERR, ReadDmaTB, ReadRam,
+                                      split_bursts)
+from gpt_fpga.sim.tb.common import PARAMS
 
 BEAT_BYTES = 2 * DATA_BYTES  # a stream beat: one 8-byte beat from each half of a port burst
 PORTS = ("axi0", "axi1")
@@ -149,31 +149,13 @@ class TwoPortMonitor:
                 self.next_port = 0
 
 
-class TwoPortReadTB(StreamTB):
-    ERROR_BITS = ("rresp",)  # as hw.axi_read_2port.TwoPortReadDma.ERROR_BITS
-
+class TwoPortReadTB(ReadDmaTB):
     def __init__(self, dut, seed: int, latency: tuple[int, int] = (8, 14)):
-        super().__init__(dut)
-        self.rng = random.Random(seed)
+        super().__init__(dut, seed)
         self.rams = [ReadRam(dut, p, lat, random.Random(self.rng.random())) for p, lat in zip(PORTS, latency)]
         self.rams[0].fill()
         self.rams[1].mem = self.rams[0].mem  # one DDR behind both ports
-        self.cmd = DmaCmdSource(DmaCmdBus.from_prefix(dut, "cmd", bus_separator="__"), dut.clk, dut.rst)
-        self.cmd.log.setLevel("WARNING")
-        self.sink = self.axis_sink("m_data")
-        self.scoreboard = Scoreboard()
         self.bus = TwoPortMonitor(dut)
-        self.frames = cocotb.start_soon(self._frames())
-        dut.flush.value = 0
-
-    async def _frames(self):
-        while True:
-            frame = await self.sink.recv()
-            self.scoreboard.compare(list(frame.tdata))
-
-    async def reset(self, cycles: int = 3):
-        await super().reset(cycles)
-        self.bus.start()
 
     def set_latency(self, lat0: int, lat1: int):
         self.rams[0].latency, self.rams[1].latency = lat0, lat1
@@ -192,35 +174,7 @@ class TwoPortReadTB(StreamTB):
         """Queue a command; the model: its bursts per port and the RAM bytes it covers."""
         self.bus.expect(addr, beats)
         self.scoreboard.expect(list(self.rams[0].read(addr, beats * BEAT_BYTES)), tag)
-        await self.cmd.send(DmaCmdTransaction(addr=addr, beats=beats))
-
-    async def drain(self, timeout: int = 50000):
-        await self.scoreboard.wait_empty(self.dut.clk, timeout, idle=lambda: self.cmd.empty() and self.cmd.idle()
-                                         and bool(self.dut.idle.value))
-        await ClockCycles(self.dut.clk, 4)
-        assert not self.scoreboard.expected and not self.bus.expected_ars
-        assert self.dut.idle.value
-
-    async def wait_idle(self, timeout: int = 5000):
-        for _ in range(timeout):
-            await RisingEdge(self.dut.clk)
-            if self.dut.idle.value:
-                return
-        raise AssertionError("timeout waiting for idle")
-
-    async def flush(self, cycles: int = 1):
-        """Abort as the engine does (see AxiReadTB.flush); returns the frames dropped."""
-        self.cmd.clear()
-        self.cmd.assert_reset()
-        self.dut.flush.value = 1
-        await ClockCycles(self.dut.clk, cycles)
-        self.dut.flush.value = 0
-        await self.wait_idle()
-        await ClockCycles(self.dut.clk, 2)
-        dropped = len(self.scoreboard.expected)
-        self.scoreboard.clear()
-        self.sink.assert_reset()
-        return dropped
+        await self.send(addr, beats)
 
     async def wait_in_flight(self, each: int, out_beats: int = 0, limit: int = 3000):
         """Until both ports have `each` bursts in flight and `out_beats` beats have left."""
