@@ -37,10 +37,10 @@ class TwoPortReadDma(wiring.Component):
     ``max_outstanding`` bursts in flight.
 
     Reorder: each port returns its bursts in order; two consecutive R beats of a port make one
-    stream beat (low half first, as in memory) written to that port's FIFO, tagged with burst end
-    and command end. A queue of the port of every issued burst, in address order, says which
-    port's FIFO the next stream beat comes from, so a port that answers later or slower than the
-    other only delays the stream, never reorders it.
+    stream beat (low half first, as in memory) written to that port's FIFO, tagged with command
+    end. A queue of the port and length of every issued burst, in address order, says which port's
+    FIFO the next stream beats come from, so a port that answers later or slower than the other
+    only delays the stream, never reorders it.
 
     Flow control as in AxiReadDma, per port: a burst is issued only when its port's FIFO has room
     for all its beats counting the beats in flight (credits) and the port has fewer than
@@ -148,8 +148,9 @@ class TwoPortReadDma(wiring.Component):
 
         m.submodules.split = split = BurstSplitter(addr_bits=self.addr_bits, data_bytes=self.data_bytes,
                                                    max_beats=MAX_BURST_BEATS // 2)
-        # the port of every issued burst whose data have not all left, in address order
-        order = SyncFIFOBuffered(width=1, depth=4 * self.max_outstanding)
+        # port and length (stream beats - 1) of every issued burst whose data have not all left, in address
+        # order; the length is counted here, so no FIFO output (block RAM, slow clock-to-out) steers the pops
+        order = SyncFIFOBuffered(width=4, depth=4 * self.max_outstanding)
         m.submodules.order = ResetInserter(flush)(order)
 
         blen = split.burst_len  # stream beats, 1..8
@@ -158,8 +159,8 @@ class TwoPortReadDma(wiring.Component):
         issue = Signal()
         fifos, owed_all, can = [], [], []
         for p, ax in enumerate(axis):
-            # data FIFO: stream beat, burst end, command end; a flush empties it at once
-            fifo = SyncFIFOBuffered(width=self.data_bits + 2, depth=depth)
+            # data FIFO: stream beat, command end; a flush empties it at once
+            fifo = SyncFIFOBuffered(width=self.data_bits + 1, depth=depth)
             m.submodules[f"fifo{p}"] = ResetInserter(flush)(fifo)
             # last-burst-of-command flag of each burst in flight on this port, in AR order
             bursts = SyncFIFO(width=1, depth=max(2, self.max_outstanding))
@@ -195,7 +196,7 @@ class TwoPortReadDma(wiring.Component):
             pair = r_valid & high
             m.d.comb += [
                 fifo.w_en.eq(pair & ~dropping),
-                fifo.w_data.eq(Cat(low, r_data, r_last, r_last & bursts.r_data)),
+                fifo.w_data.eq(Cat(low, r_data, r_last & bursts.r_data)),
                 bursts.r_en.eq(r_valid & r_last),
             ]
             m.d.sync += owed.eq(owed + Mux(go, blen, 0) - pair)
@@ -213,7 +214,7 @@ class TwoPortReadDma(wiring.Component):
             split.flush.eq(flush), split.burst_ready.eq(issue),
             split.cmd.addr.eq(cmd.addr), split.cmd.beats.eq(cmd.beats), split.cmd.valid.eq(cmd.valid & ~dropping),
             cmd.ready.eq(split.cmd.ready & ~dropping),
-            order.w_en.eq(issue), order.w_data.eq(sel),
+            order.w_en.eq(issue), order.w_data.eq(Cat(sel, blen - 1)),
         ]
         with m.If(flush):
             m.d.sync += sel.eq(0)
@@ -227,17 +228,23 @@ class TwoPortReadDma(wiring.Component):
         m.d.sync += self.beats.eq(self.beats + self.axi0.rvalid + self.axi1.rvalid)
 
         # --- m_data: from the FIFO of the port the order queue names
-        head = order.r_data
+        head, head_last = order.r_data[0], order.r_data[1:]
+        served = Signal(3)  # beats of the head burst already delivered
         entry = Mux(head, fifos[1].r_data, fifos[0].r_data)
         valid = order.r_rdy & Mux(head, fifos[1].r_rdy, fifos[0].r_rdy)
         take = order.r_rdy & self.m_data.tready
+        burst_done = valid & self.m_data.tready & (served == head_last)
+        with m.If(flush | burst_done):
+            m.d.sync += served.eq(0)
+        with m.Elif(valid & self.m_data.tready):
+            m.d.sync += served.eq(served + 1)
         m.d.comb += [
             self.m_data.tvalid.eq(valid),
             self.m_data.tdata.eq(entry[:self.data_bits]),
-            self.m_data.tlast.eq(entry[self.data_bits + 1]),
+            self.m_data.tlast.eq(entry[self.data_bits]),
             fifos[0].r_en.eq(take & ~head),
             fifos[1].r_en.eq(take & head),
-            order.r_en.eq(valid & self.m_data.tready & entry[self.data_bits]),
+            order.r_en.eq(burst_done),
             self.idle.eq(~split.busy & owed_none & (fifos[0].level == 0) & (fifos[1].level == 0) & ~flush),
         ]
         return m
