@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-REGMAP_VERSION = 1
+REGMAP_VERSION = 2  # 2: HW_CONFIG.ports; BEATS_READ / BEATS_WRITTEN count bus_bits-wide words
 ENGINE_MAGIC = 0x47505446  # "GPTF" as a little-endian word read from ID
 REGISTER_BYTES = 4
 
@@ -83,6 +83,9 @@ OP_LAYER = 0
 OP_HEAD = 1
 OPS = {"LAYER": OP_LAYER, "HEAD": OP_HEAD}
 
+# AXI read managers an engine may have (HW_CONFIG.ports)
+PORT_CHOICES = (1, 2)
+
 # Weight formats (HW_CONFIG.weights), in the order of layout.WEIGHT_FORMATS
 WEIGHT_CODES = {"int8": 0, "int4": 1}
 
@@ -111,6 +114,9 @@ REGISTERS: tuple[Register, ...] = (
         Field("bus_bits", 0, 8, "AXI data width in bits (64 or 128)"),
         Field("weights", 8, 2, "weight format: 0 int8, 1 int4 (WEIGHT_CODES)"),
         Field("group", 16, 8, "int4 group size (32, 64, 128); 0 for int8"),
+        Field("ports", 24, 4, "AXI managers reading DDR: 1 (one bus_bits port, read and write), or 2 "
+                              "(two bus_bits / 2 ports: m_axi reads and writes, m_axi1 reads; PYNQ-Z2 "
+                              "S_AXI_HP0 and S_AXI_HP2)"),
     )),
     Register("MAX_D_IN", 0x0C, "ro", "Largest d_model and d_ff the engine's buffers hold.",
              _whole("value", "elements")),
@@ -140,10 +146,10 @@ REGISTERS: tuple[Register, ...] = (
     Register("IRQ_STATUS", 0x3C, "w1c", "Pending interrupts; the interrupt line is IRQ_STATUS & IRQ_ENABLE.",
              (Field("done", 0, 1, "a command ended"),)),
     Register("CYCLES", 0x40, "ro", "Clock cycles of the current or last command.", _whole("value", "cycles")),
-    Register("BEATS_READ", 0x44, "ro", "AXI read data beats of the current or last command.",
-             _whole("value", "beats")),
-    Register("BEATS_WRITTEN", 0x48, "ro", "AXI write data beats of the current or last command.",
-             _whole("value", "beats")),
+    Register("BEATS_READ", 0x44, "ro", "AXI read data of the current or last command, in bus_bits-wide beats "
+             "(with 2 ports: the beats of both ports, halved).", _whole("value", "beats")),
+    Register("BEATS_WRITTEN", 0x48, "ro", "AXI write data of the current or last command, in bus_bits-wide "
+             "beats (with 2 ports: port 0's beats, halved).", _whole("value", "beats")),
     Register("STEP", 0x4C, "ro", "Where the current command is, or where the last one ended.", (
         Field("step", 0, 5, "index into STEPS"),
         Field("head", 8, 8, "attention head, during scores_softmax and context"),

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.host.driver import Driver, EngineError, read_identity
+from gpt_fpga.host.driver import Driver, EngineError, engine_ports, read_identity
 from gpt_fpga.contract import numerics as nx
 from gpt_fpga.contract import registers as rm
 from gpt_fpga.contract.errors import GptFpgaError
@@ -122,7 +122,7 @@ def _identity_rows(ident: dict) -> tuple[list[Row], bool]:
     group = f" (group {hw['group']})" if hw["group"] else ""
     rows.append(Row("engine build", "info",
                     f"{weights} weights{group}, "
-                    f"{hw['bus_bits']}-bit bus; d_in <= {ident['MAX_D_IN']}, context <= {ident['MAX_CONTEXT']}, "
+                    f"{hw['bus_bits']}-bit bus ({engine_ports(hw)}); d_in <= {ident['MAX_D_IN']}, context <= {ident['MAX_CONTEXT']}, "
                     f"head_dim <= {ident['MAX_HEAD_DIM']}"))
     return rows, good
 

@@ -74,6 +74,12 @@ def read_identity(read_reg) -> dict:
     return out
 
 
+def engine_ports(hw_config: dict) -> str:
+    """How the engine reaches DDR, from HW_CONFIG: e.g. '2 ports of 64 bits'."""
+    n = hw_config["ports"]
+    return f"{n} port{'s' if n != 1 else ''} of {hw_config['bus_bits'] // max(n, 1)} bits"
+
+
 def check_identity(ident: dict, header: dict, source: str = "the image") -> None:
     """Refuse an image the bitstream cannot run, naming the first mismatch and the fix."""
     if ident["ID"] != rm.ENGINE_MAGIC:
@@ -89,8 +95,13 @@ def check_identity(ident: dict, header: dict, source: str = "the image") -> None
                         f"{header.get('contract_version')})")
     if v["image_format"] != header.get("format_version", FORMAT_VERSION):
         problems.append(f"image format version {v['image_format']} (the image is {header.get('format_version')})")
-    if hw["bus_bits"] != want_hw["bus_bits"]:
-        problems.append(f"bus width {hw['bus_bits']} bits (the image is tiled for {want_hw['bus_bits']})")
+    if hw["ports"] not in rm.PORT_CHOICES or (hw["ports"] == 2 and hw["bus_bits"] != 128):
+        problems.append(f"{hw['ports']} read port(s) at {hw['bus_bits']} bits (this driver knows one port of "
+                        f"64 or 128 bits, or two 64-bit ports at 128 bits)")
+    elif hw["bus_bits"] != want_hw["bus_bits"]:
+        problems.append(f"bus width {hw['bus_bits']} bits on {engine_ports(hw)} (the image is tiled for "
+                        f"{want_hw['bus_bits']}: {'the two-port' if want_hw['bus_bits'] == 128 else 'a one-port'} "
+                        f"engine)")
     codes = {c: n for n, c in rm.WEIGHT_CODES.items()}
     if codes.get(hw["weights"]) != want_hw["weights"] or \
             (want_hw["weights"] == "int4" and hw["group"] != want_hw["group"]):

@@ -66,8 +66,9 @@ def check_dma_params(component, data_bits, addr_bits, max_outstanding, fifo_dept
 
 
 class BurstSplitter(wiring.Component):
-    """Splits commands into bursts of at most 16 beats that never cross a 4 KiB boundary, one burst
-    per cycle, into an output register (so the DMAs' issue logic sees registered lengths).
+    """Splits commands into bursts of at most ``max_beats`` (default 16) beats that never cross a
+    4 KiB boundary, one burst per cycle, into an output register (so the DMAs' issue logic sees
+    registered lengths).
 
     A command taken on ``cmd`` gives its first burst on ``burst_*`` 2 cycles later; the next
     command is taken in the cycle the last burst of the current one moves into the output
@@ -75,14 +76,15 @@ class BurstSplitter(wiring.Component):
     progress and the burst in the output register. ``busy``: a command or a burst is held.
     """
 
-    def __init__(self, *, addr_bits: int, data_bytes: int):
-        self.addr_bits, self.data_bytes = addr_bits, data_bytes
+    def __init__(self, *, addr_bits: int, data_bytes: int, max_beats: int = MAX_BURST_BEATS):
+        assert max_beats & (max_beats - 1) == 0 and 1 < max_beats <= BOUNDARY_BYTES // data_bytes, max_beats
+        self.addr_bits, self.data_bytes, self.max_beats = addr_bits, data_bytes, max_beats
         self.size = data_bytes.bit_length() - 1
         super().__init__({
             "cmd": In(DmaCommandSignature(addr_bits)),
             "burst_valid": Out(1), "burst_ready": In(1),
             "burst_addr": Out(addr_bits),  # byte address, bus-aligned
-            "burst_len": Out(range(MAX_BURST_BEATS + 1)),  # beats, 1..16
+            "burst_len": Out(range(max_beats + 1)),  # beats, 1..max_beats
             "burst_last": Out(1),  # the last burst of its command
             "flush": In(1), "busy": Out(1),
         })
@@ -92,16 +94,17 @@ class BurstSplitter(wiring.Component):
         act = Signal()  # a command is being split
         cur = Signal(self.addr_bits - self.size)  # beat address of its next burst
         rem = Signal(CMD_BEATS_BITS)  # its beats not yet in a burst
-        # A page holds a whole number of 16-beat blocks, so a burst crosses the page end only if it
-        # starts in the page's last block: there it may take at most 16 - (cur mod 16) beats.
-        page_bits = (BOUNDARY_BYTES // self.data_bytes).bit_length() - 1  # log2(beats per page) >= 4
-        near_end = cur[4:page_bits].all() if page_bits > 4 else C(1, 1)
-        limit = Signal(range(MAX_BURST_BEATS + 1))  # 1..16 beats allowed from cur
-        m.d.comb += limit.eq(Mux(near_end, MAX_BURST_BEATS - cur[:4], MAX_BURST_BEATS))
+        # A page holds a whole number of max_beats blocks, so a burst crosses the page end only if it
+        # starts in the page's last block: there it may take at most max_beats - (cur mod max_beats).
+        mb, lg = self.max_beats, self.max_beats.bit_length() - 1
+        page_bits = (BOUNDARY_BYTES // self.data_bytes).bit_length() - 1  # log2(beats per page) >= lg
+        near_end = cur[lg:page_bits].all() if page_bits > lg else C(1, 1)
+        limit = Signal(range(mb + 1))  # 1..max_beats beats allowed from cur
+        m.d.comb += limit.eq(Mux(near_end, mb - cur[:lg], mb))
         # The command's last burst takes what is left; every other burst takes `limit` beats, so
         # the address and count updates do not wait for the comparison.
-        last = (rem[5:] == 0) & (rem[:5] <= limit)
-        blen = Mux(last, rem[:5], limit)
+        last = (rem[lg + 1:] == 0) & (rem[:lg + 1] <= limit)
+        blen = Mux(last, rem[:lg + 1], limit)
         step = act & (~self.burst_valid | self.burst_ready)
         take = (~act | (step & last)) & ~self.flush
         m.d.comb += [self.cmd.ready.eq(take), self.busy.eq(act | self.burst_valid)]

@@ -18,7 +18,9 @@ from gpt_fpga.hw.attn_context import AttnContext
 from gpt_fpga.hw.attn_scores import AttnScores
 from gpt_fpga.hw.axi import Axi4ReadSignature, Axi4WriteSignature, AxiLiteSignature
 from gpt_fpga.hw.axi_read import AxiReadDma
+from gpt_fpga.hw.axi_read_2port import TwoPortReadDma
 from gpt_fpga.hw.axi_write import AxiWriteDma
+from gpt_fpga.hw.axis_downsize import StreamDownsizer
 from gpt_fpga.hw.gelu import Gelu
 from gpt_fpga.hw.layernorm import LayerNorm
 from gpt_fpga.hw.matvec import MatVec
@@ -74,6 +76,10 @@ class Engine(wiring.Component):
     Parameters
     ----------
     weights, group, bus_bits : the stream layout (``layout.HwLayout``) the engine reads.
+    ports : int
+        AXI managers to DDR: 1 (default; one ``bus_bits`` port reads and writes) or 2 (``bus_bits``
+        128 only: two 64-bit ports, PYNQ-Z2 S_AXI_HP0 and S_AXI_HP2; every long read is split over
+        both by :class:`hw.axi_read_2port.TwoPortReadDma`, writes go out on port 0 at 64 bits).
     max_d : int
         Largest d_model and d_ff (on-chip vectors), a multiple of 16, at most ``numerics.MAX_D_IN``.
     max_context : int
@@ -89,29 +95,39 @@ class Engine(wiring.Component):
     s_axi : In(AxiLiteSignature)
         Registers (contract/registers.py).
     m_axi_r, m_axi_w : Out(Axi4ReadSignature), Out(Axi4WriteSignature)
-        DDR, one AXI4 manager (read and write halves), bursts of at most 16 beats.
+        DDR, one AXI4 manager (read and write halves), bursts of at most 16 beats;
+        ``bus_bits / ports`` wide.
+    m_axi1_r : Out(Axi4ReadSignature(data_bits=64))
+        With ``ports=2`` only: the second manager (reads only).
     interrupt : Out(1)
         Level: IRQ_STATUS & IRQ_ENABLE.
     """
 
-    def __init__(self, *, weights: str = "int8", group: int = 32, bus_bits: int = 64, max_d: int = nx.MAX_D_IN,
-                 max_context: int = nx.MAX_CONTEXT, max_head_dim: int = nx.MAX_HEAD_DIM, max_heads: int = 64):
+    def __init__(self, *, weights: str = "int8", group: int = 32, bus_bits: int = 64, ports: int = 1,
+                 max_d: int = nx.MAX_D_IN, max_context: int = nx.MAX_CONTEXT, max_head_dim: int = nx.MAX_HEAD_DIM,
+                 max_heads: int = 64):
         if weights not in WEIGHT_FORMATS or group not in GROUP_CHOICES or bus_bits not in BUS_BITS_CHOICES:
             raise ValueError(f"unsupported layout: weights={weights!r} group={group!r} bus_bits={bus_bits!r}")
+        if ports not in rm.PORT_CHOICES or isinstance(ports, bool) or (ports == 2 and bus_bits != 128):
+            raise ValueError(f"ports must be 1, or 2 with bus_bits=128 (two 64-bit ports), got ports={ports!r} "
+                             f"with bus_bits={bus_bits!r}")
         if not (16 <= max_d <= nx.MAX_D_IN and max_d % 16 == 0):
             raise ValueError(f"max_d must be a multiple of 16 in [16, {nx.MAX_D_IN}], got {max_d}")
         if not 1 <= max_context <= nx.MAX_CONTEXT or not 1 <= max_head_dim <= nx.MAX_HEAD_DIM:
             raise ValueError("max_context / max_head_dim exceed the contract's limits")
-        self.weights, self.group, self.bus_bits = weights, group, bus_bits
+        self.weights, self.group, self.bus_bits, self.ports = weights, group, bus_bits, ports
         self.bus_bytes = bus_bits // 8
+        self.port_bits = bus_bits // ports  # width of each AXI manager
         self.max_d, self.max_context, self.max_head_dim, self.max_heads = max_d, max_context, max_head_dim, max_heads
         self.head_words = max_d // self.bus_bytes + max_heads  # q (or k, or v) rows of all heads, in beats
-        super().__init__({
+        members = {
             "s_axi": In(AxiLiteSignature(addr_bits=rm.ADDRESS_BITS)),
-            "m_axi_r": Out(Axi4ReadSignature(data_bits=bus_bits)),
-            "m_axi_w": Out(Axi4WriteSignature(data_bits=bus_bits)),
-            "interrupt": Out(1),
-        })
+            "m_axi_r": Out(Axi4ReadSignature(data_bits=self.port_bits)),
+            "m_axi_w": Out(Axi4WriteSignature(data_bits=self.port_bits)),
+        }
+        if ports == 2:
+            members["m_axi1_r"] = Out(Axi4ReadSignature(data_bits=self.port_bits))
+        super().__init__({**members, "interrupt": Out(1)})
 
     def identity(self) -> dict[str, int]:
         """Values of the identity registers (the host compares them with the image)."""
@@ -120,7 +136,8 @@ class Engine(wiring.Component):
             "VERSION": rm.register("VERSION").pack(contract=nx.CONTRACT_VERSION, image_format=FORMAT_VERSION,
                                                    regmap=rm.REGMAP_VERSION),
             "HW_CONFIG": rm.register("HW_CONFIG").pack(bus_bits=self.bus_bits, weights=rm.WEIGHT_CODES[self.weights],
-                                                       group=self.group if self.weights == "int4" else 0),
+                                                       group=self.group if self.weights == "int4" else 0,
+                                                       ports=self.ports),
             "MAX_D_IN": self.max_d, "MAX_CONTEXT": self.max_context, "MAX_HEAD_DIM": self.max_head_dim,
         }
 
@@ -137,14 +154,25 @@ class Engine(wiring.Component):
         # The DMAs are reset only at the end of a command, when nothing is in flight on the bus: that
         # clears their sticky error flags without abandoning an AXI transaction.
         dma_rst = Signal()
-        rd = AxiReadDma(data_bits=self.bus_bits)
-        wr = AxiWriteDma(data_bits=self.bus_bits)
+        core_rst = Signal()  # soft reset of the datapath: abort and error recovery
+        rd_ports = [self.m_axi_r] + ([self.m_axi1_r] if self.ports == 2 else [])
+        if self.ports == 1:
+            rd = AxiReadDma(data_bits=self.bus_bits)
+            wiring.connect(m, wiring.flipped(self.m_axi_r), rd.axi)
+        else:
+            rd = TwoPortReadDma(data_bits=self.bus_bits)
+            wiring.connect(m, wiring.flipped(self.m_axi_r), rd.axi0)
+            wiring.connect(m, wiring.flipped(self.m_axi1_r), rd.axi1)
+        wr = AxiWriteDma(data_bits=self.port_bits)
         m.submodules.rd = ResetInserter(dma_rst)(rd)
         m.submodules.wr = ResetInserter(dma_rst)(wr)
-        wiring.connect(m, wiring.flipped(self.m_axi_r), rd.axi)
         wiring.connect(m, wiring.flipped(self.m_axi_w), wr.axi)
-
-        core_rst = Signal()  # soft reset of the datapath: abort and error recovery
+        wr_in = wr.s_data  # the stream of bus beats to write
+        if self.ports == 2:
+            # port 0 writes at 64 bits: each bus beat leaves as two, so every write command's beats double
+            m.submodules.wr_narrow = narrow = ResetInserter(core_rst)(StreamDownsizer(data_bits=self.bus_bits))
+            wiring.connect(m, narrow.m_data, wr.s_data)
+            wr_in = narrow.s_data
         ln = LayerNorm(max_d=self.max_d)
         mv = MatVec(bus_bits=self.bus_bits, weights=self.weights, group=self.group, max_d_in=self.max_d)
         gelu = Gelu(lanes=1)
@@ -231,7 +259,8 @@ class Engine(wiring.Component):
         err = Signal(len(rm.ERROR_BITS))
         err_bit = {name: i for i, name in enumerate(rm.ERROR_BITS)}
         cycles = Signal(32)
-        beats_read, beats_written = Signal(32), Signal(32)  # AXI data handshakes of this command
+        # AXI data handshakes of this command, in port beats (ports - 1 more bits: a register counts bus beats)
+        beats_read, beats_written = Signal(32 + self.ports - 1), Signal(32 + self.ports - 1)
         def word(reg, **values):
             """A register word from signals placed at their fields' bit positions."""
             out = Const(0, 32)
@@ -244,15 +273,14 @@ class Engine(wiring.Component):
             regs.status.eq(word("STATUS", busy=busy, done=done, error=err.any())),
             regs.error.eq(err),
             regs.cycles.eq(cycles),
-            regs.beats_read.eq(beats_read),
-            regs.beats_written.eq(beats_written),
+            regs.beats_read.eq(beats_read[self.ports - 1:]),
+            regs.beats_written.eq(beats_written[self.ports - 1:]),
             regs.step.eq(word("STEP", step=step, head=head)),
             self.interrupt.eq((regs.irq_status & regs.irq_enable) != 0),
         ]
         with m.If(busy):
             m.d.sync += cycles.eq(cycles + 1)
-        with m.If(self.m_axi_r.rvalid & self.m_axi_r.rready):
-            m.d.sync += beats_read.eq(beats_read + 1)
+        m.d.sync += beats_read.eq(beats_read + sum(p.rvalid & p.rready for p in rd_ports))
         with m.If(self.m_axi_w.wvalid & self.m_axi_w.wready):
             m.d.sync += beats_written.eq(beats_written + 1)
 
@@ -277,7 +305,7 @@ class Engine(wiring.Component):
 
         wr_addr, wr_n, wr_go = Signal(32), Signal(32), Signal()
         wr_issued = Signal()
-        m.d.comb += [wr.cmd.addr.eq(wr_addr), wr.cmd.beats.eq(wr_n), wr.cmd.valid.eq(wr_go)]
+        m.d.comb += [wr.cmd.addr.eq(wr_addr), wr.cmd.beats.eq(wr_n << (self.ports - 1)), wr.cmd.valid.eq(wr_go)]
         m.d.comb += wr_issued.eq(wr_go & wr.cmd.ready)
 
         # descriptor capture
@@ -378,9 +406,9 @@ class Engine(wiring.Component):
         kvrow_i = Signal(16)
         m.d.comb += [hq.tdata.eq(h_rp.data)]
         with m.If(h_to_wr):
-            m.d.comb += [wr.s_data.tdata.eq(hq.tdata), wr.s_data.tvalid.eq(hq.tvalid), hq.tready.eq(wr.s_data.tready),
-                         wr.s_data.tlast.eq(kvrow_i == row_beats_kv - 1)]
-            with m.If(wr.s_data.tvalid & wr.s_data.tready):
+            m.d.comb += [wr_in.tdata.eq(hq.tdata), wr_in.tvalid.eq(hq.tvalid), hq.tready.eq(wr_in.tready),
+                         wr_in.tlast.eq(kvrow_i == row_beats_kv - 1)]
+            with m.If(wr_in.tvalid & wr_in.tready):
                 m.d.sync += kvrow_i.eq(Mux(kvrow_i == row_beats_kv - 1, 0, kvrow_i + 1))
         with m.Else():
             m.d.comb += [qk.s_q.tdata.eq(hq.tdata), qk.s_q.tvalid.eq(hq.tvalid), hq.tready.eq(qk.s_q.tready),
@@ -398,8 +426,8 @@ class Engine(wiring.Component):
         with m.If(x_to_wr):
             # gather B/4 values into one beat; the tail beat is padded with zeros
             with m.If(pack_n == B // 4):
-                m.d.comb += [wr.s_data.tdata.eq(pack), wr.s_data.tvalid.eq(1), wr.s_data.tlast.eq(pack_last)]
-                with m.If(wr.s_data.tready):
+                m.d.comb += [wr_in.tdata.eq(pack), wr_in.tvalid.eq(1), wr_in.tlast.eq(pack_last)]
+                with m.If(wr_in.tready):
                     m.d.sync += [pack_n.eq(0), pack.eq(0)]
             with m.Elif(xs.tvalid):
                 m.d.comb += xs.tready.eq(1)
@@ -476,8 +504,8 @@ class Engine(wiring.Component):
         lg_last = Signal()
         with m.If(step == STEP["lm_head"]):
             with m.If(lg_n == B // 4):
-                m.d.comb += [wr.s_data.tdata.eq(lg_pack), wr.s_data.tvalid.eq(1), wr.s_data.tlast.eq(lg_last)]
-                with m.If(wr.s_data.tready):
+                m.d.comb += [wr_in.tdata.eq(lg_pack), wr_in.tvalid.eq(1), wr_in.tlast.eq(lg_last)]
+                with m.If(wr_in.tready):
                     m.d.sync += [lg_n.eq(0), lg_pack.eq(0)]
             with m.Else():
                 m.d.comb += mv.m_out.tready.eq(1)

@@ -1,7 +1,8 @@
 """Verilog export and open-source synthesis reports for every core (`make verilog`, `make synth`).
 
 * `python -m gpt_fpga.hw.synth verilog` writes build/verilog/<core>.v, and the whole engine under its
-  Vivado-facing wrapper as build/verilog/gpt_fpga_engine_{int8,int4}.v, and lints each with
+  Vivado-facing wrapper as build/verilog/gpt_fpga_engine_{int8,int4}.v (one 64-bit port) and
+  gpt_fpga_engine_2port_{int8,int4}.v (128 bits over two 64-bit ports), and lints each with
   `verilator --lint-only -Wno-WIDTH -Wno-CASEINCOMPLETE` (Amaranth's generated-code style aside).
 * `python -m gpt_fpga.hw.synth synth` runs, per core at the PYNQ-Z2 default configuration:
   yosys `synth_xilinx -family xc7` for LUT / FF / DSP48E1 / BRAM counts, and nextpnr-ecp5
@@ -22,6 +23,7 @@ import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from itertools import product
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +37,9 @@ def pynq_z2_cores() -> dict:
     from gpt_fpga.hw.attn_context import AttnContext
     from gpt_fpga.hw.attn_scores import AttnScores
     from gpt_fpga.hw.axi_read import AxiReadDma
+    from gpt_fpga.hw.axi_read_2port import TwoPortReadDma
     from gpt_fpga.hw.axi_write import AxiWriteDma
+    from gpt_fpga.hw.axis_downsize import StreamDownsizer
     from gpt_fpga.hw.gelu import Gelu
     from gpt_fpga.hw.layernorm import LayerNorm
     from gpt_fpga.hw.matvec import MatVec
@@ -53,6 +57,8 @@ def pynq_z2_cores() -> dict:
         "attn_context": lambda: AttnContext(),
         "axi_read": lambda: AxiReadDma(),
         "axi_write": lambda: AxiWriteDma(),
+        "axi_read_2port": lambda: TwoPortReadDma(data_bits=128),
+        "axis_downsize": lambda: StreamDownsizer(data_bits=128),
         "regfile": lambda: RegisterFile(),
     }
 
@@ -63,12 +69,12 @@ ENGINE = ("matvec_int4", "softmax", "layernorm", "gelu", "attn_scores", "attn_co
           "regfile")
 
 
-def engine_verilog(weights: str = "int4", group: int = 32) -> str:
+def engine_verilog(weights: str = "int4", group: int = 32, bus_bits: int = 64, ports: int = 1) -> str:
     """The engine under its Vivado-facing wrapper (hw/top.py), PYNQ-Z2 default sizes."""
     from gpt_fpga.hw.engine import Engine
     from gpt_fpga.hw.top import verilog
 
-    return verilog(Engine(weights=weights, group=group))
+    return verilog(Engine(weights=weights, group=group, bus_bits=bus_bits, ports=ports))
 
 
 def export_verilog(out_dir: Path, lint: bool = True) -> list[Path]:
@@ -84,9 +90,9 @@ def export_verilog(out_dir: Path, lint: bool = True) -> list[Path]:
             _lint(path, name)
     from gpt_fpga.hw.top import TOP_NAME
 
-    for weights in ("int8", "int4"):
-        path = out_dir / f"{TOP_NAME}_{weights}.v"
-        path.write_text(engine_verilog(weights))
+    for (bus_bits, ports, tag), weights in product(((64, 1, ""), (128, 2, "2port_")), ("int8", "int4")):
+        path = out_dir / f"{TOP_NAME}_{tag}{weights}.v"
+        path.write_text(engine_verilog(weights, bus_bits=bus_bits, ports=ports))
         paths.append(path)
         if lint:
             _lint(path, TOP_NAME)

@@ -3,7 +3,8 @@
 ``verilog(engine)`` returns the Amaranth engine's Verilog plus a wrapper module
 :data:`TOP_NAME` whose ports are ``aclk``, ``aresetn`` (active low, as ``proc_sys_reset`` drives
 it), ``s_axi_*`` (AXI4-Lite registers), ``m_axi_*`` (the AXI4 manager to DDR, read and write
-halves under one prefix) and ``interrupt`` (level, active high). Vivado infers the two AXI
+halves under one prefix), with a two-port engine ``m_axi1_*`` (its second manager, read channels
+only: AR and R) and ``interrupt`` (level, active high). Vivado infers the two AXI
 interfaces, the clock, the reset and the interrupt from these names; the attributes below make the
 association explicit (ASSOCIATED_BUSIF, POLARITY), so a block design can add the module as a
 module reference with no packaging step. The wrapper is generated from the engine's signature, so
@@ -19,7 +20,12 @@ from amaranth.lib import wiring
 TOP_NAME = "gpt_fpga_engine"
 CORE_NAME = "gpt_fpga_engine_core"
 # engine member -> prefix of the wrapper's ports
-PREFIXES = {"s_axi": "s_axi_", "m_axi_r": "m_axi_", "m_axi_w": "m_axi_", "interrupt": ""}
+PREFIXES = {"s_axi": "s_axi_", "m_axi_r": "m_axi_", "m_axi_w": "m_axi_", "m_axi1_r": "m_axi1_", "interrupt": ""}
+
+
+def bus_interfaces(engine) -> list[str]:
+    """The AXI interfaces Vivado infers on the wrapper (the clock's ASSOCIATED_BUSIF)."""
+    return ["s_axi", "m_axi"] + (["m_axi1"] if "m_axi1_r" in engine.signature.members else [])
 
 
 def wrapper_ports(engine) -> list[tuple[str, str, str, int]]:
@@ -37,8 +43,9 @@ def wrapper_ports(engine) -> list[tuple[str, str, str, int]]:
 
 def wrapper_verilog(engine) -> str:
     ports = wrapper_ports(engine)
+    busif = ":".join(bus_interfaces(engine))
     decls = [['(* X_INTERFACE_INFO = "xilinx.com:signal:clock:1.0 aclk CLK" *)',
-              '(* X_INTERFACE_PARAMETER = "ASSOCIATED_BUSIF s_axi:m_axi, ASSOCIATED_RESET aresetn" *)',
+              f'(* X_INTERFACE_PARAMETER = "ASSOCIATED_BUSIF {busif}, ASSOCIATED_RESET aresetn" *)',
               "input wire aclk"],
              ['(* X_INTERFACE_INFO = "xilinx.com:signal:reset:1.0 aresetn RST" *)',
               '(* X_INTERFACE_PARAMETER = "POLARITY ACTIVE_LOW" *)',

@@ -156,7 +156,8 @@ def test_instant_device_times_the_driver(tmp_path):
     ident = {R("ID").offset: rm.ENGINE_MAGIC,
              R("VERSION").offset: R("VERSION").pack(contract=nx.CONTRACT_VERSION, image_format=FORMAT_VERSION,
                                                     regmap=rm.REGMAP_VERSION),
-             R("HW_CONFIG").offset: R("HW_CONFIG").pack(bus_bits=64, weights=rm.WEIGHT_CODES["int4"], group=32),
+             R("HW_CONFIG").offset: R("HW_CONFIG").pack(bus_bits=64, weights=rm.WEIGHT_CODES["int4"], group=32,
+                                                                            ports=1),
              R("MAX_D_IN").offset: 4096, R("MAX_CONTEXT").offset: 2048, R("MAX_HEAD_DIM").offset: 256}
     h = eb.host_cost(img, ident, tokens=4)
     commands = 2 + 1  # two LAYERs and the HEAD

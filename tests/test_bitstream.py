@@ -415,7 +415,7 @@ def test_without_vivado_one_line_exit_2_and_the_inputs_are_written(no_vivado):
     ident = json.loads((out / "gpt_fpga.json").read_text())
     assert ident["engine"]["weights"] == "int8" and ident["engine"]["group"] is None
     assert ident["engine"]["bus_bits"] == 64 and ident["engine"]["top"] == "gpt_fpga_engine"
-    assert ident["engine"]["identity_registers"]["HW_CONFIG"] == 64  # bus 64, int8, group 0
+    assert ident["engine"]["identity_registers"]["HW_CONFIG"] == 64 | 1 << 24  # bus 64, int8, group 0, 1 port
     assert ident["clock"]["fclk0_mhz"] == 100.0 and ident["registers"]["base"] == 0x4000_0000
     assert ident["ddr"] == {"base": 0, "range": 512 << 20,
                             "ports": [{"master": "m_axi", "port": "S_AXI_HP0", "segment": "HP0_DDR_LOWOCM"}]}

@@ -45,7 +45,7 @@ def identity_for(header: dict, **changes) -> dict:
             "VERSION": REG("VERSION").pack(contract=header["contract_version"], image_format=FORMAT_VERSION,
                                            regmap=rm.REGMAP_VERSION),
             "HW_CONFIG": REG("HW_CONFIG").pack(bus_bits=hw["bus_bits"], weights=rm.WEIGHT_CODES[hw["weights"]],
-                                               group=hw["group"] if hw["weights"] == "int4" else 0),
+                                               group=hw["group"] if hw["weights"] == "int4" else 0, ports=1),
             "MAX_D_IN": nx.MAX_D_IN, "MAX_CONTEXT": nx.MAX_CONTEXT, "MAX_HEAD_DIM": nx.MAX_HEAD_DIM}
     regs.update(changes)
     return regs
@@ -103,9 +103,17 @@ def test_identity_matches_and_mismatches_are_named(images):
     check_identity(identity_for(h) | {"VERSION": REG("VERSION").unpack(identity_for(h)["VERSION"]),
                                       "HW_CONFIG": REG("HW_CONFIG").unpack(identity_for(h)["HW_CONFIG"])}, h)
     cases = {
-        "weights int8": dict(HW_CONFIG=REG("HW_CONFIG").pack(bus_bits=64, weights=0, group=0)),
-        "group 64": dict(HW_CONFIG=REG("HW_CONFIG").pack(bus_bits=64, weights=1, group=64)),
-        "bus width 128": dict(HW_CONFIG=REG("HW_CONFIG").pack(bus_bits=128, weights=1, group=32)),
+        "weights int8": dict(HW_CONFIG=REG("HW_CONFIG").pack(bus_bits=64, weights=0, group=0, ports=1)),
+        "group 64": dict(HW_CONFIG=REG("HW_CONFIG").pack(bus_bits=64, weights=1, group=64, ports=1)),
+        "bus width 128 bits on 1 port of 128 bits .the image is tiled for 64: a one-port engine":
+            dict(HW_CONFIG=REG("HW_CONFIG").pack(bus_bits=128, weights=1, group=32, ports=1)),
+        "bus width 128 bits on 2 ports of 64 bits .the image is tiled for 64: a one-port engine":
+            dict(HW_CONFIG=REG("HW_CONFIG").pack(bus_bits=128, weights=1, group=32, ports=2)),
+        "2 read port.s. at 64 bits .this driver knows": dict(HW_CONFIG=REG("HW_CONFIG").pack(
+            bus_bits=64, weights=1, group=32, ports=2)),
+        "0 read port.s. at 64 bits": dict(HW_CONFIG=REG("HW_CONFIG").pack(bus_bits=64, weights=1, group=32)),
+        "register map version 1 .this driver speaks 2.": dict(VERSION=REG("VERSION").pack(
+            contract=h["contract_version"], image_format=FORMAT_VERSION, regmap=1)),
         "integer contract version 9": dict(VERSION=REG("VERSION").pack(contract=9, image_format=FORMAT_VERSION,
                                                                         regmap=rm.REGMAP_VERSION)),
         "at most 32 inputs per matvec": dict(MAX_D_IN=32),
@@ -119,6 +127,22 @@ def test_identity_matches_and_mismatches_are_named(images):
             check_identity(read_identity(dev.read_reg), h)
         with pytest.raises(EngineError, match=phrase):
             Driver(images["gpt2-int4"], dev)
+
+
+def test_identity_ports_of_a_128_bit_image(images):
+    """A 128-bit image runs on a two-port (or one-port) 128-bit engine; on a 64-bit engine the error
+    names both sides: the engine's ports and widths, and the engine the image needs."""
+    h = images["gpt2-int4"].header
+    h128 = dict(h, hardware=dict(h["hardware"], bus_bits=128))
+
+    def ident(**hw_config):
+        return read_identity(RegisterDevice(identity_for(h, HW_CONFIG=REG("HW_CONFIG").pack(**hw_config))).read_reg)
+
+    check_identity(ident(bus_bits=128, weights=1, group=32, ports=2), h128)
+    check_identity(ident(bus_bits=128, weights=1, group=32, ports=1), h128)
+    with pytest.raises(EngineError, match=r"the engine does not match the image: it has bus width 64 bits on 1 port "
+                                          r"of 64 bits \(the image is tiled for 128: the two-port engine\)"):
+        check_identity(ident(bus_bits=64, weights=1, group=32, ports=1), h128)
 
 
 def test_driver_places_image_and_descriptors(images):

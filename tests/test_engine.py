@@ -5,7 +5,8 @@ Random-weight checkpoints with odd shapes (sim/random_checkpoint.py), quantized 
 quantizer: d_model not a power of two, 3 and 5 heads (head_dim not a multiple of the beat),
 a GPT-Neo local window shorter than the prompt, d_ff not 4 d, a vocabulary that does not fill whole
 beats, int8 and int4 weights, 64- and 128-bit buses. Each case also runs the error, abort and reset
-tests of sim/tb/engine.py.
+tests of sim/tb/engine.py. The 128-bit image also runs on the two-port engine (two 64-bit read
+managers over the same DDR, with different latencies and stalls, and an error on either port alone).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ CASES = {
 }
 # small on-chip sizes keep the simulation model small; the real engine uses the contract's maxima
 ENGINE_KW = dict(max_d=128, max_context=32, max_head_dim=64, max_heads=8)
+# (simulator, case, ports): every case on the one-port engine, the 128-bit one also on two ports
+RUNS = [("icarus", c, 1) for c in CASES] + [("icarus", "neo3h-int4-128", 2)]
+# two-port engine: port 1 stalls more, and each port answers a burst this many cycles after its AR
+TWO_PORT_TB = {"stall1": 0.4, "latency": [6, 23]}
 
 
 def build_image(name: str) -> str:
@@ -50,11 +55,43 @@ def build_image(name: str) -> str:
 # Engine-level tests run on Icarus (no compile step: the engine's Verilator build under cocotb's VPI takes
 # minutes). Whole models run on Verilator through the driver: tests/test_rtl_backend.py.
 @pytest.mark.sim
-@pytest.mark.parametrize("sim,case", simulator_cases([("icarus", c) for c in CASES]))
-def test_engine_equals_fixed_model(sim, case):
+@pytest.mark.parametrize("sim,case,ports", simulator_cases(RUNS, ids=[f"{s}-{c}-{p}port" for s, c, p in RUNS]))
+def test_engine_equals_fixed_model(sim, case, ports):
     image = build_image(case)
     hw = read_image(image).hw
-    engine = Engine(weights=hw.weights, group=hw.group, bus_bits=hw.bus_bits, **ENGINE_KW)
-    run_cocotb("engine", engine, "gpt_fpga.sim.tb.engine", sim, params={"case": case},
-               tb_params={"image": image, "ids": CASES[case][-1], "stall": 0.2},
+    engine = Engine(weights=hw.weights, group=hw.group, bus_bits=hw.bus_bits, ports=ports, **ENGINE_KW)
+    params = {"case": case} | ({"ports": ports} if ports != 1 else {})
+    run_cocotb("engine", engine, "gpt_fpga.sim.tb.engine", sim, params=params,
+               tb_params={"image": image, "ids": CASES[case][-1], "stall": 0.2, "ports": ports}
+               | (TWO_PORT_TB if ports == 2 else {}),
                top=TOP_NAME, verilog_text=verilog(engine))
+
+
+@pytest.mark.parametrize("kw", [dict(ports=2), dict(ports=2, bus_bits=64), dict(ports=3, bus_bits=128),
+                                dict(ports=0), dict(ports=True, bus_bits=128)])
+def test_engine_rejects_bad_ports(kw):
+    with pytest.raises(ValueError, match="ports must be 1, or 2 with bus_bits=128"):
+        Engine(**kw)
+
+
+def test_two_port_engine_signature_and_identity():
+    """ports=2: m_axi (read and write) and m_axi1 (read only) at 64 bits each under the Vivado wrapper,
+    the clock associated with all three AXI interfaces, and HW_CONFIG saying 128 bits over 2 ports."""
+    from gpt_fpga.contract import registers as rm
+    from gpt_fpga.hw.top import wrapper_ports, wrapper_verilog
+
+    one, two = (Engine(weights="int4", bus_bits=128, ports=p, **ENGINE_KW) for p in (1, 2))
+    assert set(two.signature.members) == set(one.signature.members) | {"m_axi1_r"}
+    assert len(two.m_axi_r.rdata) == len(two.m_axi_w.wdata) == len(two.m_axi1_r.rdata) == 64
+    assert len(one.m_axi_r.rdata) == len(one.m_axi_w.wdata) == 128
+    tops = {top: (d, w) for top, _, d, w in wrapper_ports(two)}
+    port1 = {t for t in tops if t.startswith("m_axi1_")}
+    assert port1 == {f"m_axi1_{n}" for n in ("araddr", "arlen", "arsize", "arburst", "arid", "arcache", "arprot",
+                                             "arvalid", "arready", "rdata", "rresp", "rlast", "rid", "rvalid",
+                                             "rready")}
+    assert tops["m_axi1_rdata"] == ("input", 64) and tops["m_axi_wdata"] == ("output", 64)
+    assert "ASSOCIATED_BUSIF s_axi:m_axi:m_axi1," in wrapper_verilog(two)
+    assert "ASSOCIATED_BUSIF s_axi:m_axi," in wrapper_verilog(one)
+    hw = rm.register("HW_CONFIG")
+    assert hw.unpack(two.identity()["HW_CONFIG"]) == {"bus_bits": 128, "weights": 1, "group": 32, "ports": 2}
+    assert hw.unpack(one.identity()["HW_CONFIG"])["ports"] == 1

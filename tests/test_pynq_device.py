@@ -262,11 +262,12 @@ def pynq(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # the fake board: registers, a command-level engine, non-coherent DDR
 
-def identity_regs(weights="int8", bus_bits=64, group=0, **changes) -> dict:
+def identity_regs(weights="int8", bus_bits=64, group=0, ports=1, **changes) -> dict:
     regs = {"ID": rm.ENGINE_MAGIC,
             "VERSION": REG("VERSION").pack(contract=nx.CONTRACT_VERSION, image_format=FORMAT_VERSION,
                                            regmap=rm.REGMAP_VERSION),
-            "HW_CONFIG": REG("HW_CONFIG").pack(bus_bits=bus_bits, weights=rm.WEIGHT_CODES[weights], group=group),
+            "HW_CONFIG": REG("HW_CONFIG").pack(bus_bits=bus_bits, weights=rm.WEIGHT_CODES[weights], group=group,
+                                               ports=ports),
             "MAX_D_IN": nx.MAX_D_IN, "MAX_CONTEXT": nx.MAX_CONTEXT, "MAX_HEAD_DIM": nx.MAX_HEAD_DIM}
     regs.update(changes)
     return regs
@@ -732,7 +733,7 @@ def test_board_check_table(make_board, spy_builds, capsys):
     for name in ("engine ID", "register map version", "contract version", "image format version",
                  "DMA read + write", "LAYER 0", "decode", "interrupt"):
         assert rows[name][0] == "ok", (name, rows[name])
-    assert rows["engine build"] == ("info", f"int8 weights, 64-bit bus; d_in <= {nx.MAX_D_IN}, context <= "
+    assert rows["engine build"] == ("info", f"int8 weights, 64-bit bus (1 port of 64 bits); d_in <= {nx.MAX_D_IN}, context <= "
                                     f"{nx.MAX_CONTEXT}, head_dim <= {nx.MAX_HEAD_DIM}")
     assert rows["clock (FCLK0)"][1].startswith("100 MHz")
     assert rows["test image"][1].startswith("built: check-int8.img, gpt2 2 layers, d_model 128, vocab 8192")
@@ -760,7 +761,7 @@ def test_board_check_reports_failures(make_board, spy_builds, capsys, images):
                                                                        image_format=FORMAT_VERSION, regmap=99)))
     rc, out, err = run_cli(capsys, "board-check", "--overlay", board.bit)
     rows = table(out)
-    assert rc == 1 and rows["register map version"][0] == "FAIL" and "99 (this package: 1)" in out
+    assert rc == 1 and rows["register map version"][0] == "FAIL" and f"99 (this package: {rm.REGMAP_VERSION})" in out
     assert rows["DMA read + write"][0] == "skip" and rows["decode"][0] == "skip"
     # --image that does not fit the engine; an engine without an interrupt only warns
     board = make_board(irq="absent")

@@ -210,19 +210,21 @@ class BusMonitor:
                 self.expected_ars = deque(stuck)
 
 
-class AxiReadTB(StreamTB):
+class ReadDmaTB(StreamTB):
+    """What the read DMAs' testbenches share: the command source, the ``m_data`` sink and scoreboard,
+    drain, and flush. A subclass sets ``self.bus`` (a monitor with ``start()`` and
+    ``expected_ars``, empty or 0 when no burst is still expected) and queues commands with
+    :meth:`send` after telling the monitor and the scoreboard what to expect."""
+
     ERROR_BITS = ("rresp",)  # as hw.axi_read.AxiReadDma.ERROR_BITS
 
-    def __init__(self, dut, seed: int, latency: int = 8):
+    def __init__(self, dut, seed: int):
         super().__init__(dut)
         self.rng = random.Random(seed)
-        self.ram = ReadRam(dut, "axi", latency, self.rng)
-        self.ram.fill()
         self.cmd = DmaCmdSource(DmaCmdBus.from_prefix(dut, "cmd", bus_separator="__"), dut.clk, dut.rst)
         self.cmd.log.setLevel("WARNING")
         self.sink = self.axis_sink("m_data")
         self.scoreboard = Scoreboard()
-        self.bus = BusMonitor(dut)
         self.frames = cocotb.start_soon(self._frames())
         dut.flush.value = 0
 
@@ -235,15 +237,7 @@ class AxiReadTB(StreamTB):
         await super().reset(cycles)
         self.bus.start()
 
-    def set_stalls(self, p_cmd=0.0, p_ar=0.0, p_r=0.0, p_out=0.0):
-        common.set_stalls(self.cmd, self.rng, p_cmd)
-        self.ram.set_stalls(p_ar, p_r)
-        common.set_stalls(self.sink, self.rng, p_out)
-
-    async def read(self, addr: int, beats: int, tag: str):
-        """Queue a command; the model: its bursts and the RAM bytes it covers."""
-        self.bus.expected_ars.extend(split_bursts(addr, beats))
-        self.scoreboard.expect(list(self.ram.read(addr, beats * DATA_BYTES)), tag)
+    async def send(self, addr: int, beats: int):
         await self.cmd.send(DmaCmdTransaction(addr=addr, beats=beats))
 
     async def drain(self, timeout: int = 50000):
@@ -274,6 +268,25 @@ class AxiReadTB(StreamTB):
         self.scoreboard.clear()
         self.sink.assert_reset()  # forget the partial frame
         return dropped
+
+
+class AxiReadTB(ReadDmaTB):
+    def __init__(self, dut, seed: int, latency: int = 8):
+        super().__init__(dut, seed)
+        self.ram = ReadRam(dut, "axi", latency, self.rng)
+        self.ram.fill()
+        self.bus = BusMonitor(dut)
+
+    def set_stalls(self, p_cmd=0.0, p_ar=0.0, p_r=0.0, p_out=0.0):
+        common.set_stalls(self.cmd, self.rng, p_cmd)
+        self.ram.set_stalls(p_ar, p_r)
+        common.set_stalls(self.sink, self.rng, p_out)
+
+    async def read(self, addr: int, beats: int, tag: str):
+        """Queue a command; the model: its bursts and the RAM bytes it covers."""
+        self.bus.expected_ars.extend(split_bursts(addr, beats))
+        self.scoreboard.expect(list(self.ram.read(addr, beats * DATA_BYTES)), tag)
+        await self.send(addr, beats)
 
 
 LENGTHS = [1, 15, 16, 17, 1000]

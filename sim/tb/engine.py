@@ -5,9 +5,14 @@ and K/V rows, and each HEAD command's int32 logits, must equal it exactly. The h
 image, writing descriptors and the residual, starting commands) is done here as the driver will do
 it, with cocotbext-axi: an AXI4-Lite manager on ``s_axi`` and a DDR model on ``m_axi`` (an
 ``AxiSlave`` over an ``AddressSpace``: addresses outside the RAM answer SLVERR) with random
-back-pressure on every channel.
+back-pressure on every channel. A two-port engine's second manager ``m_axi1`` (reads only) reads
+the same DDR through its own model; there each port's bursts start a fixed number of cycles after
+their AR (``latency``, different per port), each port has its own stalls and can be made to answer
+SLVERR on an address range of its own (``EngineTB.port_errors``).
 
-TB_PARAMS: ``image`` (path), ``ids`` (prompt token ids), ``stall`` (probability, 0..1).
+TB_PARAMS: ``image`` (path), ``ids`` (prompt token ids), ``stall`` (probability, 0..1), ``ports``
+(1 or 2; default 1), ``stall1`` and ``latency`` (two-port engine: port 1's stall probability, and
+the AR-to-R latency of each port in cycles).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import cocotb
 import numpy as np
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
-from cocotbext.axi import AddressSpace, AxiBus, AxiLiteBus, AxiLiteMaster, AxiSlave, MemoryRegion
+from cocotbext.axi import (AddressSpace, AxiBus, AxiLiteBus, AxiLiteMaster, AxiReadBus, AxiSlave, AxiSlaveRead,
+                           AxiSlaveWrite, AxiWriteBus, MemoryRegion)
 
 from gpt_fpga.contract import descriptors as dsc
 from gpt_fpga.contract import numerics as nx
@@ -31,6 +37,33 @@ from gpt_fpga.sim.tb.common import PARAMS, stalls
 RAM_BYTES = 8 << 20
 WEIGHTS_BASE = 0x10000
 REG = rm.register
+PORTS = int(PARAMS.get("ports", 1))
+
+
+class PortTarget:
+    """One read port's view of the DDR: reads in `errors` ((start, end) byte ranges) fail (SLVERR)."""
+
+    def __init__(self, space: AddressSpace):
+        self.space = space
+        self.errors: list[tuple[int, int]] = []
+
+    async def read(self, address: int, length: int) -> bytes:
+        if any(s < address + length and address < e for s, e in self.errors):
+            raise ValueError(f"injected read error at 0x{address:x}")
+        return await self.space.read(address, length)
+
+
+def delayed_reads(port: AxiSlaveRead, latency: int) -> AxiSlaveRead:
+    """Each burst's R beats start `latency` cycles after the model takes its AR (bursts in sequence)."""
+    recv = port.ar_channel.recv
+
+    async def recv_late():
+        ar = await recv()
+        await ClockCycles(port.clock, latency)
+        return ar
+
+    port.ar_channel.recv = recv_late
+    return port
 
 
 class EngineTB:
@@ -42,17 +75,33 @@ class EngineTB:
         self.space = AddressSpace(2 ** 32)
         self.ram = MemoryRegion(RAM_BYTES)
         self.space.register_region(self.ram, 0)
-        self.ddr = AxiSlave(AxiBus.from_prefix(dut, "m_axi"), dut.aclk, dut.aresetn, target=self.space,
-                            reset_active_level=False)
-        self.regs = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi"), dut.aclk, dut.aresetn,
+        clk, rst = dut.aclk, dut.aresetn
+        if PORTS == 1:
+            self.ddr = AxiSlave(AxiBus.from_prefix(dut, "m_axi"), clk, rst, target=self.space,
+                                reset_active_level=False)
+            reads, write = [self.ddr.read_if], self.ddr.write_if
+        else:
+            self.port_errors = [PortTarget(self.space) for _ in range(PORTS)]
+            reads = [delayed_reads(AxiSlaveRead(AxiReadBus.from_prefix(dut, prefix), clk, rst, target=target,
+                                                reset_active_level=False), latency)
+                     for prefix, target, latency in zip(("m_axi", "m_axi1"), self.port_errors, PARAMS["latency"])]
+            write = AxiSlaveWrite(AxiWriteBus.from_prefix(dut, "m_axi"), clk, rst, target=self.space,
                                   reset_active_level=False)
-        for sub in (self.ddr.read_if, self.ddr.write_if, self.regs.read_if, self.regs.write_if):
+        self.regs = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi"), clk, rst, reset_active_level=False)
+        for sub in (*reads, write, self.regs.read_if, self.regs.write_if):
             sub.log.setLevel("WARNING")
+        rng = random.Random(seed)
+        for k, port in enumerate(reads):
+            p = PARAMS.get("stall1", stall) if k else stall
+            if p:
+                for ch in (port.ar_channel, port.r_channel):
+                    ch.set_pause_generator(stalls(random.Random(rng.random()), p))
         if stall:
-            rng = random.Random(seed)
-            for ch in (self.ddr.read_if.ar_channel, self.ddr.read_if.r_channel, self.ddr.write_if.aw_channel,
-                       self.ddr.write_if.w_channel, self.ddr.write_if.b_channel):
+            for ch in (write.aw_channel, write.w_channel, write.b_channel):
                 ch.set_pause_generator(stalls(rng, stall))
+        self.r_beats = [0] * len(reads)  # R handshakes per port
+        cocotb.start_soon(self._count_reads([getattr(dut, f"{p}_r{s}") for p in ("m_axi", "m_axi1")[:PORTS]
+                                             for s in ("valid", "ready")]))
         self.image = read_image(image_path)
         self.model = FixedModel(self.image)
         h = self.image.header
@@ -66,6 +115,13 @@ class EngineTB:
         assert self.state_base + self.state.total <= RAM_BYTES, "the test image does not fit the DDR model"
         self.place = dsc.placement(h, WEIGHTS_BASE, self.state_base, self.state)
         self.desc_addr = self.state_base + self.state.desc
+
+    async def _count_reads(self, handshake):
+        while True:
+            await RisingEdge(self.dut.aclk)
+            for k in range(len(self.r_beats)):
+                if handshake[2 * k].value and handshake[2 * k + 1].value:
+                    self.r_beats[k] += 1
 
     async def reset(self):
         self.dut.aresetn.value = 0
@@ -185,6 +241,7 @@ async def test_identity(dut):
                  "regmap": rm.REGMAP_VERSION}, v
     hw = REG("HW_CONFIG").unpack(await tb.read_reg("HW_CONFIG"))
     assert hw["bus_bits"] == tb.image.hw.bus_bits and hw["weights"] == rm.WEIGHT_CODES[tb.image.hw.weights], hw
+    assert hw["ports"] == PORTS, hw
 
 
 @cocotb.test()
@@ -192,7 +249,12 @@ async def test_tokens_equal_fixed_model(dut):
     """Prompt tokens one at a time: every layer's residual, K/V rows and the logits equal the fixed model."""
     tb = await _setup(dut)
     for pos, tok in enumerate(PARAMS["ids"]):
+        beats0 = list(tb.r_beats)
         await token_step(tb, tok, pos)
+        if PORTS == 2:  # the long reads are split evenly over both ports
+            per_port = [b - b0 for b, b0 in zip(tb.r_beats, beats0)]
+            assert sum(per_port) and min(per_port) >= 0.4 * sum(per_port), \
+                f"R beats per port at position {pos}: {per_port}"
 
 
 @cocotb.test()
@@ -228,6 +290,24 @@ async def test_axi_error_ends_the_command(dut):
     tb.write_resid(tb.model.embed([PARAMS["ids"][0]], 0)[0])
     r = await tb.run(rm.OP_LAYER, 0, 0)
     assert r["status"]["error"] and r["error"].get("axi_read"), r
+    tb.load()
+    await token_step(tb, PARAMS["ids"][0], 0)
+
+
+@cocotb.test(skip=PORTS != 2)
+async def test_axi_error_on_one_port(dut):
+    """Two ports: an SLVERR from either port alone (on 256 bytes of the QKV weights, which both ports
+    read in turn) ends the command with axi_read; the next token is exact."""
+    tb = await _setup(dut)
+    qkv = dsc.field_bits("layer", "qkv_addr")[0] // 8 + dsc.record_offset("layer", 0)
+    qkv_addr = struct.unpack_from("<I", dsc.build_table(tb.image.header, tb.place), qkv)[0]
+    for port in range(PORTS):
+        tb.write_resid(tb.model.embed([PARAMS["ids"][0]], 0)[0])
+        bad = qkv_addr + 512
+        tb.port_errors[port].errors = [(bad, bad + 256)]
+        r = await tb.run(rm.OP_LAYER, 0, 0)
+        assert r["status"]["error"] and r["error"] == {"axi_read": 1}, (port, r)
+        tb.port_errors[port].errors = []
     tb.load()
     await token_step(tb, PARAMS["ids"][0], 0)
 

@@ -1,0 +1,250 @@
+"""Two-port AXI4 read DMA: one wide stream fed by two half-width managers (S_AXI_HP0 and S_AXI_HP2).
+
+One 64-bit HP port of the Zynq-7000 carries 1.14 GB/s at 142.857 MHz, less than the PYNQ-Z2's
+DDR gives (about 1.785 GB/s); two ports on two DDR-controller ports carry it. This core splits every
+command into bursts of at most 16 half-width beats, sends them alternately to the two ports, and
+rebuilds the full-width stream in address order (docs/engine.md, "Two ports").
+"""
+
+from __future__ import annotations
+
+from amaranth import Cat, Module, Mux, ResetInserter, Signal
+from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
+from amaranth.lib.wiring import In, Out
+
+from gpt_fpga.hw.axi import BURST_INCR, MAX_BURST_BEATS, Axi4ReadSignature
+from gpt_fpga.hw.axi_read import ARCACHE, DEFAULT_MAX_OUTSTANDING, BurstSplitter, DmaCommandSignature, \
+    check_dma_params
+from gpt_fpga.hw.axis import AxiStreamSignature
+
+__all__ = ["TwoPortReadDma", "PORTS"]
+
+PORTS = 2
+STREAM_BITS_CHOICES = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class TwoPortReadDma(wiring.Component):
+    """AXI4 (AXI3-compatible) read DMA with a ``data_bits`` stream and two ``data_bits / 2`` managers.
+
+    Same ``cmd``, ``m_data``, ``error``, ``idle`` and ``flush`` as :class:`hw.axi_read.AxiReadDma`
+    at ``data_bits``. A command ``(addr, beats)`` (stream beats) is split by a
+    :class:`hw.axi_read.BurstSplitter` into bursts of at most 8 stream beats that never cross a
+    4 KiB boundary; each becomes one port burst of twice as many half-width beats (at most 16, so
+    AXI3-legal), issued alternately on ``axi0`` and ``axi1`` (the first burst after reset or a
+    flush on ``axi0``), ``arid`` 0, ``arsize = log2(data_bits / 16)``, ``arcache = 0b0011``,
+    ``arprot = 0``. So a long read is split evenly over both ports, each with up to
+    ``max_outstanding`` bursts in flight.
+
+    Reorder: each port returns its bursts in order; two consecutive R beats of a port make one
+    stream beat (low half first, as in memory) written to that port's FIFO, tagged with command
+    end. A queue of the port and length of every issued burst, in address order, says which port's
+    FIFO the next stream beats come from, so a port that answers later or slower than the other
+    only delays the stream, never reorders it.
+
+    Flow control as in AxiReadDma, per port: a burst is issued only when its port's FIFO has room
+    for all its beats counting the beats in flight (credits) and the port has fewer than
+    ``max_outstanding`` bursts in flight, so ``rready`` is always 1 on both ports.
+
+    Parameters
+    ----------
+    data_bits : int
+        Stream width, a power of two 16..2048 (128 on the PYNQ-Z2); each port is half as wide.
+    addr_bits : int
+        AXI address width, 12..64.
+    max_outstanding : int
+        Bursts in flight per port, 1..64 (default 8: 128 port beats, one beat per cycle per port
+        up to a read latency of about 105 cycles, as AxiReadDma).
+    fifo_depth : int or None
+        Per port, its FIFO in port beats (even, 16..4096); default ``16 * max_outstanding``. Each FIFO
+        holds ``fifo_depth / 2`` stream beats.
+
+    Attributes
+    ----------
+    cmd : In(DmaCommandSignature(addr_bits))
+        Commands in stream beats (``addr`` aligned to ``data_bits / 8``; low bits ignored).
+    m_data : Out(AxiStreamSignature(data_bits))
+        The data in address order, ``tlast`` on the last beat of each command.
+    axi0, axi1 : Out(Axi4ReadSignature(addr_bits=addr_bits, data_bits=data_bits // 2))
+        AR and R of the two managers (PYNQ-Z2: S_AXI_HP0 and S_AXI_HP2).
+    error : Out(1)
+        Sticky until reset (:attr:`ERROR_BITS` ``("rresp",)``): an R beat on either port had RRESP
+        SLVERR or DECERR; its data are delivered anyway.
+    beats : Out(32)
+        R beats received on both ports together since reset (port beats, wraps at 2**32).
+    idle : Out(1)
+        No command in progress, no burst in flight on either port, no data waiting.
+    flush : In(1)
+        Abort, exactly as AxiReadDma's: queued and partly issued commands are dropped, no new AR is
+        issued (a presented AR stays until accepted), the FIFOs and the order queue empty at once
+        (``m_data.tvalid`` falls the next cycle), the R beats still owed on both ports are received
+        and dropped, and ``cmd.ready`` stays low until the last has arrived (then ``idle`` rises).
+
+    Notes
+    -----
+    Throughput (:attr:`throughput`): one stream beat per cycle when both ports deliver one beat
+    per cycle and the consumer keeps up (each port carries every other burst).
+
+    Latency (:attr:`latency`, no stalls): a command's first ``arvalid`` (on ``axi0``) comes
+    :attr:`ar_latency` (3) cycles after ``cmd``; a stream beat reaches ``m_data.tvalid``
+    :attr:`r_latency` (3) cycles after the R handshake of its high half, which follows its low half
+    by one cycle. The first beat thus appears ``latency`` (7) cycles plus the memory's AR-to-R
+    latency after the command.
+
+    A synchronous reset drops everything; bursts in flight on either port must be reset with it.
+    """
+
+    ERROR_BITS = ("rresp",)  #: names of ``error``'s bits, bit 0 first
+
+    def __init__(self, *, data_bits: int = 128, addr_bits: int = 32,
+                 max_outstanding: int = DEFAULT_MAX_OUTSTANDING, fifo_depth: int | None = None):
+        if isinstance(data_bits, bool) or data_bits not in STREAM_BITS_CHOICES:
+            raise ValueError(f"data_bits must be a power of two in [16, 2048] (two ports of half), got {data_bits!r}")
+        self.port_bits = data_bits // 2
+        self.fifo_depth = check_dma_params(self, self.port_bits, addr_bits, max_outstanding, fifo_depth)
+        if self.fifo_depth % 2:
+            raise ValueError(f"fifo_depth must be even (whole stream beats), got {fifo_depth!r}")
+        self.data_bits, self.addr_bits, self.max_outstanding = data_bits, addr_bits, max_outstanding
+        self.data_bytes = data_bits // 8
+        self.size = (self.data_bytes // 2).bit_length() - 1  # arsize of a port
+        port = Axi4ReadSignature(addr_bits=addr_bits, data_bits=self.port_bits)
+        super().__init__({
+            "cmd": In(DmaCommandSignature(addr_bits)),
+            "m_data": Out(AxiStreamSignature(data_bits)),
+            "axi0": Out(port),
+            "axi1": Out(port),
+            "error": Out(1),
+            "beats": Out(32),
+            "idle": Out(1),
+            "flush": In(1),
+        })
+
+    @property
+    def ar_latency(self) -> int:
+        """Cycles from a ``cmd`` handshake to the command's first ``arvalid`` (no stalls): 3."""
+        return 3
+
+    @property
+    def r_latency(self) -> int:
+        """Cycles from the R handshake of a stream beat's high half to its ``m_data.tvalid``: 3."""
+        return 3
+
+    @property
+    def latency(self) -> int:
+        """Cycles the DMA adds to a command's first beat: ``ar_latency + 1 + r_latency`` (7), the 1
+        being the high half's R beat after the low half's."""
+        return self.ar_latency + 1 + self.r_latency
+
+    @property
+    def throughput(self) -> int:
+        """Stream beats per cycle in steady state (both ports at one beat per cycle): 1."""
+        return 1
+
+    def elaborate(self, platform):
+        m = Module()
+        cmd, flush = self.cmd, self.flush
+        depth = self.fifo_depth // 2  # stream beats per port FIFO
+        axis = (self.axi0, self.axi1)
+
+        m.submodules.split = split = BurstSplitter(addr_bits=self.addr_bits, data_bytes=self.data_bytes,
+                                                   max_beats=MAX_BURST_BEATS // 2)
+        # port and length (stream beats - 1) of every issued burst whose data have not all left, in address
+        # order; the length is counted here, so no FIFO output (block RAM, slow clock-to-out) steers the pops
+        order = SyncFIFOBuffered(width=4, depth=4 * self.max_outstanding)
+        m.submodules.order = ResetInserter(flush)(order)
+
+        blen = split.burst_len  # stream beats, 1..8
+        sel = Signal()  # the port of the next burst
+        dropping = Signal()  # a flush is draining: R beats owed are dropped
+        issue = Signal()
+        fifos, owed_all, can = [], [], []
+        for p, ax in enumerate(axis):
+            # data FIFO: stream beat, command end; a flush empties it at once
+            fifo = SyncFIFOBuffered(width=self.data_bits + 1, depth=depth)
+            m.submodules[f"fifo{p}"] = ResetInserter(flush)(fifo)
+            # last-burst-of-command flag of each burst in flight on this port, in AR order
+            bursts = SyncFIFO(width=1, depth=max(2, self.max_outstanding))
+            m.submodules[f"bursts{p}"] = bursts
+            owed = Signal(range(depth + 1), name=f"owed{p}")  # stream beats requested, not yet paired
+            free = Signal(range(depth + 1), init=depth, name=f"free{p}")  # credits: depth - owed - level
+            fifos.append(fifo)
+            owed_all.append(owed)
+            can.append(~(ax.arvalid & ~ax.arready) & (free >= blen) & (bursts.level != self.max_outstanding))
+
+            # AR
+            go = Signal(name=f"issue{p}")
+            m.d.comb += go.eq(issue & (sel == p))
+            with m.If(go):
+                m.d.sync += [ax.araddr.eq(split.burst_addr), ax.arlen.eq((blen << 1) - 1), ax.arvalid.eq(1)]
+            with m.Elif(ax.arready):
+                m.d.sync += ax.arvalid.eq(0)
+            m.d.comb += [bursts.w_en.eq(go), bursts.w_data.eq(split.burst_last),
+                         ax.arsize.eq(self.size), ax.arburst.eq(BURST_INCR), ax.arid.eq(0),
+                         ax.arcache.eq(ARCACHE), ax.arprot.eq(0)]
+
+            # R: never back-pressured; registered once, then two beats paired into one stream beat
+            m.d.comb += ax.rready.eq(1)
+            r_valid, r_last = Signal(name=f"r{p}_valid"), Signal(name=f"r{p}_last")
+            r_data, r_resp = Signal(self.port_bits, name=f"r{p}_data"), Signal(2, name=f"r{p}_resp")
+            m.d.sync += [r_valid.eq(ax.rvalid), r_data.eq(ax.rdata), r_last.eq(ax.rlast), r_resp.eq(ax.rresp)]
+            high = Signal(name=f"high{p}")  # the next R beat is a high half (bursts are whole pairs)
+            low = Signal(self.port_bits, name=f"low{p}")
+            with m.If(r_valid):
+                m.d.sync += high.eq(~high)
+                with m.If(~high):
+                    m.d.sync += low.eq(r_data)
+            pair = r_valid & high
+            m.d.comb += [
+                fifo.w_en.eq(pair & ~dropping),
+                fifo.w_data.eq(Cat(low, r_data, r_last & bursts.r_data)),
+                bursts.r_en.eq(r_valid & r_last),
+            ]
+            m.d.sync += owed.eq(owed + Mux(go, blen, 0) - pair)
+            pop = fifo.r_en & fifo.r_rdy
+            with m.If(flush):  # the FIFO empties; no burst is issued
+                m.d.sync += free.eq(depth - owed + pair)
+            with m.Else():  # a dropped beat frees its credit on arrival, a delivered one when it leaves
+                m.d.sync += free.eq(free - Mux(go, blen, 0) + (pair & dropping) + pop)
+            with m.If(r_valid & r_resp[1]):  # SLVERR (2) or DECERR (3)
+                m.d.sync += self.error.eq(1)
+
+        # --- issue: in address order, alternating ports; a port without room holds both back
+        m.d.comb += issue.eq(split.burst_valid & Mux(sel, can[1], can[0]) & order.w_rdy & ~flush)
+        m.d.comb += [
+            split.flush.eq(flush), split.burst_ready.eq(issue),
+            split.cmd.addr.eq(cmd.addr), split.cmd.beats.eq(cmd.beats), split.cmd.valid.eq(cmd.valid & ~dropping),
+            cmd.ready.eq(split.cmd.ready & ~dropping),
+            order.w_en.eq(issue), order.w_data.eq(Cat(sel, blen - 1)),
+        ]
+        with m.If(flush):
+            m.d.sync += sel.eq(0)
+        with m.Elif(issue):
+            m.d.sync += sel.eq(~sel)
+        owed_none = (owed_all[0] == 0) & (owed_all[1] == 0)
+        with m.If(flush):
+            m.d.sync += dropping.eq(1)
+        with m.Elif(owed_none):
+            m.d.sync += dropping.eq(0)
+        m.d.sync += self.beats.eq(self.beats + self.axi0.rvalid + self.axi1.rvalid)
+
+        # --- m_data: from the FIFO of the port the order queue names
+        head, head_last = order.r_data[0], order.r_data[1:]
+        served = Signal(3)  # beats of the head burst already delivered
+        entry = Mux(head, fifos[1].r_data, fifos[0].r_data)
+        valid = order.r_rdy & Mux(head, fifos[1].r_rdy, fifos[0].r_rdy)
+        take = order.r_rdy & self.m_data.tready
+        burst_done = valid & self.m_data.tready & (served == head_last)
+        with m.If(flush | burst_done):
+            m.d.sync += served.eq(0)
+        with m.Elif(valid & self.m_data.tready):
+            m.d.sync += served.eq(served + 1)
+        m.d.comb += [
+            self.m_data.tvalid.eq(valid),
+            self.m_data.tdata.eq(entry[:self.data_bits]),
+            self.m_data.tlast.eq(entry[self.data_bits]),
+            fifos[0].r_en.eq(take & ~head),
+            fifos[1].r_en.eq(take & head),
+            order.r_en.eq(burst_done),
+            self.idle.eq(~split.busy & owed_none & (fifos[0].level == 0) & (fifos[1].level == 0) & ~flush),
+        ]
+        return m
