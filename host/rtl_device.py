@@ -79,7 +79,7 @@ PYNQ_DDR_BYTES_PER_CYCLE = 12.5  # 1.785 GB/s usable (16-bit DDR3-1050) at 142.8
 def default_ports(bus_bits: int) -> int:
     """Ports of the engine a ``bus_bits`` image runs on by default: 128 bits come from two 64-bit ports
     (the PYNQ-Z2's HP0 and HP2), as the board's overlay builds it."""
-    return 1  # two-port engine: pending (issue 14)
+    return 2 if bus_bits == 128 else 1
 
 
 def default_bytes_per_cycle(ports: int) -> float:

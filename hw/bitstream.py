@@ -63,8 +63,8 @@ PORT_CHOICES = (1, 2)
 # engine master -> (PS7 HP port, its DDR segment): HP0/HP1 share one DDR-controller port and HP2/HP3
 # another, so the second master goes to HP2
 HP_PORTS = (("m_axi", "S_AXI_HP0", "HP0_DDR_LOWOCM"), ("m_axi1", "S_AXI_HP2", "HP2_DDR_LOWOCM"))
-DEFAULT_PORTS = 1  # the two-port engine: pending (issue 14)
-DEFAULT_CLOCK_MHZ = "100"
+DEFAULT_PORTS = 2  # the PYNQ-Z2's DDR gives more than one 64-bit HP port carries
+DEFAULT_CLOCK_MHZ = "142.857"  # IO PLL 1000 MHz / 7
 
 
 class BitstreamError(Exception):
