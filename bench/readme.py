@@ -36,7 +36,13 @@ BLOCK = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /bench:(
 
 def machine() -> dict:
     """What a timing was measured on: the README names it next to every wall-clock figure."""
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "processor": model or platform.processor() or platform.machine(),
             "python": platform.python_version()}
 
 

@@ -168,7 +168,11 @@ def cmd_info(args):
     print(f"{'params':>14}: {info['params']:,}")
     if "image" in info:
         im = info["image"]
-        print(f"{'image':>14}: {im['file_bytes']:,} bytes, hardware {im['hardware']}, calibration {im['calibration']}")
+        hw, cal = im["hardware"], im["calibration"] or {}
+        print(f"{'image':>14}: {im['file_bytes']:,} bytes, {hw['weights']}"
+              + (f" group {hw['group']}" if hw["weights"] == "int4" else "") + f", {hw['bus_bits']}-bit beats")
+        print(f"{'calibration':>14}: " + (f"{cal.get('tokens')} tokens ({cal.get('source')}, {cal.get('method')})"
+                                           if cal else "unknown"))
         clips = im["clips"]
         if clips is None:
             print(f"{'clips':>14}: unknown (the image predates clip counts)")

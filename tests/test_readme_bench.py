@@ -54,7 +54,7 @@ def test_missing_duplicated_and_orphan_blocks_are_caught():
 
 def test_a_section_without_readme_tables_is_skipped(tmp_path):
     """Only sections whose module has readme_tables take part; a taking-part one needs its record."""
-    sections = {"engine": "gpt_fpga.bench.engine", "cores": "gpt_fpga.bench.cores"}
+    sections = {"engine": "gpt_fpga.bench.engine", "shapes": "gpt_fpga.bench.shapes"}
     assert set(readme.renderers(sections)) == {"engine"}
     with pytest.raises(FileNotFoundError, match=re.escape("engine.json: missing")):
         readme.tables(tmp_path, sections)
