@@ -1,7 +1,11 @@
 """Benchmarks: ``python -m gpt_fpga.bench --out build/bench [--only float ...]``.
 
 Each section is a function ``bench_<name>(out: Path) -> dict`` registered in :data:`BENCHES`; it writes
-``out/<name>.json`` and returns what it wrote. Sections added later follow the same pattern.
+``out/<name>.json`` and returns what it wrote. Sections added later follow the same pattern. With
+``--readme`` (``make bench``), the sections that render README tables (``readme_tables`` in their module,
+bench/readme.py) are copied to ``bench/records/`` and the README's measured tables are rewritten from them.
+Standard output carries progress and results only: the simulators write to log files (cocotb: ``out/logs/``;
+the engine's Verilator build: its ``build/rtl/<hash>/build.log``), named on failure.
 
 float
     The float32 golden model (sim/float_model.py) against transformers, side by side in one process on

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MODELS, REPO, TINY_GPT2, expect_error, run_cli, tiny_gpt2_config, tiny_gpt2_tensors, write_model_dir
+from conftest import (MODELS, REPO, TINY_GPT2, expect_error, run_cli, tiny_gpt2_config, tiny_gpt2_tensors,
+                      write_model_dir)
 
 N_CTX = TINY_GPT2["n_ctx"]
 VOCAB = TINY_GPT2["vocab"]
