@@ -52,8 +52,8 @@ bitstream: $(VENV)/.dev ## PYNQ-Z2 overlay with Vivado -> build/overlay/gpt_fpga
 	@$(PY) -m gpt_fpga.hw.bitstream --weights $(or $(WEIGHTS),int8) --group $(or $(GROUP),32) \
 		--ports $(or $(PORTS),2) --clock-mhz $(or $(CLOCK_MHZ),142.857)
 
-bench: $(VENV)/.dev ## speed, accuracy and core-throughput benchmarks -> build/bench/*.json
-	$(PY) -m gpt_fpga.bench --out build/bench
+bench: $(VENV)/.dev ## benchmarks -> build/bench/*.json; README's measured tables <- bench/records/*.json
+	$(PY) -m gpt_fpga.bench --out build/bench --readme
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache

