@@ -309,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--weights", default="int8", choices=list(WEIGHT_FORMATS),
                     help="weight format (default %(default)s)")
     qz.add_argument("--group", type=int, choices=list(GROUP_CHOICES), help="int4 group size (default 32)")
-    qz.add_argument("--bus-bits", type=int, default=64, choices=list(BUS_BITS_CHOICES),
-                    help="DDR stream width it is tiled for (default %(default)s)")
+    qz.add_argument("--bus-bits", type=int, default=128, choices=list(BUS_BITS_CHOICES),
+                    help="the engine's datapath width it is tiled for: 128 for the default two-port overlay, "
+                         "64 for the one-port overlay (make bitstream PORTS=1) (default %(default)s)")
     qz.add_argument("--calib", help="calibration text file, UTF-8 (default: text sampled from the model itself)")
     qz.add_argument("--calib-tokens", type=int, help="tokens of calibration (default 2048 from --calib, "
                     "512 self-generated)")
