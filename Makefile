@@ -48,12 +48,12 @@ synth: $(VENV)/.dev ## yosys xc7 utilization + nextpnr-ecp5 Fmax per core -> bui
 	$(PY) -m gpt_fpga.hw.synth synth
 
 .PHONY: bitstream
-bitstream: $(VENV)/.dev ## PYNQ-Z2 overlay with Vivado -> build/overlay/gpt_fpga.{bit,hwh,json} (WEIGHTS= GROUP= CLOCK_MHZ=)
+bitstream: $(VENV)/.dev ## PYNQ-Z2 overlay with Vivado -> build/overlay/gpt_fpga.{bit,hwh,json} (WEIGHTS= GROUP= PORTS= CLOCK_MHZ=)
 	@$(PY) -m gpt_fpga.hw.bitstream --weights $(or $(WEIGHTS),int8) --group $(or $(GROUP),32) \
-		--clock-mhz $(or $(CLOCK_MHZ),100)
+		--ports $(or $(PORTS),2) --clock-mhz $(or $(CLOCK_MHZ),142.857)
 
-bench: $(VENV)/.dev ## speed, accuracy and core-throughput benchmarks -> build/bench/*.json
-	$(PY) -m gpt_fpga.bench --out build/bench
+bench: $(VENV)/.dev ## benchmarks -> build/bench/*.json; README's measured tables <- bench/records/*.json
+	$(PY) -m gpt_fpga.bench --out build/bench --readme
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache

@@ -16,17 +16,21 @@ MATVEC_BENCH = {"int8": dict(bus_bits=64, weights="int8", group=32),
                 "int4": dict(bus_bits=64, weights="int4", group=32)}
 
 
-def bench_matvec(sim: str = "verilator") -> dict:
+def bench_matvec(log_dir: Path, sim: str = "verilator", formats=tuple(MATVEC_BENCH)) -> dict:
+    """The throughput of each format; the simulator's output goes to log_dir/<format>/{build,test}.log."""
     from gpt_fpga.hw.matvec import MatVec
     from gpt_fpga.sim.tb.runner import BUILD, param_slug, run_cocotb
 
     results = {}
-    for fmt, params in MATVEC_BENCH.items():
+    for fmt in formats:
+        params = MATVEC_BENCH[fmt]
         dut = MatVec(**params)
         out = BUILD / "matvec" / f"{sim}-{param_slug(params)}" / "bench_throughput.json"
         out.unlink(missing_ok=True)
+        print(f"cores: matvec {fmt} on {sim} ...", flush=True)
         run_cocotb("matvec", dut, "gpt_fpga.sim.tb.matvec", sim, params=params, testcase="test_throughput",
-                   tb_params={"latency": dut.latency, "throughput": True, "result_json": str(out)})
+                   tb_params={"latency": dut.latency, "throughput": True, "result_json": str(out)},
+                   log_dir=Path(log_dir) / f"matvec-{fmt}")
         results[fmt] = json.loads(out.read_text())[fmt]
     return results
 
@@ -34,7 +38,9 @@ def bench_matvec(sim: str = "verilator") -> dict:
 def bench_cores(out: Path) -> dict:
     """Run the core benchmarks; return them and write them to out/cores.json."""
     out = Path(out)
-    result = {"matvec": bench_matvec()}
+    logs = out / "logs" / "cores"
+    print(f"cores: simulator output in {logs}/", flush=True)
+    result = {"matvec": bench_matvec(logs)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "cores.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -1,7 +1,11 @@
 """Benchmarks: ``python -m gpt_fpga.bench --out build/bench [--only float ...]``.
 
 Each section is a function ``bench_<name>(out: Path) -> dict`` registered in :data:`BENCHES`; it writes
-``out/<name>.json`` and returns what it wrote. Sections added later follow the same pattern.
+``out/<name>.json`` and returns what it wrote. Sections added later follow the same pattern. With
+``--readme`` (``make bench``), the sections that render README tables (``readme_tables`` in their module,
+bench/readme.py) are copied to ``bench/records/`` and the README's measured tables are rewritten from them.
+Standard output carries progress and results only: the simulators write to log files (cocotb: ``out/logs/``;
+the engine's Verilator build: its ``build/rtl/<hash>/build.log``), named on failure.
 
 float
     The float32 golden model (sim/float_model.py) against transformers, side by side in one process on
@@ -26,9 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from gpt_fpga.bench.shapes import GPT2_124M, TINYSTORIES_33M
+from gpt_fpga.quantize.progress import progress
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,7 +149,7 @@ def _time_round(runner, prompt: list[int], steps: list[int], desc: str) -> tuple
     runner.prefill(prompt)
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for tok in tqdm(steps, desc=desc, unit="tok", leave=False):
+    for tok in progress(steps, desc=desc, unit="tok", leave=False):
         runner.step(tok)
     return prefill, (time.perf_counter() - t0) / len(steps)
 
@@ -270,10 +274,15 @@ BENCHES = {"float": (bench_float, _summary_float),
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gpt_fpga.bench import readme
+
     ap = argparse.ArgumentParser(prog="python -m gpt_fpga.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=REPO / "build" / "bench", help="output directory")
+    ap.add_argument("--out", type=Path, default=REPO / "build" / "bench", help="output directory (default %(default)s)")
     ap.add_argument("--only", nargs="+", choices=sorted(BENCHES), metavar="NAME",
-                    help=f"run only these sections ({', '.join(BENCHES)})")
+                    help=f"run only these sections (default: all of {', '.join(BENCHES)})")
+    ap.add_argument("--readme", action="store_true",
+                    help="also commit-ready: copy the records of the sections that feed README.md to bench/records/ "
+                         "and rewrite README.md's measured tables from them (make bench)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.only or list(BENCHES):
@@ -281,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         result = fn(args.out)
         print(summary(result))
         print(f"wrote {args.out / (name + '.json')}")
+        if args.readme and (kept := readme.record(name, args.out)) is not None:
+            print(f"wrote {kept.relative_to(REPO)}")
+    if args.readme:
+        changed = readme.update()
+        print(f"README.md: {', '.join(changed) or 'no'} measured table(s) changed")
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.contract.errors import ImageError
+from gpt_fpga.contract.errors import ImageError, writing
 from gpt_fpga.contract.layout import SECTION_ALIGN, HwLayout
 
 MAGIC = b"GPTFPGA\0"
@@ -50,14 +50,18 @@ def write_image(path: str | Path, header: dict, sections: dict[str, bytes]) -> N
                      sort_keys=True).encode()
     base = data_start(len(raw))
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(raw), zlib.crc32(raw)))
-        f.write(raw)
-        for entry, blob in zip(table, sections.values()):
-            f.seek(base + entry["offset"])
-            f.write(blob)
-        f.truncate(base + data_size)
-    tmp.replace(path)  # never leave a half-written image under the real name
+    try:
+        with writing(path):
+            with open(tmp, "wb") as f:
+                f.write(PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(raw), zlib.crc32(raw)))
+                f.write(raw)
+                for entry, blob in zip(table, sections.values()):
+                    f.seek(base + entry["offset"])
+                    f.write(blob)
+                f.truncate(base + data_size)
+            tmp.replace(path)  # never leave a half-written image under the real name
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind (and any old image in place)
 
 
 def data_start(header_length: int) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-REGMAP_VERSION = 2  # 2: HW_CONFIG.ports; BEATS_READ / BEATS_WRITTEN count bus_bits-wide words
+REGMAP_VERSION = 2  # 2: HW_CONFIG.ports, READ_PORTS; BEATS_READ / BEATS_WRITTEN count bus_bits-wide words
 ENGINE_MAGIC = 0x47505446  # "GPTF" as a little-endian word read from ID
 REGISTER_BYTES = 4
 
@@ -153,6 +153,11 @@ REGISTERS: tuple[Register, ...] = (
     Register("STEP", 0x4C, "ro", "Where the current command is, or where the last one ended.", (
         Field("step", 0, 5, "index into STEPS"),
         Field("head", 8, 8, "attention head, during scores_softmax and context"),
+    )),
+    Register("READ_PORTS", 0x50, "rw", "Which read ports a two-port engine uses (set it between commands): "
+             "gpt-fpga board-check measures each port's bandwidth alone. A one-port engine ignores it.", (
+        Field("only", 0, 2, "0 or 3: both ports, alternate bursts (the reset value); 1: port 0 (m_axi, HP0) "
+                            "only; 2: port 1 (m_axi1, HP2) only"),
     )),
 )
 

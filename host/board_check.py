@@ -8,7 +8,10 @@ Run on the board (as root, with the overlay from ``make bitstream``). It prints 
 * **DMA read + write**: one HEAD command on a test image whose logits buffer was filled with a sentinel:
   the engine reads x and the lm_head from DDR and writes the logits, equal to the fixed model's;
 * **read bandwidth**: the engine's read master in GB/s, from that HEAD's CYCLES and BEATS_READ and the
-  clock (the lm_head is the largest weight stream of a model);
+  clock (the lm_head is the largest weight stream of a model); on a two-port engine also **port 0
+  alone** and **port 1 alone** (READ_PORTS), each HEAD's logits checked again, all three against the
+  PYNQ-Z2's usable DDR bandwidth (1.785 GB/s): the first board run says whether the DDR gives what the
+  projection assumes;
 * **LAYER 0**: one LAYER command, its residual equal to the fixed model's;
 * **decode**: a few tokens through every layer and the head, logits equal to the fixed model's;
 * **interrupt**: one command waited for through the interrupt (IRQ_F2P[0]) instead of STATUS.
@@ -43,6 +46,8 @@ CHECK_LAYERS = 2
 CHECK_TOKENS = 4
 SENTINEL = 0xA5  # fills the logits buffer before the DMA check: stale data cannot pass for the engine's
 IRQ_TIMEOUT_S = 1.0
+USABLE_DDR_GBS = 1.785  # PYNQ-Z2: 16-bit DDR3-1050 (2.1 GB/s peak) x 0.85, what the projections assume
+READ_PORTS_ONLY = {"port 0 alone": 1, "port 1 alone": 2}
 
 
 @dataclass
@@ -158,20 +163,44 @@ def _dma_check(driver: Driver, model, tok: int) -> tuple[Row, dict | None]:
     return Row("DMA read + write", "FAIL", "HEAD: " + _first_difference(got, want, "logits")), stats
 
 
-def _bandwidth_row(stats: dict | None, bus_bytes: int, mhz: float | None) -> Row:
+def _bandwidth_row(stats: dict | None, bus_bytes: int, mhz: float | None, name: str = "read bandwidth",
+                   port_bytes: int | None = None) -> Row:
+    """The read bandwidth of one HEAD against what the port(s) carry at this clock and the usable DDR."""
     if stats is None:
-        return Row("read bandwidth", "skip", "no HEAD command ran")
+        return Row(name, "skip", "no HEAD command ran")
     beats, cycles = stats["beats_read"], stats["cycles"]
     if not cycles or not beats:
-        return Row("read bandwidth", "FAIL", f"HEAD reported CYCLES {cycles} and BEATS_READ {beats}: the counters "
-                   f"do not count")
+        return Row(name, "FAIL", f"HEAD reported CYCLES {cycles} and BEATS_READ {beats}: the counters do not count")
     per_cycle = beats * bus_bytes / cycles
     if not mhz:
-        return Row("read bandwidth", "info", f"{per_cycle:.2f} bytes per cycle (HEAD: {beats} beats of {bus_bytes} B "
-                   f"in {cycles} cycles; the clock is unknown)")
-    gbs, peak = per_cycle * mhz * 1e6 / 1e9, bus_bytes * mhz * 1e6 / 1e9
-    return Row("read bandwidth", "info", f"{gbs:.3f} GB/s (HEAD: {beats} beats of {bus_bytes} B in {cycles} cycles "
-               f"at {mhz:g} MHz; {100 * gbs / peak:.0f}% of the port's {peak:.3f} GB/s at this clock)")
+        return Row(name, "info", f"{per_cycle:.2f} bytes per cycle (HEAD: {beats} beats of {bus_bytes} B in {cycles} "
+                   f"cycles; the clock is unknown)")
+    port_bytes = port_bytes or bus_bytes
+    gbs, peak = per_cycle * mhz * 1e6 / 1e9, port_bytes * mhz * 1e6 / 1e9
+    return Row(name, "info", f"{gbs:.3f} GB/s (HEAD: {beats} beats of {bus_bytes} B in {cycles} cycles at {mhz:g} "
+               f"MHz; {100 * gbs / peak:.0f}% of the {peak:.3f} GB/s the port(s) carry at this clock, "
+               f"{100 * gbs / USABLE_DDR_GBS:.0f}% of the {USABLE_DDR_GBS} GB/s usable DDR)")
+
+
+def _port_rows(dev, driver: Driver, model, tok: int, bus_bytes: int, mhz: float | None) -> list[Row]:
+    """A two-port engine: HEAD through each port alone (READ_PORTS), logits checked each time; READ_PORTS
+    is back at 0 (both ports) afterwards, whatever happens."""
+    rows, reg = [], rm.register("READ_PORTS")
+    try:
+        for name, only in READ_PORTS_ONLY.items():
+            dev.write_reg(reg.offset, reg.pack(only=only))
+            try:
+                row, stats = _dma_check(driver, model, tok)
+            except EngineError as e:
+                rows.append(Row(f"read bandwidth, {name}", "FAIL", str(e)))
+                continue
+            if row.result != "ok":
+                rows.append(Row(f"read bandwidth, {name}", "FAIL", row.detail))
+            else:
+                rows.append(_bandwidth_row(stats, bus_bytes, mhz, f"read bandwidth, {name}", bus_bytes // 2))
+    finally:
+        dev.write_reg(reg.offset, reg.pack(only=0))
+    return rows
 
 
 def _layer_check(driver: Driver, model, tok: int) -> Row:
@@ -271,6 +300,9 @@ def run_checks(dev, image_path=None, progress=None) -> list[Row]:
     except EngineError as e:
         rows.append(Row("DMA read + write", "FAIL", str(e)))
     rows.append(_bandwidth_row(stats, image.hw.bus_bytes, mhz))
+    if ident["HW_CONFIG"]["ports"] == 2 and stats is not None:
+        say("HEAD through each port alone")
+        rows += _port_rows(dev, driver, model, tok, image.hw.bus_bytes, mhz)
     for name, check in (("LAYER 0", lambda: _layer_check(driver, model, tok)),
                         ("decode", lambda: _decode_check(driver, model, [(tok + 3 * i) % cfg.vocab_size for i in
                                                                          range(min(CHECK_TOKENS, cfg.n_ctx))])),

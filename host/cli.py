@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.contract.errors import GptFpgaError, InputError
+from gpt_fpga.contract.errors import GptFpgaError, InputError, writing
+from gpt_fpga.quantize.text_input import check_text_arg, read_text_file
 
 
 def parse_ids(text: str) -> list[int]:
@@ -46,15 +47,6 @@ def check_writable(path: Path, what: str):
         raise InputError(f"{what} {path}: cannot write there: {e.strerror}") from None
 
 
-def text_file(path: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, not a text file")
-    if not p.is_file():
-        raise InputError(f"{p}: no such text file")
-    return p
-
-
 def _open(args):
     from gpt_fpga.host.backends import open_backend
 
@@ -75,7 +67,11 @@ def cmd_generate(args):
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     sampling.validate()
+    if args.prompt is not None:
+        check_text_arg(args.prompt, "--prompt")
     backend = _open(args)
+    if args.top_k is not None and args.top_k > backend.config.vocab_size:
+        raise InputError(f"--top-k {args.top_k} exceeds the vocabulary of {backend.config.vocab_size} tokens")
     ids = _input_ids(backend, args)
     check_context(backend, len(ids), args.max_new_tokens)
     if backend.codec is not None:
@@ -107,7 +103,7 @@ def cmd_logits(args):
         logits = backend.forward_int(ids).astype(np.int32)
     else:
         logits = backend.forward(ids).astype(np.float32)
-    with open(out, "wb") as f:  # exactly this path: np.save(str) would append .npy
+    with writing(out, "--out"), open(out, "wb") as f:  # exactly this path: np.save(str) would append .npy
         np.save(f, logits)
     print(f"wrote {out}: {logits.dtype} {list(logits.shape)}"
           + (" (value = int / 2**16)" if args.int32 else ""), file=sys.stderr)
@@ -116,11 +112,11 @@ def cmd_logits(args):
 def cmd_perplexity(args):
     from gpt_fpga.host.perplexity import perplexity
 
+    text = read_text_file(args.text, "--text")  # before any work
     backend = _open(args)
-    path = text_file(args.text)
     if backend.codec is None:
-        raise InputError(f"{args.model} has no tokenizer.json: perplexity needs one to tokenize {path}")
-    ids = backend.codec.encode(path.read_text(encoding="utf-8", errors="replace"))
+        raise InputError(f"{args.model} has no tokenizer.json: perplexity needs one to tokenize {args.text}")
+    ids = backend.codec.encode(text)
     result = perplexity(backend, ids, args.ctx, args.stride, progress=not args.json)
     if args.json:
         print(json.dumps(result))
@@ -172,7 +168,11 @@ def cmd_info(args):
     print(f"{'params':>14}: {info['params']:,}")
     if "image" in info:
         im = info["image"]
-        print(f"{'image':>14}: {im['file_bytes']:,} bytes, hardware {im['hardware']}, calibration {im['calibration']}")
+        hw, cal = im["hardware"], im["calibration"] or {}
+        print(f"{'image':>14}: {im['file_bytes']:,} bytes, {hw['weights']}"
+              + (f" group {hw['group']}" if hw["weights"] == "int4" else "") + f", {hw['bus_bits']}-bit beats")
+        print(f"{'calibration':>14}: " + (f"{cal.get('tokens')} tokens ({cal.get('source')}, {cal.get('method')})"
+                                           if cal else "unknown"))
         clips = im["clips"]
         if clips is None:
             print(f"{'clips':>14}: unknown (the image predates clip counts)")
@@ -196,6 +196,8 @@ def cmd_quantize(args):
         raise InputError("--group applies only to --weights int4 (int8 weights have one scale per row)")
     group = args.group or HwLayout.group
     out = output_file(args.out, "-o")
+    if out.exists() and not out.is_file():  # the image is renamed over it: a device or pipe would be replaced
+        raise InputError(f"-o {out}: is not a regular file; give the image file to write")
     check_writable(out, "-o")
     header = quantize_checkpoint(args.model, out, args.weights, group, args.bus_bits, args.calib,
                                  args.calib_tokens)
@@ -225,7 +227,7 @@ def cmd_compare(args):
         if args.image is not None:
             raise InputError(f"compare --backend {args.backend} takes one weight image (the device is compared with "
                              f"the fixed model on it), not a model and an image")
-        summary = compare_rtl(args.model, text_file(args.text), out, args.tokens, backend=args.backend,
+        summary = compare_rtl(args.model, Path(args.text), out, args.tokens, backend=args.backend,
                               overlay=args.overlay)
         print(summary["verdict"])
         if not summary["identical"]:
@@ -233,7 +235,7 @@ def cmd_compare(args):
         return
     if args.image is None:
         raise InputError("compare needs MODEL IMAGE (float against fixed), or IMAGE --backend rtl|pynq")
-    summary = compare(args.model, args.image, text_file(args.text), out, args.tokens)
+    summary = compare(args.model, args.image, Path(args.text), out, args.tokens)
     print(f"wrote {args.out}/compare.json and {args.out}/compare.png; logits SNR "
           f"{summary['logits']['snr_db']:.1f} dB, top-1 agreement {summary['top1_agreement']:.3f} "
           f"over {summary['tokens']} tokens")
@@ -266,25 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--backend", default="float", choices=list(BACKENDS),
                         help="float: float32 golden model; fixed: bit-exact integer model of the accelerator; "
                              "rtl: the engine's RTL in Verilator, through the board's driver; "
-                             "pynq: the engine on the board (PYNQ)")
+                             "pynq: the engine on the board (PYNQ) (default %(default)s)")
         sp.add_argument("--overlay", help="--backend pynq: the overlay's .bit, its .hwh beside it (default "
                         "$GPT_FPGA_OVERLAY, else build/overlay/gpt_fpga.bit)")
 
     g = sub.add_parser("generate", help="generate text, streamed as it is decoded")
     with_backend(g)
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (needs tokenizer.json)")
+    src.add_argument("--prompt", help="prompt text, UTF-8 (needs a tokenizer)")
     src.add_argument("--ids", help="prompt as comma-separated token ids")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    g.add_argument("--temperature", type=float, help="sample with this temperature (0 means greedy)")
-    g.add_argument("--top-k", type=int, help="sample from the K most likely tokens")
-    g.add_argument("--top-p", type=float, help="sample from the smallest set with probability >= P")
-    g.add_argument("--seed", type=int, help="random seed for sampling (>= 0); greedy without a sampling flag")
+    g.add_argument("--temperature", type=float, help="sample with this temperature (0 means greedy; default: "
+                   "greedy, or 1 with --top-k or --top-p)")
+    g.add_argument("--top-k", type=int, help="sample from the K most likely tokens, K at most the vocabulary "
+                   "(default: all)")
+    g.add_argument("--top-p", type=float, help="sample from the smallest set with probability >= P (default: 1, all)")
+    g.add_argument("--seed", type=int, help="random seed for sampling, >= 0 (default: a fresh seed each run); "
+                   "greedy decoding ignores it")
     g.set_defaults(func=cmd_generate)
 
     lg = sub.add_parser("logits", help="save float32 logits [n_ids, vocab] for every position")
     with_backend(lg)
-    lg.add_argument("--ids", required=True)
+    lg.add_argument("--ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
     lg.add_argument("--out", required=True, help="output .npy file")
     lg.add_argument("--int32", action="store_true",
                     help="write the contract's int32 logits (fixed, rtl, pynq backends) instead of float32")
@@ -292,20 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
     with_backend(pp)
-    pp.add_argument("--text", required=True)
+    pp.add_argument("--text", required=True, help="UTF-8 text file to score")
     pp.add_argument("--ctx", type=int, help="window length (default: the model's context)")
     pp.add_argument("--stride", type=int, help="window step (default: ctx/2)")
-    pp.add_argument("--json", action="store_true", help="print one JSON object")
+    pp.add_argument("--json", action="store_true", help="print one JSON object (and no progress bar)")
     pp.set_defaults(func=cmd_perplexity)
 
     qz = sub.add_parser("quantize", help="calibrate and quantize a checkpoint into a weight image")
     qz.add_argument("model", help="Hugging Face model directory")
     qz.add_argument("-o", "--out", required=True, help="output image file")
-    qz.add_argument("--weights", default="int8", choices=list(WEIGHT_FORMATS))
+    qz.add_argument("--weights", default="int8", choices=list(WEIGHT_FORMATS),
+                    help="weight format (default %(default)s)")
     qz.add_argument("--group", type=int, choices=list(GROUP_CHOICES), help="int4 group size (default 32)")
-    qz.add_argument("--bus-bits", type=int, default=64, choices=list(BUS_BITS_CHOICES),
-                    help="DDR stream width it is tiled for")
-    qz.add_argument("--calib", help="calibration text (default: text sampled from the model itself)")
+    qz.add_argument("--bus-bits", type=int, default=128, choices=list(BUS_BITS_CHOICES),
+                    help="the engine's datapath width it is tiled for: 128 for the default two-port overlay, "
+                         "64 for the one-port overlay (make bitstream PORTS=1) (default %(default)s)")
+    qz.add_argument("--calib", help="calibration text file, UTF-8 (default: text sampled from the model itself)")
     qz.add_argument("--calib-tokens", type=int, help="tokens of calibration (default 2048 from --calib, "
                     "512 self-generated)")
     qz.set_defaults(func=cmd_quantize)
@@ -318,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(RTL simulation, or the board) against fixed, per layer, naming the first difference")
     cp.add_argument("--overlay", help="--backend pynq: the overlay's .bit, its .hwh beside it (default "
                     "$GPT_FPGA_OVERLAY, else build/overlay/gpt_fpga.bit)")
-    cp.add_argument("--text", required=True, help="text to run both models on")
+    cp.add_argument("--text", required=True, help="UTF-8 text file to run both models on")
     cp.add_argument("--out", required=True, help="output directory for compare.json (and compare.png for fixed)")
     cp.add_argument("--tokens", type=int, default=256, help="tokens of --text to use (default 256; at most the "
                     "model's context)")
@@ -326,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inf = sub.add_parser("info", help="model shape, parameters and DDR bytes per decoded token")
     inf.add_argument("model", help="Hugging Face model directory or weight image")
-    inf.add_argument("--json", action="store_true")
+    inf.add_argument("--json", action="store_true", help="print one JSON object")
     inf.set_defaults(func=cmd_info)
 
     bc = sub.add_parser("board-check", help="on the board: identity, DMA, bandwidth, interrupt and a LAYER "
@@ -342,13 +349,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()
     except GptFpgaError as e:
         print(f"gpt-fpga: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # e.g. an unwritable output path: name the file, no traceback
+    except OSError as e:  # e.g. an unreadable input: name the file, no traceback
+        # files are written under contract.errors.writing, which names them; an unnamed write error
+        # is standard output's (a closed pipe, a full disk)
+        where = e.filename or "standard output"
+        if e.filename is None:
+            try:  # nothing more to flush at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):  # stdout is not a file (captured)
+                pass
         if isinstance(e, BrokenPipeError):
             return 0
-        print(f"gpt-fpga: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        print(f"gpt-fpga: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

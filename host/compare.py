@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from gpt_fpga.contract.errors import InputError
+from gpt_fpga.contract.errors import InputError, writing
 from gpt_fpga.contract import numerics as nx
+from gpt_fpga.quantize.progress import progress
+from gpt_fpga.quantize.text_input import read_text_file
 
 OPS = ("ln1", "q", "k", "v", "ctx", "resid_attn", "ln2", "fc", "gelu", "resid_mlp")
 
@@ -95,12 +98,29 @@ def plot(summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def write_summary(summary: dict, out_dir: Path) -> None:
+    with writing(out_dir / "compare.json", "--out"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
+
+
+def first_tokens(ids: list[int], tokens: int, n_ctx: int, text_path) -> list[int]:
+    """The first `tokens` ids: more than the context is refused, a shorter text is said, not hidden."""
+    if tokens > n_ctx:
+        raise InputError(f"--tokens {tokens} exceeds the model's context of {n_ctx} tokens")
+    if len(ids) < 2:
+        raise InputError(f"--text {text_path}: needs at least 2 tokens, has {len(ids)}")
+    if len(ids) < tokens:
+        print(f"gpt-fpga compare: --text {text_path} has only {len(ids)} tokens; comparing those (--tokens {tokens})",
+              file=sys.stderr)
+    return ids[:tokens]
+
+
 def compare(model_dir, image_path, text_path, out_dir, tokens: int = 256) -> dict:
     from gpt_fpga.host.backends import FixedBackend, FloatBackend
 
     text_path, out_dir = Path(text_path), Path(out_dir)
-    if not text_path.is_file():
-        raise InputError(f"{text_path}: no such text file")
+    text = read_text_file(text_path, "--text")  # before any work
     flt, fix = FloatBackend(Path(model_dir)), FixedBackend(Path(image_path))
     from gpt_fpga.quantize.quantizer import source_fingerprint
 
@@ -109,15 +129,13 @@ def compare(model_dir, image_path, text_path, out_dir, tokens: int = 256) -> dic
                          f"quantize this model to compare against it")
     if flt.codec is None:
         raise InputError(f"{model_dir} has no tokenizer.json: compare needs it to tokenize {text_path}")
-    ids = flt.codec.encode(text_path.read_text(encoding="utf-8", errors="replace"))[:min(tokens, flt.config.n_ctx)]
-    if len(ids) < 2:
-        raise InputError(f"{text_path}: needs at least 2 tokens, has {len(ids)}")
+    ids = first_tokens(flt.codec.encode(text), tokens, flt.config.n_ctx, text_path)
     summary = compare_models(flt.model, fix.model, fix.model.image.header, flt.check_ids(ids))
     summary.update(model=str(model_dir), image=str(image_path), text=str(text_path),
                    hardware=fix.model.image.header["hardware"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
-    plot(summary, out_dir / "compare.png", f"{Path(model_dir).name} vs {Path(image_path).name}")
+    write_summary(summary, out_dir)
+    with writing(out_dir / "compare.png", "--out"):
+        plot(summary, out_dir / "compare.png", f"{Path(model_dir).name} vs {Path(image_path).name}")
     return summary
 
 
@@ -126,25 +144,16 @@ def compare_rtl(image_path, text_path: Path, out_dir: Path, tokens: int, backend
     """The engine (RTL simulation, or the board), through the driver, against the fixed model: every
     layer's residual and the logits of every position must be equal. Writes compare.json; names the
     first difference."""
-    import sys
-
-    from tqdm import tqdm
-
     from gpt_fpga.host.backends import FixedBackend, open_backend
 
     if Path(image_path).is_dir():
         raise InputError(f"{image_path}: is a directory (a Hugging Face model?); compare --backend {backend} "
                          f"takes a weight image, the file made by 'gpt-fpga quantize MODEL -o IMAGE'")
+    text = read_text_file(text_path, "--text")  # before any work
     fixed = FixedBackend(Path(image_path))
     if fixed.codec is None:
         raise InputError(f"{image_path} has no embedded tokenizer: compare needs one to tokenize {text_path}")
-    ids = fixed.codec.encode(Path(text_path).read_text(encoding="utf-8", errors="replace"))
-    if tokens > fixed.config.n_ctx:
-        print(f"gpt-fpga compare: --tokens {tokens} exceeds the model's context; using {fixed.config.n_ctx}",
-              file=sys.stderr)
-    ids = ids[:min(tokens, fixed.config.n_ctx)]
-    if len(ids) < 2:
-        raise InputError(f"{text_path}: fewer than 2 tokens")
+    ids = first_tokens(fixed.codec.encode(text), tokens, fixed.config.n_ctx, text_path)
     rtl = open_backend(backend, Path(image_path), **({"overlay": overlay} if backend == "pynq" else {}))
     model, driver = fixed.model, rtl.model
     model.reset(), driver.reset()
@@ -152,7 +161,7 @@ def compare_rtl(image_path, text_path: Path, out_dir: Path, tokens: int, backend
     layers = [{"layer": i, "equal_positions": 0, "first_difference": None} for i in range(n_layer)]
     logits = {"equal_positions": 0, "first_difference": None}
     first = None
-    for pos, tok in enumerate(tqdm(ids, desc=f"{backend} vs fixed", unit="token", file=sys.stderr)):
+    for pos, tok in enumerate(progress(ids, desc=f"{backend} vs fixed", unit="token")):
         x = model.embed([tok], pos)
         want = []
         for layer in range(n_layer):
@@ -200,6 +209,5 @@ def compare_rtl(image_path, text_path: Path, out_dir: Path, tokens: int, backend
     summary = {"backend": backend, "reference": "fixed", "image": str(image_path), "tokens": len(ids),
                "identical": identical, "first_difference": first, "layers": layers, "logits": logits,
                "verdict": verdict}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
+    write_summary(summary, out_dir)
     return summary

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from tqdm import tqdm
 
 from gpt_fpga.host.backends import Backend
 from gpt_fpga.contract.errors import InputError
+from gpt_fpga.quantize.progress import progress as progress_bar
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:  # [n, v] -> [n, v] float64
@@ -44,7 +44,7 @@ def perplexity(backend: Backend, ids: list[int], ctx: int | None = None, stride:
         raise InputError(f"the text has {len(ids)} token(s): perplexity needs at least 2")
     nll, count = 0.0, 0
     spans = list(windows(len(ids), ctx, stride))
-    for begin, end, first in tqdm(spans, desc=f"perplexity ({backend.name})", disable=not progress, unit="win"):
+    for begin, end, first in progress_bar(spans, desc=f"perplexity ({backend.name})", enabled=progress, unit="win"):
         backend.reset()
         logits = backend.forward(ids[begin:end - 1])  # row j predicts ids[begin + j + 1]
         logp = log_softmax(logits[first - begin - 1:])  # only the scored rows: row j predicts ids[first + j]

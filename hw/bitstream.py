@@ -1,9 +1,10 @@
 """`make bitstream`: the PYNQ-Z2 overlay (gpt_fpga.bit + gpt_fpga.hwh) through Vivado in batch mode.
 
-``python -m gpt_fpga.hw.bitstream [--weights int8|int4] [--group 32|64|128] [--clock-mhz MHZ]``
+``python -m gpt_fpga.hw.bitstream [--weights int8|int4] [--group 32|64|128] [--ports 1|2] [--clock-mhz MHZ]``
 
-1. checks the request (weights, group; FCLK0 must be a frequency the 1000 MHz IO PLL makes:
-   100, 125, 142.857, 166.67 or 200 MHz);
+1. checks the request (weights, group, DDR ports; FCLK0 must be a frequency the 1000 MHz IO PLL
+   makes: 100, 125, 142.857, 166.67 or 200 MHz). Two ports (HP0 and HP2, 64 bits each) feed the
+   engine's 128-bit datapath; one port (HP0) feeds a 64-bit engine;
 2. writes everything Vivado needs into ``build/overlay/`` (``--out``): the engine's Verilog
    (``hw/synth.py::engine_verilog``, top ``gpt_fpga_engine``), ``build.tcl`` and ``pynq_z2_ps7.tcl``
    (copies of ``hw/vivado/``), ``params.tcl`` (this build's parameters) and ``gpt_fpga.json`` (the
@@ -48,8 +49,8 @@ RESULT_NAME = "vivado_result.json"
 # smallest page pynq maps and the range PYNQ's own overlays give AXI4-Lite peripherals.
 REG_BASE = 0x4000_0000
 REG_RANGE = 64 * 1024
-# What the engine may address through HP0: all of the PYNQ-Z2's 512 MB of DDR, since pynq.allocate
-# (CMA) can place a buffer anywhere in it.
+# What the engine may address through each HP port: all of the PYNQ-Z2's 512 MB of DDR, since
+# pynq.allocate (CMA) can place a buffer anywhere in it.
 DDR_BASE = 0x0000_0000
 DDR_RANGE = 512 * 1024 * 1024
 
@@ -58,6 +59,12 @@ IO_PLL_MHZ = 1000.0
 CLOCK_DIVISORS = (10, 8, 7, 6, 5)
 CLOCKS_TEXT = "100, 125, 142.857, 166.67, 200"
 VIVADO_VERSIONS = "2022.1 for PYNQ 3.0 images, 2024.1 for PYNQ 3.1"
+PORT_CHOICES = (1, 2)
+# engine master -> (PS7 HP port, its DDR segment): HP0/HP1 share one DDR-controller port and HP2/HP3
+# another, so the second master goes to HP2
+HP_PORTS = (("m_axi", "S_AXI_HP0", "HP0_DDR_LOWOCM"), ("m_axi1", "S_AXI_HP2", "HP2_DDR_LOWOCM"))
+DEFAULT_PORTS = 2  # the PYNQ-Z2's DDR gives more than one 64-bit HP port carries
+DEFAULT_CLOCK_MHZ = "142.857"  # IO PLL 1000 MHz / 7
 
 
 class BitstreamError(Exception):
@@ -86,12 +93,16 @@ def parse_clock(text: str) -> float:
     return value
 
 
-def make_engine(weights: str, group: int):
-    """The engine object the Verilog is made from (its identity goes into the json)."""
+def make_engine(weights: str, group: int, ports: int = DEFAULT_PORTS):
+    """The engine object the Verilog is made from (its identity goes into the json): a 128-bit
+    datapath on two 64-bit ports, or a 64-bit engine on one."""
     from gpt_fpga.hw.engine import Engine
 
+    if ports not in PORT_CHOICES:
+        raise BitstreamError(f"PORTS={ports!r}: the overlay has 1 (HP0) or 2 (HP0 + HP2) DDR ports")
     try:
-        engine = Engine(weights=weights, group=group)
+        engine = Engine(weights=weights, group=group, bus_bits=128, ports=2) if ports == 2 else \
+            Engine(weights=weights, group=group)
     except ValueError as e:
         raise BitstreamError(f"{e} (WEIGHTS is int8 or int4, GROUP 32, 64 or 128)") from None
     return engine
@@ -121,7 +132,7 @@ def identity(engine, clock_mhz: float) -> dict:
         "engine": {
             "top": TOP_NAME, "ip_name": ENGINE_CELL,
             "weights": engine.weights, "group": engine.group if engine.weights == "int4" else None,
-            "bus_bits": engine.bus_bits, "max_d": engine.max_d, "max_context": engine.max_context,
+            "bus_bits": engine.bus_bits, "ports": getattr(engine, "ports", 1), "max_d": engine.max_d, "max_context": engine.max_context,
             "max_head_dim": engine.max_head_dim, "max_heads": engine.max_heads,
             "identity_registers": engine.identity(),
         },
@@ -129,7 +140,8 @@ def identity(engine, clock_mhz: float) -> dict:
         "clock": {"fclk0_mhz": round(IO_PLL_MHZ / n, 6), "requested_mhz": clock_mhz, "source": "FCLK0",
                   "io_pll_mhz": IO_PLL_MHZ, "divisor": n},
         "registers": {"base": REG_BASE, "base_hex": f"0x{REG_BASE:08X}", "range": REG_RANGE, "port": "M_AXI_GP0"},
-        "ddr": {"base": DDR_BASE, "range": DDR_RANGE, "port": "S_AXI_HP0", "segment": "HP0_DDR_LOWOCM"},
+        "ddr": {"base": DDR_BASE, "range": DDR_RANGE,
+                "ports": [{"master": m, "port": hp, "segment": seg} for m, hp, seg in HP_PORTS[:getattr(engine, "ports", 1)]]},
         "interrupt": "IRQ_F2P[0]",
         "git": git_state(),
         "vivado": None,
@@ -152,7 +164,7 @@ def params_tcl(engine, clock_mhz: float, jobs: int) -> str:
     from gpt_fpga.hw.top import TOP_NAME
 
     desc = f"{engine.weights}" + (f" group {engine.group}" if engine.weights == "int4" else "") + \
-        f", {engine.bus_bits}-bit bus, max_d {engine.max_d}, max_context {engine.max_context}"
+        f", {engine.bus_bits}-bit datapath, max_d {engine.max_d}, max_context {engine.max_context}"
     values = {
         "part": PART,
         "top": TOP_NAME,
@@ -169,6 +181,7 @@ def params_tcl(engine, clock_mhz: float, jobs: int) -> str:
         "reg_range": f"{REG_RANGE // 1024}K",
         "ddr_base": f"0x{DDR_BASE:08X}",
         "ddr_range": f"{DDR_RANGE // (1024 * 1024)}M",
+        "ports": getattr(engine, "ports", 1),
         "m_axi_max_burst": MAX_BURST_BEATS,
         "m_axi_read_outstanding": DEFAULT_MAX_OUTSTANDING,
         "m_axi_write_outstanding": DEFAULT_MAX_OUTSTANDING,
@@ -183,13 +196,13 @@ def params_tcl(engine, clock_mhz: float, jobs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prepare(out_dir: Path, weights: str = "int8", group: int = 32, clock_mhz: float = 100.0,
-            jobs: int | None = None) -> dict:
+def prepare(out_dir: Path, weights: str = "int8", group: int = 32, clock_mhz: float = float(DEFAULT_CLOCK_MHZ),
+            jobs: int | None = None, ports: int = DEFAULT_PORTS) -> dict:
     """Write the Verilog, the Tcl and the json into `out_dir`; return the json's content."""
     from gpt_fpga.hw.top import verilog
 
     fclk0_divisor(clock_mhz)
-    engine = make_engine(weights, group)
+    engine = make_engine(weights, group, ports)
     jobs = jobs or max(1, min(8, os.cpu_count() or 1))
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in (f"{OUT_NAME}.bit", f"{OUT_NAME}.hwh", RESULT_NAME):
@@ -235,14 +248,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description="Build the PYNQ-Z2 overlay with Vivado (batch mode).")
     ap.add_argument("--weights", default="int8", help="int8 (default) or int4")
     ap.add_argument("--group", type=int, default=32, help="int4 group size: 32 (default), 64 or 128")
-    ap.add_argument("--clock-mhz", default="100", help=f"FCLK0 / engine clock in MHz: {CLOCKS_TEXT} (default 100)")
+    ap.add_argument("--clock-mhz", default=DEFAULT_CLOCK_MHZ,
+                    help=f"FCLK0 / engine clock in MHz: {CLOCKS_TEXT} (default {DEFAULT_CLOCK_MHZ})")
+    ap.add_argument("--ports", type=int, default=DEFAULT_PORTS,
+                    help=f"DDR ports: 2 (HP0 + HP2, 128-bit engine) or 1 (HP0, 64-bit engine) (default {DEFAULT_PORTS})")
     ap.add_argument("--out", type=Path, default=REPO / "build" / "overlay", help="output folder (build/overlay)")
     ap.add_argument("--jobs", type=int, default=None, help="Vivado run jobs (default: CPUs, at most 8)")
     ap.add_argument("--vivado", default=None, help="the vivado executable (default: vivado on PATH)")
     args = ap.parse_args(argv)
     try:
         clock = parse_clock(args.clock_mhz)
-        ident = prepare(args.out, args.weights, args.group, clock, args.jobs)
+        ident = prepare(args.out, args.weights, args.group, clock, args.jobs, args.ports)
         vivado = shutil.which(args.vivado or "vivado")
         if not vivado:
             out = _shown(args.out)

@@ -163,6 +163,7 @@ class Engine(wiring.Component):
             rd = TwoPortReadDma(data_bits=self.bus_bits)
             wiring.connect(m, wiring.flipped(self.m_axi_r), rd.axi0)
             wiring.connect(m, wiring.flipped(self.m_axi1_r), rd.axi1)
+            m.d.comb += rd.only.eq(regs.read_ports[:2])  # READ_PORTS.only: board-check measures each port
         wr = AxiWriteDma(data_bits=self.port_bits)
         m.submodules.rd = ResetInserter(dma_rst)(rd)
         m.submodules.wr = ResetInserter(dma_rst)(wr)

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from gpt_fpga.quantize.progress import progress as progress_bar
 
 from gpt_fpga.contract.config import ModelConfig
 
 from gpt_fpga.quantize.checkpoint import Checkpoint, load_checkpoint
+from gpt_fpga.quantize.text_input import read_text_file
 from gpt_fpga.contract.errors import InputError
 from gpt_fpga.contract.image import write_image
 from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_BETA_BITS, LN_GAMMA_BITS, WEIGHT_FORMATS,
@@ -113,7 +114,7 @@ def self_generated_ids(model: FloatModel, n_tokens: int, seed: int = 0, progress
     rng = np.random.default_rng(seed)
     ids, cfg = [], model.cfg
     start = cfg.eos_token_id if cfg.eos_token_id is not None else 0
-    with tqdm(total=n_tokens, desc="calibration text (self-generated)", unit="tok", disable=not progress) as bar:
+    with progress_bar(total=n_tokens, desc="calibration text (self-generated)", unit="tok", enabled=progress) as bar:
         while len(ids) < n_tokens:
             model.reset()
             tok = start
@@ -136,7 +137,7 @@ def calibrate(model: FloatModel, ids: list[int], progress: bool = True) -> dict[
             peaks[name][layer] = max(peaks[name][layer], float(np.max(np.abs(value))))
 
     chunks = range(0, len(ids), cfg.n_ctx)
-    for begin in tqdm(chunks, desc="calibration", unit="win", disable=not progress):
+    for begin in progress_bar(chunks, desc="calibration", unit="win", enabled=progress):
         model.reset()
         model.forward(ids[begin:begin + cfg.n_ctx], observe=observe)
     return peaks
@@ -257,7 +258,7 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
         return act_scale(peaks[name][layer])
 
     resid_scale = 2.0 ** -nx.RESID_FRAC
-    for i in tqdm(range(cfg.n_layer), desc="quantize layers", unit="layer", disable=not progress):
+    for i in progress_bar(range(cfg.n_layer), desc="quantize layers", unit="layer", enabled=progress):
         s = {name: scale(name, i, f"L{i}.{name}") for name in CALIBRATED}
         pre = f"h{i}."
         g1, b1, sh1 = layernorm_params(p[pre + "ln1_g"], p[pre + "ln1_b"], s["ln1"], c(f"L{i}.ln1"))
@@ -312,6 +313,7 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
 
 def quantize_checkpoint(model_dir, out_path, weights="int8", group=32, bus_bits=64, calib=None,
                         calib_tokens=None, progress=True) -> dict:
+    calib_text = None if calib is None else read_text_file(calib, "--calib")  # before any work
     ckpt = load_checkpoint(model_dir)
     opts = QuantOptions(weights, group, bus_bits, calib_tokens)
     opts.validate(ckpt.config)
@@ -322,16 +324,21 @@ def quantize_checkpoint(model_dir, out_path, weights="int8", group=32, bus_bits=
     if calib is not None:
         from gpt_fpga.quantize.tokenizer import TextCodec
 
-        calib = Path(calib)
-        if not calib.is_file():
-            raise InputError(f"{calib}: no such calibration text file")
         if ckpt.tokenizer_path is None:
             raise InputError(f"{model_dir} has no tokenizer.json: --calib text cannot be tokenized")
-        ids = TextCodec(ckpt.tokenizer_path).encode(calib.read_text(encoding="utf-8", errors="replace"))
-        ids = [i for i in ids if i < ckpt.config.vocab_size][:calib_tokens or DEFAULT_CALIB_TOKENS]
-        if len(ids) < 16:
-            raise InputError(f"{calib}: only {len(ids)} token(s) in the model's vocabulary; calibration needs "
-                             f"at least 16")
+        ids = TextCodec(ckpt.tokenizer_path).encode(calib_text)
+        known = [i for i in ids if i < ckpt.config.vocab_size]
+        want = calib_tokens or DEFAULT_CALIB_TOKENS
+        if len(known) < 16:
+            raise InputError(f"--calib {calib}: only {len(known)} token(s) in the model's vocabulary; calibration "
+                             f"needs at least 16")
+        if len(known) < want or len(known) < len(ids):
+            print(f"gpt-fpga quantize: --calib {calib} gives {len(known)} tokens"
+                  + (f" ({len(ids) - len(known)} outside the model's vocabulary dropped)" if len(known) < len(ids)
+                     else "")
+                  + (f", fewer than the {want} asked; calibrating on those" if len(known) < want else ""),
+                  file=sys.stderr, flush=True)
+        ids = known[:want]
         source = str(calib)
     else:
         n = calib_tokens or DEFAULT_SELF_CALIB_TOKENS

@@ -87,6 +87,18 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def expect_error(capsys, argv, *needles):
+    """Run the CLI in-process; it must exit 2 with one 'gpt-fpga: error:' line naming every needle."""
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpt-fpga: error: "), err
+    for n in needles:
+        assert n.lower() in err.lower(), f"{n!r} not in {err!r}"
+    return err
+
+
 # ---------------------------------------------------------------------------------------------
 # transformers reference models (torch is imported lazily: only the HF tests pay for it)
 

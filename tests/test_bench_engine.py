@@ -11,7 +11,8 @@ import pytest
 
 from gpt_fpga.bench import engine as eb
 
-REQUIRED = {"model", "weights", "position", "bytes", "cycles", "beats_per_cycle", "roofline_fraction", "tok_s"}
+REQUIRED = {"model", "weights", "position", "ports", "bus_bits", "bytes", "cycles", "beats_per_cycle",
+            "roofline_fraction", "ddr_fraction", "tok_s"}
 
 # a made-up token: one LAYER and the HEAD
 COMMANDS = [{"name": "LAYER 0", "cycles": 1000, "beats_read": 900, "beats_written": 50},
@@ -38,13 +39,18 @@ def test_record_shape_and_roofline_arithmetic():
     # reads only: 3700 beats at 8 B/cycle -> 3700 cycles of stream, 300 of overhead
     assert r["stream_cycles"] == pytest.approx(3700)
     assert r["overhead_cycles"] == pytest.approx(300)
+    # (30800 B / 1.785e9 B/s) / (4000 / 142.857e6 s) = 17.2549e-6 / 28e-6 = 0.61625
+    assert (r["ports"], r["bus_bits"]) == (1, 64)
+    assert r["ddr_fraction"] == pytest.approx(0.6162464986)
     assert [c["name"] for c in r["commands"]] == ["LAYER 0", "HEAD"]
 
 
 def test_record_with_a_ddr_slower_than_the_bus():
     # 128-bit bus, DDR 12.5 B/cycle: 3700 read beats x 16 B / 12.5 = 4736 stream cycles
-    r = eb.run_record("tinystories-33m", "int4", 0, COMMANDS, bus_bytes=16, ddr_bytes_per_cycle=12.5)
+    r = eb.run_record("tinystories-33m", "int4", 0, COMMANDS, bus_bytes=16, ddr_bytes_per_cycle=12.5, ports=2)
     assert r["bytes"] == 61600  # 3850 x 16
+    assert (r["ports"], r["bus_bits"]) == (2, 128)
+    assert r["ddr_fraction"] == pytest.approx(1.2324929972)  # twice the 64-bit case: more than the DDR gives
     assert r["roofline_fraction"] == pytest.approx(0.9625)  # 61600 / (16 x 4000)
     assert r["stream_cycles"] == pytest.approx(4736)
     assert r["overhead_cycles"] == pytest.approx(-736)
@@ -66,26 +72,33 @@ def test_pynq_z2_projection():
     assert eb.bytes_needed_for(20, 68_000_000, 0.85) == pytest.approx(1.6e9)
 
 
-def _run(model, weights, position, cycles, beats_read, bus_bytes=8, ddr=None):
+def _run(model, weights, position, cycles, beats_read, bus_bytes=8, ddr=None, ports=1):
     head = {"name": "HEAD", "cycles": cycles // 2, "beats_read": beats_read // 2, "beats_written": 0}
     layer = {"name": "LAYER 0", "cycles": cycles - cycles // 2, "beats_read": beats_read - beats_read // 2,
              "beats_written": 0}
-    return eb.run_record(model, weights, position, [layer, head], bus_bytes, ddr)
+    return eb.run_record(model, weights, position, [layer, head], bus_bytes, ddr, ports)
 
 
 def test_goals_pass_and_fail():
-    runs = [_run("tinystories-33m", "int8", 0, 8_000_000, 7_900_000),  # 17.9 tok/s, fraction 0.9875
-            _run("tinystories-33m", "int4", 0, 3_000_000, 2_000_000),  # 47.6 tok/s, fraction 0.667
-            _run("gpt2-124m", "int4", 0, 1_000_000, 950_000)]
-    goals = eb.evaluate_goals(runs)
-    frac = [g for g in goals if g["goal"].startswith("roofline_fraction")]
+    # two ports, 16-byte beats: ddr_fraction = beats x 16 x 142.857e6 / (cycles x 1.785e9) = 1.28051 x beats / cycles
+    runs = [_run("tinystories-33m", "int8", 0, 5_000_000, 3_800_000, 16, 12.495, 2),  # 0.97319, 28.57 tok/s
+            _run("tinystories-33m", "int8", 2047, 6_000_000, 4_000_000, 16, 12.495, 2),  # 0.85367, 23.8
+            _run("tinystories-33m", "int4", 0, 3_200_000, 2_400_000, 16, 12.495, 2),  # 0.96038, 44.64 tok/s
+            _run("gpt2-124m", "int4", 0, 1_000_000, 750_000, 16, 12.495, 2)]  # 0.96038
+    one = [_run("tinystories-33m", "int8", 0, 8_000_000, 7_900_000),  # roofline 0.9875
+           _run("tinystories-33m", "int4", 0, 3_000_000, 2_000_000)]  # 0.667
+    goals = eb.evaluate_goals(runs, one)
+    ddr = [g for g in goals if g["goal"].startswith("ddr_fraction")]
     tok = [g for g in goals if g["goal"].startswith("pynq_z2")]
-    assert [g["pass"] for g in frac] == [True, False, True]
-    # 1e9 / 7 / 8e6 = 17.86 < 20 (DDR 1.785e9 / 63.2e6 = 28.2); 1e9 / 7 / 3e6 = 47.6 >= 40 (DDR 111.6)
-    assert [(g["model"], g["weights"], g["pass"]) for g in tok] == [("tinystories-33m", "int8", False),
-                                                                   ("tinystories-33m", "int4", True)]
-    assert tok[0]["value"] == pytest.approx(17.8571428571)
-    assert tok[0]["target"] == 20.0 and tok[1]["target"] == 40.0
+    frac = [g for g in goals if g["goal"].startswith("one port")]
+    assert [g["pass"] for g in ddr] == [True, False, True, True]
+    assert ddr[1]["value"] == pytest.approx(0.8536748), ddr[1]  # 64e6 B / 1.785e9 over 6e6 / 142.857e6
+    # position 0 only: 1e9 / 7 / 5e6 = 28.57 >= 24; 1e9 / 7 / 3.2e6 = 44.64 < 46
+    assert [(g["model"], g["weights"], g["position"], g["pass"]) for g in tok] == [
+        ("tinystories-33m", "int8", 0, True), ("tinystories-33m", "int4", 0, False)]
+    assert tok[1]["value"] == pytest.approx(44.6428571429)
+    assert tok[0]["target"] == 24.0 and tok[1]["target"] == 46.0
+    assert [g["pass"] for g in frac] == [True, False] and all(g["ports"] == 1 for g in frac)
 
 
 def test_step_breakdown_sums_per_step_in_order():
@@ -99,34 +112,33 @@ def test_step_breakdown_sums_per_step_in_order():
 
 
 def _result():
-    runs = [_run("tinystories-33m", "int8", 0, 8_500_000, 8_450_000),
-            _run("tinystories-33m", "int8", 2047, 9_450_000, 9_360_000),
-            _run("tinystories-33m", "int4", 0, 4_570_000, 4_560_000),
-            _run("gpt2-124m", "int4", 1023, 10_980_000, 10_750_000)]
-    wi = [_run("tinystories-33m", "int4", 2047, 3_580_000, 2_720_000, 16, 12.495)]
+    runs = [_run("tinystories-33m", "int8", 0, 5_400_000, 4_200_000, 16, 12.495, 2),
+            _run("tinystories-33m", "int4", 0, 2_950_000, 2_290_000, 16, 12.495, 2),
+            _run("gpt2-124m", "int4", 1023, 7_000_000, 5_300_000, 16, 12.495, 2)]
+    one = [_run("tinystories-33m", "int8", 0, 8_500_000, 8_450_000),
+           _run("tinystories-33m", "int4", 0, 4_570_000, 4_560_000)]
     steps = eb.step_breakdown([("fetch_descriptor", 569, 66, 0), ("ln1", 2389, 768, 0), ("qkv", 223589, 223488, 50),
-                               ("scores_softmax", 3299, 192, 0), ("store_residual", 1165, 0, 384)])
-    profiles = [{"model": r["model"], "weights": r["weights"], "bus_bits": 8 * r["bus_bytes"],
-                 "position": r["position"], "command": "LAYER 0", "steps": steps} for r in runs + wi]
-    return {"runs": runs, "step_profile": profiles,
-            "what_if_128bit": {"ddr_bytes_per_cycle": 12.495, "runs": wi}}
+                               ("scores_softmax", 30299, 192, 0), ("store_residual", 1165, 0, 384)])
+    profiles = [{"model": r["model"], "weights": r["weights"], "bus_bits": r["bus_bits"], "ports": r["ports"],
+                 "position": r["position"], "command": "LAYER 0", "steps": steps} for r in runs + one]
+    return {"runs": runs, "one_port": {"runs": one}, "step_profile": profiles}
 
 
-def test_analysis_names_the_binding_limit():
-    res = _result()
-    a = eb.analysis(res)
+def test_analysis_names_speedup_and_serial_steps():
+    a = eb.analysis(_result())
     assert a["text"] and all(isinstance(t, str) for t in a["text"])
-    g = a["tok_s_gap"]["tinystories-33m int8"]
-    # the worse position (2047): 9.36e6 beats x 8 = 74.88 MB; one port 1.142857e9 / 74.88e6 = 15.263 tok/s
-    assert g["position"] == 2047
-    assert g["one_64bit_port_roofline_tok_s"] == pytest.approx(15.2625152625)
-    assert g["ddr_roofline_tok_s"] == pytest.approx(23.8381410256)  # 1.785e9 / 74.88e6
-    assert "64-bit HP port" in a["binding_limit_pynq_z2"]
-    assert a["layer0_by_step"]["tinystories-33m int8 @ 0"]["idle_by_step"]["ln1"] == 1621  # 2389 - 768
-    # what-if: 2.72e6 read beats x 16 B / 12.495 B/cycle = 3,482,993 stream cycles -> 41.02 tok/s
-    w = a["what_if_128bit"][0]
-    assert w["pass"] is False  # 1e9 / 7 / 3.58e6 = 39.9 < 40
-    assert w["tok_s_if_overlapped"] == pytest.approx(41.0155, rel=1e-4)
+    sp = {(s["model"], s["weights"]): s for s in a["speedup_over_one_port"]}
+    # 8.5e6 / 5.4e6 cycles = x1.574; no one-port run for gpt2-124m
+    assert sp[("tinystories-33m", "int8")]["speedup"] == pytest.approx(8.5 / 5.4)
+    assert ("gpt2-124m", "int4") not in sp
+    # TinyStories: 4 layers; scores_softmax idles 30299 - 192 = 30107 cycles per layer: x4 / 5.4e6 = 2.23 %;
+    # ln1 1621 x 4 / 5.4e6 = 0.12 %: under 1 %
+    over = a["serial_steps"]["tinystories-33m int8 @ 0"]["over_limit"]
+    assert [b["step"] for b in over] == ["scores_softmax"]
+    assert over[0]["share_of_token"] == pytest.approx(30107 * 4 / 5.4e6)
+    # GPT-2: 12 layers over 7e6 cycles: scores_softmax 5.16 %, qkv (101 idle) 0.02 %, ln1 0.28 %
+    assert [b["step"] for b in a["serial_steps"]["gpt2-124m int4 @ 1023"]["over_limit"]] == ["scores_softmax"]
+    assert "DDR" in a["binding_limit_pynq_z2"]
 
 
 def test_plot_is_written(tmp_path):
@@ -134,9 +146,9 @@ def test_plot_is_written(tmp_path):
     path = tmp_path / "engine.png"
     eb.plot_engine(res, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
-    del res["what_if_128bit"]  # one panel only
-    eb.plot_engine(res, tmp_path / "one.png")
-    assert (tmp_path / "one.png").stat().st_size > 10_000
+    del res["one_port"]  # two-port bars and the roofline only
+    eb.plot_engine(res, tmp_path / "two.png")
+    assert (tmp_path / "two.png").stat().st_size > 10_000
 
 
 def test_instant_device_times_the_driver(tmp_path):

@@ -161,7 +161,7 @@ proc create_bd_cell {args} {
         if {![info exists ::compiled]} { error "module reference before update_compile_order" }
         set ports [module_ports [opt $args -reference]]
         set intf {}
-        foreach p {s_axi m_axi} { if {[lsearch -glob $ports ${p}_*] >= 0} { lappend intf $p } }
+        foreach p {s_axi m_axi m_axi1} { if {[lsearch -glob $ports ${p}_*] >= 0} { lappend intf $p } }
         dict set ::cells $name [dict create kind module ports $ports intf $intf]
     } else {
         set vlnv [opt $args -vlnv]
@@ -181,7 +181,9 @@ proc cell_pins {name} {
             if {[getp $o CONFIG.PCW_EN_CLK0_PORT 1]} { lappend pins FCLK_CLK0 }
             if {[getp $o CONFIG.PCW_EN_RST0_PORT 1]} { lappend pins FCLK_RESET0_N }
             if {[getp $o CONFIG.PCW_USE_M_AXI_GP0 0]} { lappend pins M_AXI_GP0_ACLK; lappend intf M_AXI_GP0 }
-            if {[getp $o CONFIG.PCW_USE_S_AXI_HP0 0]} { lappend pins S_AXI_HP0_ACLK; lappend intf S_AXI_HP0 }
+            foreach hp {HP0 HP2} {
+                if {[getp $o CONFIG.PCW_USE_S_AXI_$hp 0]} { lappend pins S_AXI_${hp}_ACLK; lappend intf S_AXI_$hp }
+            }
             if {[getp $o CONFIG.PCW_USE_FABRIC_INTERRUPT 0] && [getp $o CONFIG.PCW_IRQ_F2P_INTR 0]} {
                 lappend pins IRQ_F2P
             }
@@ -235,8 +237,10 @@ proc slave_segments {} {
     set out {}
     dict for {name c} $::cells {
         if {[dict get $c kind] eq "module" && "s_axi" in [dict get $c intf]} { lappend out $name/s_axi/reg0 }
-        if {"S_AXI_HP0" in [lindex [cell_pins $name] 1]} {
-            lappend out $name/S_AXI_HP0/HP0_DDR_LOWOCM $name/S_AXI_HP0/HP0_HIGH_OCM
+        foreach hp {HP0 HP2} {
+            if {"S_AXI_$hp" in [lindex [cell_pins $name] 1]} {
+                lappend out $name/S_AXI_$hp/${hp}_DDR_LOWOCM $name/S_AXI_$hp/${hp}_HIGH_OCM
+            }
         }
     }
     return $out
@@ -410,10 +414,17 @@ def test_without_vivado_one_line_exit_2_and_the_inputs_are_written(no_vivado):
     assert "module gpt_fpga_engine (" in (out / "gpt_fpga_engine.v").read_text()
     ident = json.loads((out / "gpt_fpga.json").read_text())
     assert ident["engine"]["weights"] == "int8" and ident["engine"]["group"] is None
-    assert ident["engine"]["bus_bits"] == 64 and ident["engine"]["top"] == "gpt_fpga_engine"
-    assert ident["engine"]["identity_registers"]["HW_CONFIG"] == 64 | 1 << 24  # bus 64, int8, group 0, 1 port
-    assert ident["clock"]["fclk0_mhz"] == 100.0 and ident["registers"]["base"] == 0x4000_0000
-    assert ident["ddr"] == {"base": 0, "range": 512 << 20, "port": "S_AXI_HP0", "segment": "HP0_DDR_LOWOCM"}
+    # the board's default: a 128-bit datapath on two 64-bit ports (HP0, HP2) at 142.857 MHz
+    assert ident["engine"]["bus_bits"] == 128 and ident["engine"]["ports"] == 2
+    assert ident["engine"]["top"] == "gpt_fpga_engine"
+    assert ident["engine"]["identity_registers"]["HW_CONFIG"] == 128 | 2 << 24  # bus 128, int8, group 0, 2 ports
+    assert ident["clock"]["divisor"] == 7 and abs(ident["clock"]["fclk0_mhz"] - 1000 / 7) < 1e-5
+    assert ident["registers"]["base"] == 0x4000_0000
+    assert ident["ddr"] == {"base": 0, "range": 512 << 20,
+                            "ports": [{"master": "m_axi", "port": "S_AXI_HP0", "segment": "HP0_DDR_LOWOCM"},
+                                      {"master": "m_axi1", "port": "S_AXI_HP2", "segment": "HP2_DDR_LOWOCM"}]}
+    verilog = (out / "gpt_fpga_engine.v").read_text()
+    assert "m_axi1_arvalid" in verilog and "m_axi1_awvalid" not in verilog  # port 1 reads only
     assert len(ident["git"]["commit"]) == 40 and ident["vivado"] is None
     assert (ident["bitstream"], ident["hwh"]) == ("gpt_fpga.bit", "gpt_fpga.hwh")
 
@@ -443,11 +454,14 @@ def test_bad_weights_are_one_line(tmp_path):
 def test_makefile_passes_the_variables():
     if shutil.which("make") is None:
         tool_missing("make", "apt-get install make")
-    r = subprocess.run(["make", "-n", "bitstream", "WEIGHTS=int4", "GROUP=64", "CLOCK_MHZ=142.857"], cwd=REPO,
+    r = subprocess.run(["make", "-n", "bitstream", "WEIGHTS=int4", "GROUP=64", "PORTS=1", "CLOCK_MHZ=100"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     cmd = " ".join(r.stdout.replace("\\\n", " ").split())
-    assert "-m gpt_fpga.hw.bitstream --weights int4 --group 64 --clock-mhz 142.857" in cmd
+    assert "-m gpt_fpga.hw.bitstream --weights int4 --group 64 --ports 1 --clock-mhz 100" in cmd
+    r = subprocess.run(["make", "-n", "bitstream"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    cmd = " ".join(r.stdout.replace("\\\n", " ").split())
+    assert "--weights int8 --group 32 --ports 2 --clock-mhz 142.857" in cmd
     help_text = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True).stdout
     assert "make bitstream" in help_text
 
@@ -497,7 +511,8 @@ def test_flow_under_a_vivado_stub(overlay, tmp_path):
     vlnvs = {c[-1]: c[c.index("-vlnv") + 1] for c in calls if c[0] == "create_bd_cell" and "-vlnv" in c}
     assert vlnvs == {"ps7": "xilinx.com:ip:processing_system7:5.5", "rst_fclk0": "xilinx.com:ip:proc_sys_reset:5.0",
                      "ctrl_interconnect": "xilinx.com:ip:axi_interconnect:2.1",
-                     "mem_interconnect": "xilinx.com:ip:axi_interconnect:2.1"}
+                     "mem_interconnect": "xilinx.com:ip:axi_interconnect:2.1",
+                     "mem1_interconnect": "xilinx.com:ip:axi_interconnect:2.1"}
 
     # the PS7, configured for the PYNQ-Z2 by hand
     ps7 = props(calls, "/ps7")
@@ -510,27 +525,31 @@ def test_flow_under_a_vivado_stub(overlay, tmp_path):
         "CONFIG.PCW_UIPARAM_DDR_DQS_TO_CLK_DELAY_1": "0.058", "CONFIG.PCW_CRYSTAL_PERIPHERAL_FREQMHZ": "50",
         "CONFIG.PCW_PRESET_BANK1_VOLTAGE": "LVCMOS 1.8V", "CONFIG.PCW_UART0_UART0_IO": "MIO 14 .. 15",
         "CONFIG.PCW_USE_M_AXI_GP0": "1", "CONFIG.PCW_USE_S_AXI_HP0": "1", "CONFIG.PCW_S_AXI_HP0_DATA_WIDTH": "64",
+        "CONFIG.PCW_USE_S_AXI_HP2": "1", "CONFIG.PCW_S_AXI_HP2_DATA_WIDTH": "64",
         "CONFIG.PCW_USE_FABRIC_INTERRUPT": "1", "CONFIG.PCW_IRQ_F2P_INTR": "1",
-        "CONFIG.PCW_FCLK0_PERIPHERAL_CLKSRC": "IO PLL", "CONFIG.PCW_FPGA0_PERIPHERAL_FREQMHZ": "100",
+        "CONFIG.PCW_FCLK0_PERIPHERAL_CLKSRC": "IO PLL", "CONFIG.PCW_FPGA0_PERIPHERAL_FREQMHZ": "142.857",
     }
     assert {k: ps7.get(k) for k in expected} == expected
     assert not any(k.startswith("CONFIG.PCW_ACT_") for k in ps7), "ACT_* values are Vivado's to derive"
     assert ["make_bd_intf_pins_external", "/ps7/DDR", "/ps7/FIXED_IO"] in calls
 
     # the engine's DDR master is declared as what it is: 16-beat bursts, 8 outstanding
-    m_axi = props(calls, "/engine/m_axi")
-    assert m_axi["CONFIG.MAX_BURST_LENGTH"] == "16" and m_axi["CONFIG.NUM_READ_OUTSTANDING"] == "8"
+    for master in ("m_axi", "m_axi1"):
+        m_axi = props(calls, f"/engine/{master}")
+        assert m_axi["CONFIG.MAX_BURST_LENGTH"] == "16" and m_axi["CONFIG.NUM_READ_OUTSTANDING"] == "8", master
 
     # wiring
     intf = {tuple(c[1:]) for c in calls if c[0] == "connect_bd_intf_net"}
     assert intf == {("/ps7/M_AXI_GP0", "/ctrl_interconnect/S00_AXI"), ("/ctrl_interconnect/M00_AXI", "/engine/s_axi"),
-                    ("/engine/m_axi", "/mem_interconnect/S00_AXI"), ("/mem_interconnect/M00_AXI", "/ps7/S_AXI_HP0")}
+                    ("/engine/m_axi", "/mem_interconnect/S00_AXI"), ("/mem_interconnect/M00_AXI", "/ps7/S_AXI_HP0"),
+                    ("/engine/m_axi1", "/mem1_interconnect/S00_AXI"), ("/mem1_interconnect/M00_AXI", "/ps7/S_AXI_HP2")}
     nets = [set(c[1:]) for c in calls if c[0] == "connect_bd_net"]
     assert {"/engine/interrupt", "/ps7/IRQ_F2P"} in nets
-    assert any({"/ps7/FCLK_CLK0", "/engine/aclk", "/ps7/S_AXI_HP0_ACLK", "/ps7/M_AXI_GP0_ACLK"} <= n for n in nets)
+    assert any({"/ps7/FCLK_CLK0", "/engine/aclk", "/ps7/S_AXI_HP0_ACLK", "/ps7/S_AXI_HP2_ACLK",
+                "/ps7/M_AXI_GP0_ACLK"} <= n for n in nets)
     assert any({"/rst_fclk0/peripheral_aresetn", "/engine/aresetn"} <= n for n in nets)
     assert {"/ps7/FCLK_RESET0_N", "/rst_fclk0/ext_reset_in"} in nets
-    for ic in ("ctrl_interconnect", "mem_interconnect"):
+    for ic in ("ctrl_interconnect", "mem_interconnect", "mem1_interconnect"):
         assert props(calls, f"/{ic}")["CONFIG.NUM_MI"] == "1"
 
     # address map: registers on GP0, all 512 MB of DDR for the engine through HP0
@@ -538,13 +557,14 @@ def test_flow_under_a_vivado_stub(overlay, tmp_path):
     by_seg = {c[-1]: dict(zip(c[1:-1:2], c[2:-1:2])) for c in assigns}
     reg = by_seg["/engine/s_axi/reg0"]
     assert reg == {"-offset": "0x40000000", "-range": "64K", "-target_address_space": "/ps7/Data"}
-    ddr = by_seg["/ps7/S_AXI_HP0/HP0_DDR_LOWOCM"]
-    assert ddr["-target_address_space"] == "/engine/m_axi"
-    low = int(ddr["-offset"], 16)
-    size = {"M": 1 << 20, "K": 1 << 10}[ddr["-range"][-1]] * int(ddr["-range"][:-1])
-    assert (low, low + size - 1) == (0x0000_0000, 0x1FFF_FFFF)
-    assert props(calls, "/engine/m_axi/SEG_ps7_S_AXI_HP0_HP0_DDR_LOWOCM") == {"OFFSET": "0x00000000",
-                                                                              "RANGE": "0x20000000"}
+    for master, hp in (("m_axi", "HP0"), ("m_axi1", "HP2")):
+        ddr = by_seg[f"/ps7/S_AXI_{hp}/{hp}_DDR_LOWOCM"]
+        assert ddr["-target_address_space"] == f"/engine/{master}"
+        low = int(ddr["-offset"], 16)
+        size = {"M": 1 << 20, "K": 1 << 10}[ddr["-range"][-1]] * int(ddr["-range"][:-1])
+        assert (low, low + size - 1) == (0x0000_0000, 0x1FFF_FFFF)
+        assert props(calls, f"/engine/{master}/SEG_ps7_S_AXI_{hp}_{hp}_DDR_LOWOCM") == {"OFFSET": "0x00000000",
+                                                                                      "RANGE": "0x20000000"}
 
     # validated before the runs; the runs go to write_bitstream; slack read from the worst paths
     validate = names.index("validate_bd_design")
@@ -563,8 +583,35 @@ def test_flow_under_a_vivado_stub(overlay, tmp_path):
         assert (overlay / report).is_file(), report
     result = json.loads((overlay / "vivado_result.json").read_text())
     assert result["wns_ns"] == 0.412 and result["whs_ns"] == 0.031 and result["timing_met"] is True
-    assert result["fclk0_actual_mhz"] == 100.0 and result["vivado_version"] == "2022.1"
+    assert abs(result["fclk0_actual_mhz"] - 1000 / 7) < 1e-5 and result["vivado_version"] == "2022.1"
     assert result["ip"]["ps7"] == "xilinx.com:ip:processing_system7:5.5"
+
+
+@needs_tclsh
+def test_one_port_flow_under_a_vivado_stub(tmp_path):
+    """PORTS=1: the 64-bit engine on HP0 alone; HP2 stays off and nothing is wired or mapped to it."""
+    out = tmp_path / "overlay1"
+    r = subprocess.run([sys.executable, "-m", "gpt_fpga.hw.bitstream", "--ports", "1", "--clock-mhz", "100",
+                        "--out", str(out)], capture_output=True, text=True, env=env_without_vivado(), cwd=REPO,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    ident = json.loads((out / "gpt_fpga.json").read_text())
+    assert (ident["engine"]["bus_bits"], ident["engine"]["ports"]) == (64, 1)
+    assert [p["port"] for p in ident["ddr"]["ports"]] == ["S_AXI_HP0"]
+    r, calls = run_fake(out, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ps7 = props(calls, "/ps7")
+    assert ps7["CONFIG.PCW_USE_S_AXI_HP0"] == "1" and ps7["CONFIG.PCW_USE_S_AXI_HP2"] == "0"
+    assert ps7["CONFIG.PCW_FPGA0_PERIPHERAL_FREQMHZ"] == "100"
+    intf = {tuple(c[1:]) for c in calls if c[0] == "connect_bd_intf_net"}
+    assert ("/engine/m_axi", "/mem_interconnect/S00_AXI") in intf and not any("HP2" in " ".join(c) for c in intf)
+    assert not [c for c in calls if c[0] == "create_bd_cell" and c[-1] == "mem1_interconnect"]
+    assert not [c for c in calls if c[0] == "assign_bd_address" and "HP2" in c[-1]]
+
+
+def test_bad_ports_are_one_line(tmp_path):
+    rc = bs.main(["--ports", "3", "--out", str(tmp_path / "o")])
+    assert rc == 2 and not (tmp_path / "o").exists()
 
 
 @needs_tclsh
@@ -593,7 +640,7 @@ def test_latest_ip_version_is_taken(overlay, tmp_path):
 def test_tcl_refuses_a_clock_vivado_cannot_make(overlay, tmp_path):
     """A hand-edited params.tcl asking for 150 MHz: Vivado's FCLK0 comes out at 142.857 and the flow stops."""
     params = overlay / "params.tcl"
-    params.write_text(params.read_text().replace("clock_mhz 100 ", "clock_mhz 150 "))
+    params.write_text(params.read_text().replace("clock_mhz 142.857 ", "clock_mhz 150 "))
     r, calls = run_fake(overlay, tmp_path)
     assert r.returncode == 1 and "FCLK0 came out at '142.857143' MHz, not 150 MHz" in r.stdout
     assert "launch_runs" not in [c[0] for c in calls]

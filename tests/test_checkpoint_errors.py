@@ -12,22 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MODELS, REPO, TINY_GPT2, run_cli, tiny_gpt2_config, tiny_gpt2_tensors, write_model_dir
+from conftest import (MODELS, REPO, TINY_GPT2, expect_error, run_cli, tiny_gpt2_config, tiny_gpt2_tensors,
+                      write_model_dir)
 
 N_CTX = TINY_GPT2["n_ctx"]
 VOCAB = TINY_GPT2["vocab"]
-
-
-def expect_error(capsys, argv, *needles):
-    """Run the CLI in-process; it must exit 2 with one 'gpt-fpga: error:' line naming every needle."""
-    rc, out, err = run_cli(capsys, *argv)
-    assert rc == 2, (rc, out, err)
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpt-fpga: error: "), err
-    for n in needles:
-        assert n.lower() in err.lower(), f"{n!r} not in {err!r}"
-    return err
 
 
 def gen(model_dir, *extra):

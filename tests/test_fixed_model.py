@@ -407,7 +407,7 @@ def test_quantize_calib_file_too_short(capsys, tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--calib", "/nonexistent/calib.txt"], "no such calibration text file"),
+    (["--calib", "/nonexistent/calib.txt"], "--calib /nonexistent/calib.txt: no such text file"),
     (["--calib-tokens", "8"], "--calib-tokens must be >= 16"),
 ])
 def test_quantize_cli_refusals(capsys, tiny_dir, tmp_path, argv, needle):

@@ -3,7 +3,9 @@
 
 * both bundled models, int8 and int4 (group 32): 64 greedy tokens; every step's int32 logits
   identical; then reset() and a second prompt, identical again;
-* random-weight checkpoints with odd shapes;
+* random-weight checkpoints with odd shapes (rows that are not a multiple of 16 bytes);
+* each on the one-port 64-bit engine and on the board's default two-port engine (a 128-bit image:
+  two 64-bit ports with different latencies, sharing the DDR model's bandwidth);
 * the command line: `generate`, `logits --int32` and `compare --backend rtl`.
 """
 
@@ -28,19 +30,30 @@ def images(tmp_path_factory):
     made = {}
     for model in ("gpt2-kjv", "neo-kjv"):
         for weights in ("int8", "int4"):
-            img = out / f"{model}-{weights}.img"
-            quantize_checkpoint(MODELS / model, img, weights=weights, group=32, progress=False)
-            made[(model, weights)] = img
+            for bus in (64, 128):
+                img = out / f"{model}-{weights}-{bus}.img"
+                quantize_checkpoint(MODELS / model, img, weights=weights, group=32, bus_bits=bus, progress=False)
+                made[(model, weights, bus)] = img
     odd = [("neo-odd", "gpt_neo", "int4", dict(vocab=301, d=60, heads=5, layers=3, n_ctx=40, d_ff=100,
                                                 attention_types=[[["local", "global", "local"], 1]], window_size=7)),
            ("gpt2-odd", "gpt2", "int8", dict(vocab=77, d=36, heads=3, layers=2, n_ctx=24, d_ff=40))]
     for name, family, weights, kw in odd:
         cfg = make_config(family, **kw)
         model_dir = write_checkpoint(out / name, cfg, random_tensors(cfg, seed=3))
-        img = out / f"{name}.img"
-        quantize_checkpoint(model_dir, img, weights=weights, group=32, calib_tokens=32, progress=False)
-        made[(name, weights)] = img
+        for bus in (64, 128):
+            img = out / f"{name}-{bus}.img"
+            quantize_checkpoint(model_dir, img, weights=weights, group=32, bus_bits=bus, calib_tokens=32,
+                                progress=False)
+            made[(name, weights, bus)] = img
     return made
+
+
+def rtl_backend(img) -> RtlBackend:
+    """The RTL backend; on the two-port engine, port 1 answers later than port 0 (its own latency)."""
+    rtl = RtlBackend(img)
+    if rtl.device.ports == 2:
+        rtl.device.configure_port(1, read_latency=113)
+    return rtl
 
 
 def greedy_equal(fixed, rtl, prompt: list[int], new_tokens: int) -> list[int]:
@@ -62,11 +75,13 @@ def greedy_equal(fixed, rtl, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 @pytest.mark.parametrize("sim", VERILATOR)
+@pytest.mark.parametrize("bus", [64, 128])
 @pytest.mark.parametrize("model,weights", [("gpt2-kjv", "int8"), ("gpt2-kjv", "int4"), ("neo-kjv", "int8"),
                                            ("neo-kjv", "int4")])
-def test_bundled_models_64_greedy_tokens(images, sim, model, weights):
-    img = images[(model, weights)]
-    fixed, rtl = FixedBackend(img), RtlBackend(img)
+def test_bundled_models_64_greedy_tokens(images, sim, model, weights, bus):
+    img = images[(model, weights, bus)]
+    fixed, rtl = FixedBackend(img), rtl_backend(img)
+    assert rtl.device.ports == (2 if bus == 128 else 1)
     first = greedy_equal(fixed, rtl, fixed.codec.encode("And God said"), 64)
     assert len(first) == len(fixed.codec.encode("And God said")) + 64
     # reset, then a second, different prompt: no state leaks from the first sequence
@@ -74,10 +89,11 @@ def test_bundled_models_64_greedy_tokens(images, sim, model, weights):
 
 
 @pytest.mark.parametrize("sim", VERILATOR)
+@pytest.mark.parametrize("bus", [64, 128])
 @pytest.mark.parametrize("name,weights", [("neo-odd", "int4"), ("gpt2-odd", "int8")])
-def test_odd_shapes(images, sim, name, weights):
-    img = images[(name, weights)]
-    fixed, rtl = FixedBackend(img), RtlBackend(img)
+def test_odd_shapes(images, sim, name, weights, bus):
+    img = images[(name, weights, bus)]
+    fixed, rtl = FixedBackend(img), rtl_backend(img)
     n_ctx = fixed.config.n_ctx
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(0, fixed.config.vocab_size, 5)]
@@ -86,7 +102,7 @@ def test_odd_shapes(images, sim, name, weights):
 
 @pytest.mark.parametrize("sim", VERILATOR)
 def test_cli_rtl_backend(images, sim, tmp_path, capsys):
-    img = images[("gpt2-kjv", "int4")]
+    img = images[("gpt2-kjv", "int4", 64)]
     args = ["--prompt", "And God said", "--max-new-tokens", "12"]
     rc_f, fixed, _ = run_cli(capsys, "generate", img, "--backend", "fixed", *args)
     rc_r, rtl, err = run_cli(capsys, "generate", img, "--backend", "rtl", *args)

@@ -10,11 +10,13 @@
 #   1. project for the part in params.tcl (xc7z020clg400-1), the engine's Verilog added;
 #   2. block design: processing_system7 configured for the PYNQ-Z2 by hand (no board files,
 #      pynq_z2_ps7.tcl); the engine as a module reference; AXI interconnect GP0 -> engine registers
-#      (AXI3 -> AXI4-Lite) and engine DDR master -> HP0 (AXI4 -> AXI3: the HP ports are AXI3, the
-#      interconnect's protocol converter translates; the engine never issues more than 16 beats,
-#      so no burst is split); proc_sys_reset on FCLK0 driving every aresetn; interrupt -> IRQ_F2P;
-#   3. address map: registers at reg_base on GP0; HP0_DDR_LOWOCM over all 512 MB for the engine;
-#      both read back and checked; validate_bd_design;
+#      (AXI3 -> AXI4-Lite) and each engine DDR master -> its own interconnect -> an HP port (AXI4 ->
+#      AXI3: the HP ports are AXI3, the interconnect's protocol converter translates; the engine
+#      never issues more than 16 beats, so no burst is split): m_axi -> HP0, and with two ports
+#      m_axi1 -> HP2 (HP0/HP1 share one DDR-controller port and HP2/HP3 another, so HP0 + HP2 reach
+#      two); proc_sys_reset on FCLK0 driving every aresetn; interrupt -> IRQ_F2P;
+#   3. address map: registers at reg_base on GP0; HPn_DDR_LOWOCM over all 512 MB for each engine
+#      master; every mapping read back and checked; validate_bd_design;
 #   4. synthesis and implementation to write_bitstream; utilization and timing reports;
 #   5. WNS (and WHS) from the worst timing path: negative slack fails the build, and no .bit is
 #      copied; otherwise the .bit and the .hwh are copied next to each other with one basename.
@@ -157,12 +159,17 @@ proc ::gpt_fpga::main {argv} {
     set reg_range [to_bytes [param reg_range]]
     set ddr_base [to_bytes [param ddr_base]]
     set ddr_range [to_bytes [param ddr_range]]
+    set ports [param ports]
+    if {$ports ni {1 2}} { error "params.tcl: ports must be 1 or 2, got '$ports'" }
+    # engine DDR master -> (interconnect, PS7 HP port): port 0 reads and writes, port 1 only reads
+    set ddr_ports [list m_axi [list mem_interconnect S_AXI_HP0 HP0]]
+    if {$ports == 2} { lappend ddr_ports m_axi1 [list mem1_interconnect S_AXI_HP2 HP2] }
 
     # A failed or interrupted build must never leave an older bitstream next to new inputs.
     foreach f [list $out.bit $out.hwh vivado_result.json] { file delete -force [file join $out_dir $f] }
 
     set vivado [check_version]
-    log "Vivado $vivado, part [param part], FCLK0 $clock MHz, engine [param engine_desc]"
+    log "Vivado $vivado, part [param part], FCLK0 $clock MHz, engine [param engine_desc], $ports DDR port(s)"
     uplevel #0 [list source [path ps7_config]]
 
     # 1. project and sources
@@ -184,7 +191,7 @@ proc ::gpt_fpga::main {argv} {
     }
 
     set ps7 [create_bd_cell -type ip -vlnv [dict get $vlnv ps7] ps7]
-    set_property -dict [::gpt_fpga::pynq_z2_ps7_config $clock] $ps7
+    set_property -dict [::gpt_fpga::pynq_z2_ps7_config $clock $ports] $ps7
     set fclk0 [get_property CONFIG.PCW_ACT_FPGA0_PERIPHERAL_FREQMHZ $ps7]
     if {![string is double -strict $fclk0] || abs($fclk0 - $clock) > 0.01} {
         error "FCLK0 came out at '$fclk0' MHz, not $clock MHz (the IO PLL gives 1000 MHz / n)"
@@ -195,46 +202,59 @@ proc ::gpt_fpga::main {argv} {
     # The engine: a module reference to the Verilog top (interfaces inferred from s_axi_*, m_axi_*,
     # aclk, aresetn, interrupt and the X_INTERFACE_* attributes of hw/top.py).
     set engine [create_bd_cell -type module -reference [param top] $cell]
-    # What the engine's DDR master issues, so the interconnect sizes its AXI4 -> AXI3 conversion:
-    # bursts of at most 16 beats (never split), this many outstanding. Vivado's defaults are only
-    # slower (a burst splitter), so a Vivado that refuses these properties gets a warning.
-    if {[catch {
-        set_property -dict [list \
-            CONFIG.MAX_BURST_LENGTH [param m_axi_max_burst] \
-            CONFIG.NUM_READ_OUTSTANDING [param m_axi_read_outstanding] \
-            CONFIG.NUM_WRITE_OUTSTANDING [param m_axi_write_outstanding] \
-            CONFIG.SUPPORTS_NARROW_BURST {0} \
-        ] [intf $cell/m_axi]
-    } msg]} {
-        log "WARNING: could not annotate $cell/m_axi ($msg); the interconnect will assume 256-beat bursts"
+    # What each of the engine's DDR masters issues, so the interconnect sizes its AXI4 -> AXI3
+    # conversion: bursts of at most 16 beats (never split), this many outstanding. Vivado's defaults
+    # are only slower (a burst splitter), so a Vivado that refuses these properties gets a warning.
+    foreach {master _} $ddr_ports {
+        if {[catch {
+            set_property -dict [list \
+                CONFIG.MAX_BURST_LENGTH [param m_axi_max_burst] \
+                CONFIG.NUM_READ_OUTSTANDING [param m_axi_read_outstanding] \
+                CONFIG.NUM_WRITE_OUTSTANDING [param m_axi_write_outstanding] \
+                CONFIG.SUPPORTS_NARROW_BURST {0} \
+            ] [intf $cell/$master]
+        } msg]} {
+            log "WARNING: could not annotate $cell/$master ($msg); the interconnect will assume 256-beat bursts"
+        }
     }
 
     set reset [create_bd_cell -type ip -vlnv [dict get $vlnv reset] rst_fclk0]
     set ctrl_ic [create_bd_cell -type ip -vlnv [dict get $vlnv interconnect] ctrl_interconnect]
     set_property -dict [list CONFIG.NUM_SI {1} CONFIG.NUM_MI {1}] $ctrl_ic
-    set mem_ic [create_bd_cell -type ip -vlnv [dict get $vlnv interconnect] mem_interconnect]
-    set_property -dict [list CONFIG.NUM_SI {1} CONFIG.NUM_MI {1} \
-        CONFIG.S00_HAS_REGSLICE {1} CONFIG.M00_HAS_REGSLICE {1}] $mem_ic
+    foreach {master port} $ddr_ports {
+        set mem_ic [create_bd_cell -type ip -vlnv [dict get $vlnv interconnect] [lindex $port 0]]
+        set_property -dict [list CONFIG.NUM_SI {1} CONFIG.NUM_MI {1} \
+            CONFIG.S00_HAS_REGSLICE {1} CONFIG.M00_HAS_REGSLICE {1}] $mem_ic
+    }
 
     # registers: PS GP0 (AXI3 master) -> interconnect -> engine s_axi (AXI4-Lite)
     connect_bd_intf_net [intf ps7/M_AXI_GP0] [intf ctrl_interconnect/S00_AXI]
     connect_bd_intf_net [intf ctrl_interconnect/M00_AXI] [intf $cell/s_axi]
-    # DDR: engine m_axi (AXI4, 64-bit) -> interconnect (protocol converter) -> PS HP0 (AXI3, 64-bit)
-    connect_bd_intf_net [intf $cell/m_axi] [intf mem_interconnect/S00_AXI]
-    connect_bd_intf_net [intf mem_interconnect/M00_AXI] [intf ps7/S_AXI_HP0]
+    # DDR: each engine master (AXI4, 64-bit) -> its interconnect (protocol converter) -> its PS HP
+    # port (AXI3, 64-bit)
+    set ics [list ctrl_interconnect]
+    set clocked [list ps7/M_AXI_GP0_ACLK $cell/aclk rst_fclk0/slowest_sync_clk]
+    foreach {master port} $ddr_ports {
+        lassign $port ic hp
+        connect_bd_intf_net [intf $cell/$master] [intf $ic/S00_AXI]
+        connect_bd_intf_net [intf $ic/M00_AXI] [intf ps7/$hp]
+        lappend ics $ic
+        lappend clocked ps7/${hp}_ACLK
+    }
 
     # one clock: FCLK0
-    set clocked [list ps7/M_AXI_GP0_ACLK ps7/S_AXI_HP0_ACLK $cell/aclk rst_fclk0/slowest_sync_clk]
-    foreach ic {ctrl_interconnect mem_interconnect} {
+    set peripheral_resets [list $cell/aresetn]
+    set interconnect_resets {}
+    foreach ic $ics {
         lappend clocked $ic/ACLK $ic/S00_ACLK $ic/M00_ACLK
+        lappend peripheral_resets $ic/S00_ARESETN $ic/M00_ARESETN
+        lappend interconnect_resets $ic/ARESETN
     }
     connect_bd_net {*}[pins [concat ps7/FCLK_CLK0 $clocked]]
     # resets: FCLK_RESET0_N -> proc_sys_reset -> active-low resets, synchronous to FCLK0
     connect_bd_net {*}[pins {ps7/FCLK_RESET0_N rst_fclk0/ext_reset_in}]
-    connect_bd_net {*}[pins [list rst_fclk0/peripheral_aresetn $cell/aresetn \
-        ctrl_interconnect/S00_ARESETN ctrl_interconnect/M00_ARESETN \
-        mem_interconnect/S00_ARESETN mem_interconnect/M00_ARESETN]]
-    connect_bd_net {*}[pins {rst_fclk0/interconnect_aresetn ctrl_interconnect/ARESETN mem_interconnect/ARESETN}]
+    connect_bd_net {*}[pins [concat rst_fclk0/peripheral_aresetn $peripheral_resets]]
+    connect_bd_net {*}[pins [concat rst_fclk0/interconnect_aresetn $interconnect_resets]]
     # interrupt: level, active high, straight to IRQ_F2P[0] (the only line; PYNQ needs no axi_intc)
     connect_bd_net [pin $cell/interrupt] [pin ps7/IRQ_F2P]
 
@@ -242,11 +262,15 @@ proc ::gpt_fpga::main {argv} {
     set ps_space [one [get_bd_addr_spaces ps7/Data] "PS address space ps7/Data"]
     set reg_seg [one [get_bd_addr_segs $cell/s_axi/*] "register segment of $cell/s_axi"]
     assign_bd_address -offset [param reg_base] -range [param reg_range] -target_address_space $ps_space $reg_seg
-    set m_space [one [get_bd_addr_spaces $cell/m_axi] "address space $cell/m_axi"]
-    set ddr_seg [one [get_bd_addr_segs ps7/S_AXI_HP0/HP0_DDR_LOWOCM] "segment ps7/S_AXI_HP0/HP0_DDR_LOWOCM"]
-    assign_bd_address -offset [param ddr_base] -range [param ddr_range] -target_address_space $m_space $ddr_seg
     check_mapped $ps_space $reg_base $reg_range "engine registers"
-    check_mapped $m_space $ddr_base $ddr_range "DDR for the engine (HP0_DDR_LOWOCM)"
+    foreach {master port} $ddr_ports {
+        lassign $port ic hp prefix
+        set m_space [one [get_bd_addr_spaces $cell/$master] "address space $cell/$master"]
+        set name ps7/$hp/${prefix}_DDR_LOWOCM
+        set ddr_seg [one [get_bd_addr_segs $name] "segment $name"]
+        assign_bd_address -offset [param ddr_base] -range [param ddr_range] -target_address_space $m_space $ddr_seg
+        check_mapped $m_space $ddr_base $ddr_range "DDR for the engine's $master (${prefix}_DDR_LOWOCM)"
+    }
 
     validate_bd_design
     save_bd_design

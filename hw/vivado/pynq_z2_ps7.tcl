@@ -12,7 +12,8 @@
 # project) true to the board.
 #
 # Then the ports this overlay needs: M_AXI_GP0 (registers), S_AXI_HP0 at 64 bits (the engine's DDR
-# traffic), IRQ_F2P (the engine's interrupt) and FCLK0 at the engine clock from the IO PLL.
+# traffic) and, for the two-port engine, S_AXI_HP2 at 64 bits (its second read port), IRQ_F2P (the
+# engine's interrupt) and FCLK0 at the engine clock from the IO PLL.
 
 namespace eval gpt_fpga {}
 
@@ -129,13 +130,17 @@ proc gpt_fpga::pynq_z2_board {} {
     ]
 }
 
-# The overlay's own PS ports: GP0 master, HP0 slave (64-bit), fabric interrupt, FCLK0 + its reset.
-proc gpt_fpga::overlay_ports {fclk0_mhz} {
+# The overlay's own PS ports: GP0 master, HP0 slave (64-bit) and with two ports HP2 (64-bit),
+# fabric interrupt, FCLK0 + its reset.
+proc gpt_fpga::overlay_ports {fclk0_mhz {ports 1}} {
+    set hp2 [expr {$ports == 2 ? 1 : 0}]
     return [list \
         CONFIG.PCW_USE_M_AXI_GP0 {1} \
         CONFIG.PCW_USE_M_AXI_GP1 {0} \
         CONFIG.PCW_USE_S_AXI_HP0 {1} \
         CONFIG.PCW_S_AXI_HP0_DATA_WIDTH {64} \
+        CONFIG.PCW_USE_S_AXI_HP2 $hp2 \
+        CONFIG.PCW_S_AXI_HP2_DATA_WIDTH {64} \
         CONFIG.PCW_USE_FABRIC_INTERRUPT {1} \
         CONFIG.PCW_IRQ_F2P_INTR {1} \
         CONFIG.PCW_EN_CLK0_PORT {1} \
@@ -148,6 +153,6 @@ proc gpt_fpga::overlay_ports {fclk0_mhz} {
 }
 
 # Everything, as one `set_property -dict` list (DDR and board first, then the overlay's ports).
-proc gpt_fpga::pynq_z2_ps7_config {fclk0_mhz} {
-    return [concat [gpt_fpga::pynq_z2_ddr] [gpt_fpga::pynq_z2_board] [gpt_fpga::overlay_ports $fclk0_mhz]]
+proc gpt_fpga::pynq_z2_ps7_config {fclk0_mhz {ports 1}} {
+    return [concat [gpt_fpga::pynq_z2_ddr] [gpt_fpga::pynq_z2_board] [gpt_fpga::overlay_ports $fclk0_mhz $ports]]
 }

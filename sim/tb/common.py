@@ -24,9 +24,74 @@ from collections.abc import Mapping
 import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
+from cocotb.types import LogicArray
 from cocotbext.axi import AxiStreamBus, AxiStreamSink, AxiStreamSource
 
 PARAMS = json.loads(os.environ.get("TB_PARAMS", "{}"))
+
+
+class Cocotb2Stream:
+    """cocotbext-axi 0.1.28 (pinned; its newest release) drives its stream ends with handle calls that
+    the pinned cocotb 2.1 deprecates, one DeprecationWarning each: ``setimmediatevalue`` for the initial
+    values, ``Edge(signal)`` to watch the reset, ``Task.kill()`` on reset and on a new pause generator.
+    Mixed in before the library's class, this does the same with cocotb 2's API: the library's own
+    initial values are switched off (class attributes) and deposited here with ``handle.value = ...``
+    (what ``setimmediatevalue`` does in cocotb 2.1, applied at the time step's write phase, before any
+    clock edge; ``Immediate`` would not do: Icarus drops a no-delay write to a top-level input), the
+    reset watcher awaits ``signal.value_change``, and tasks are ended with ``cancel()`` before the
+    library would kill them."""
+
+    _init_x = False
+    _valid_init = None
+    _ready_init = None
+    INITIAL: dict[str, int] = {}  # signal -> value set at construction; other signals X (sources)
+    X_OTHERS = False
+
+    def __init__(self, bus, *args, **kw):
+        super().__init__(bus, *args, **kw)
+        for sig in self._signals + self._optional_signals:
+            if not hasattr(bus, sig):
+                continue
+            handle = getattr(bus, sig)
+            if sig in self.INITIAL:
+                handle.value = self.INITIAL[sig]
+            elif self.X_OTHERS and sig not in ("tvalid", "tready"):
+                handle.value = LogicArray("X" * len(handle))
+
+    async def _run_reset(self, reset_signal, active_level):
+        while True:
+            await reset_signal.value_change
+            try:
+                level = bool(int(reset_signal.value))
+            except ValueError:
+                continue
+            self._ext_reset = active_level if level else not active_level
+            self._update_reset()
+
+    def _handle_reset(self, state):
+        if state and self._run_cr is not None:
+            self._run_cr.cancel()
+            self._run_cr = None
+        super()._handle_reset(state)
+
+    def set_pause_generator(self, generator=None):
+        if self._pause_cr is not None:
+            self._pause_cr.cancel()
+            self._pause_cr = None
+        super().set_pause_generator(generator)
+
+
+class StreamSource(Cocotb2Stream, AxiStreamSource):
+    """AxiStreamSource: tvalid 0 and the other signals X from the start, as the library's own."""
+
+    INITIAL = {"tvalid": 0}
+    X_OTHERS = True
+
+
+class StreamSink(Cocotb2Stream, AxiStreamSink):
+    """AxiStreamSink: tready 0 from the start."""
+
+    INITIAL = {"tready": 0}
 
 
 def linear(key: str, n: int) -> int:
@@ -76,13 +141,13 @@ class StreamTB:
 
     def axis_source(self, prefix: str, **kw) -> AxiStreamSource:
         """A cocotbext-axi source driving port `prefix`, without per-frame logging."""
-        source = AxiStreamSource(self._bus(prefix), self.dut.clk, self.dut.rst, **kw)
+        source = StreamSource(self._bus(prefix), self.dut.clk, self.dut.rst, **kw)
         source.log.setLevel("WARNING")
         return source
 
     def axis_sink(self, prefix: str, **kw) -> AxiStreamSink:
         """A cocotbext-axi sink draining port `prefix`, without per-frame logging."""
-        sink = AxiStreamSink(self._bus(prefix), self.dut.clk, self.dut.rst, **kw)
+        sink = StreamSink(self._bus(prefix), self.dut.clk, self.dut.rst, **kw)
         sink.log.setLevel("WARNING")
         return sink
 

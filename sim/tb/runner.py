@@ -100,14 +100,24 @@ def _failures(xml: Path) -> list[tuple[str, str]]:
     return out
 
 
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a tool's log, to show when its step failed."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
 def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | None = None,
                tb_params: dict | None = None, testcase: str | None = None, top: str | None = None,
-               verilog_text: str | None = None) -> Path:
+               verilog_text: str | None = None, log_dir: Path | None = None) -> Path:
     """Generate Verilog for `component`, build it for `sim`, run `test_module`; raise on any failure.
 
     `params` name the build directory (the component's elaboration parameters); `tb_params` reach the
     testbench as JSON in the TB_PARAMS environment variable. `verilog_text` and `top` replace the
     component's own Verilog and top-level name (e.g. the engine under its Vivado-facing wrapper).
+    `log_dir`: the simulator's build and test output go to ``build.log`` and ``test.log`` there instead
+    of the terminal (``make bench``); a failure's message then ends with the log's tail.
     """
     from cocotb_tools.runner import get_runner
 
@@ -140,17 +150,33 @@ def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | 
                             f"  $dumpvars(0, {top});\nend\nendmodule\n")
             sources.append(dump)
             args += ["-s", "waves_dump"]
-        with verilator_env() if sim == "verilator" else nullcontext():
-            runner.build(sources=sources, hdl_toplevel=top, build_dir=bdir, build_args=args,
-                         timescale=("1ns", "1ps"), waves=waves and sim != "icarus", always=waves)
+        logs = {} if log_dir is None else {step: Path(log_dir) / f"{step}{'-waves' if waves else ''}.log"
+                                             for step in ("build", "test")}
+        if logs:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            with verilator_env() if sim == "verilator" else nullcontext():
+                runner.build(sources=sources, hdl_toplevel=top, build_dir=bdir, build_args=args,
+                             timescale=("1ns", "1ps"), waves=waves and sim != "icarus", always=waves,
+                             log_file=logs.get("build"))
+        except RuntimeError as e:
+            if not logs:
+                raise
+            raise RuntimeError(f"{core} [{sim}]: building failed ({e}); log {logs['build']}:\n"
+                               f"{log_tail(logs['build'])}") from None
         xml = bdir / "results.xml"
         try:
             runner.test(test_module=test_module, hdl_toplevel=top, build_dir=bdir, test_dir=bdir,
                         extra_env=env, waves=waves, testcase=cases, timescale=("1ns", "1ps"),
-                        results_xml=str(xml))
+                        results_xml=str(xml), log_file=logs.get("test"))
         except SystemExit:  # under pytest, cocotb_tools exits when a test fails; count from the XML
             if not xml.is_file():
                 raise
+        except RuntimeError as e:  # the simulator itself failed
+            if not logs:
+                raise
+            raise RuntimeError(f"{core} [{sim}]: the simulation failed ({e}); log {logs['test']}:\n"
+                               f"{log_tail(logs['test'])}") from None
         total, failed = _results(xml)
         return total, failed, bdir
 
@@ -165,5 +191,6 @@ def run_cocotb(core: str, component, test_module: str, sim: str, params: dict | 
         where = ", ".join(str(p.relative_to(REPO)) for p in dumps) or f"(no dump found under {wdir})"
         what = "; ".join(f"{name}: {msg}" for name, msg in failures)
         raise AssertionError(f"{core} [{sim}, {param_slug(params)}]: {failed} of {total} cocotb tests failed "
-                             f"({what}); waveform: {where}; log: {bdir}")
+                             f"({what}); waveform: {where}; log: {bdir if log_dir is None else log_dir}"
+                             + ("" if log_dir is None else "\n" + log_tail(Path(log_dir) / "test.log")))
     return bdir
