@@ -59,4 +59,4 @@ def test_axi_read_2port_ports():
     assert (len(dut.cmd.addr), len(dut.cmd.beats), len(dut.m_data.tdata)) == (32, 24, 128)
     assert len(dut.axi0.rdata) == len(dut.axi1.rdata) == 64 and len(dut.axi0.araddr) == 32
     names = {path[0] for path, _, _ in dut.signature.flatten(dut)}
-    assert names == {"cmd", "m_data", "axi0", "axi1", "error", "beats", "idle", "flush"}
+    assert names == {"cmd", "m_data", "axi0", "axi1", "error", "beats", "idle", "flush", "only"}

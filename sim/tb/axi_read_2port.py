@@ -90,7 +90,8 @@ class TwoPortMonitor:
     def __init__(self, dut):
         self.dut = dut
         self.ports = [PortState(dut, p) for p in PORTS]
-        self.next_port = 0  # the port of the next burst the model splits off
+        self.next_port = 0  # the port of the next burst the model splits off when both are used
+        self.only = 0  # the DMA's `only` input: 1 or 2 puts every burst on port only - 1
         self.clear_counts()
         self.task = None
 
@@ -104,8 +105,9 @@ class TwoPortMonitor:
 
     def expect(self, addr: int, beats: int):
         for burst in split_bursts(addr, 2 * beats):
-            self.ports[self.next_port].expected.append(burst)
-            self.next_port ^= 1
+            port = self.only - 1 if self.only in (1, 2) else self.next_port
+            self.ports[port].expected.append(burst)
+            self.next_port = 1 - port
 
     @property
     def expected_ars(self) -> int:
@@ -156,6 +158,11 @@ class TwoPortReadTB(ReadDmaTB):
         self.rams[0].fill()
         self.rams[1].mem = self.rams[0].mem  # one DDR behind both ports
         self.bus = TwoPortMonitor(dut)
+        dut.only.value = 0
+
+    def use_ports(self, only: int):
+        """The DMA's `only` input (0 or 3: both ports; 1: port 0 alone; 2: port 1 alone), set while idle."""
+        self.dut.only.value = self.bus.only = only
 
     def set_latency(self, lat0: int, lat1: int):
         self.rams[0].latency, self.rams[1].latency = lat0, lat1
@@ -264,6 +271,36 @@ async def test_throughput_latency(dut):
         assert first_out - cmd == PARAMS["latency"] + p0.r_cycles[0] - p0.ar_cycles[0]
         assert total >= 0.95, f"throughput {total:.4f} < 0.95 beats/cycle at latencies {lat}"
     assert results[(24, 30)] >= 0.98
+
+
+@cocotb.test()
+async def test_one_port_alone(dut):
+    """`only` = 1 or 2 puts every burst on one port (the other sees no AR) at up to half the rate (one
+    port beat per cycle), data exact; `only` = 3 and 0 alternate again."""
+    tb = TwoPortReadTB(dut, seed=8, latency=(20, 28))
+    await tb.reset()
+    for only in (1, 2, 3, 0):
+        tb.use_ports(only)
+        ars = [p.ars for p in tb.bus.ports]
+        tb.set_stalls()
+        out0, cmd0 = len(tb.bus.out_cycles), len(tb.bus.cmd_cycles)
+        await tb.read(0xC_0000 + BEAT_BYTES * 3, 1024, f"only{only}-long")
+        await tb.drain()
+        rate = 1024 / (tb.bus.out_cycles[-1] - tb.bus.out_cycles[out0] + 1)
+        dut._log.info(f"only={only}: {rate:.3f} beats/cycle")
+        tb.set_stalls(p_ar=(0.2, 0.2), p_r=(0.3, 0.3), p_out=0.2)
+        for k in range(4):
+            await tb.read(0xD_0000 + 0x1000 * k - BEAT_BYTES * k, tb.rng.choice([1, 9, 77]), f"only{only}-{k}")
+        await tb.drain()
+        new = [p.ars - a for p, a in zip(tb.bus.ports, ars)]
+        if only in (1, 2):
+            assert new[2 - only] == 0 and new[only - 1] > 0, f"only={only}: ARs per port {new}"
+            assert 0.45 <= rate <= 0.501, f"only={only}: {rate:.3f} beats/cycle from one port"
+        else:
+            assert min(new) >= 0.4 * sum(new), f"only={only}: ARs per port {new}"
+            assert rate >= 0.95, f"only={only}: {rate:.3f} beats/cycle from both ports"
+        assert len(tb.bus.cmd_cycles) - cmd0 == 5
+    assert tb.scoreboard.checked == 20
 
 
 @cocotb.test()

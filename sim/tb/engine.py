@@ -100,7 +100,8 @@ class EngineTB:
             for ch in (write.aw_channel, write.w_channel, write.b_channel):
                 ch.set_pause_generator(stalls(rng, stall))
         self.r_beats = [0] * len(reads)  # R handshakes per port
-        cocotb.start_soon(self._count_reads([getattr(dut, f"{p}_r{s}") for p in ("m_axi", "m_axi1")[:PORTS]
+        self.w_beats = 0  # W handshakes
+        cocotb.start_soon(self._count_beats([getattr(dut, f"{p}_r{s}") for p in ("m_axi", "m_axi1")[:PORTS]
                                              for s in ("valid", "ready")]))
         self.image = read_image(image_path)
         self.model = FixedModel(self.image)
@@ -116,12 +117,14 @@ class EngineTB:
         self.place = dsc.placement(h, WEIGHTS_BASE, self.state_base, self.state)
         self.desc_addr = self.state_base + self.state.desc
 
-    async def _count_reads(self, handshake):
+    async def _count_beats(self, handshake):
         while True:
             await RisingEdge(self.dut.aclk)
             for k in range(len(self.r_beats)):
                 if handshake[2 * k].value and handshake[2 * k + 1].value:
                     self.r_beats[k] += 1
+            if self.dut.m_axi_wvalid.value and self.dut.m_axi_wready.value:
+                self.w_beats += 1
 
     async def reset(self):
         self.dut.aresetn.value = 0
@@ -171,6 +174,7 @@ class EngineTB:
         await self.write_reg("COMMAND", REG("COMMAND").pack(op=op, layer=layer))
         await self.write_reg("IRQ_ENABLE", REG("IRQ_ENABLE").pack(done=1))
         await self.write_reg("CONTROL", REG("CONTROL").pack(start=1))
+        r0, w0 = sum(self.r_beats), self.w_beats
         for _ in range(timeout_cycles // 64):
             await ClockCycles(self.dut.aclk, 64)
             if self.dut.interrupt.value:
@@ -183,6 +187,9 @@ class EngineTB:
         await self.write_reg("IRQ_STATUS", REG("IRQ_STATUS").pack(done=1))
         await RisingEdge(self.dut.aclk)
         assert not self.dut.interrupt.value, "interrupt still high after IRQ_STATUS was cleared"
+        # BEATS_* count bus beats: with two 64-bit ports, the port beats halved
+        assert (out["BEATS_READ"], out["BEATS_WRITTEN"]) == ((sum(self.r_beats) - r0) >> (PORTS - 1),
+                                                             (self.w_beats - w0) >> (PORTS - 1)), out
         out["status"] = REG("STATUS").unpack(out["STATUS"])
         out["error"] = {k: v for k, v in REG("ERROR").unpack(out["ERROR"]).items() if v}
         out["step"] = rm.STEPS[REG("STEP").unpack(out["STEP"])["step"]]
