@@ -156,9 +156,22 @@ def model_info(model: str) -> dict:
     if image is not None:
         # clips: {tensor: {kind: count}} from the quantizer, {} if nothing clipped, None for images made
         # before the counts were recorded (unknown)
+        # rounding: {"method", "lm_head", ...} from the quantizer, None for images made before it was recorded
         info.update(image={"hardware": image.header["hardware"], "calibration": image.header.get("calibration"),
-                           "file_bytes": path.stat().st_size, "clips": image.header.get("clips")})
+                           "file_bytes": path.stat().st_size, "clips": image.header.get("clips"),
+                           "rounding": image.header.get("rounding")})
     return info
+
+
+def rounding_text(r: dict | None) -> str:
+    if r is None:
+        return "nearest (the image predates the rounding record)"
+    if r["method"] == "nearest":
+        return "nearest"
+    raised = "".join(f"; damping raised to {v} for {t}" if v is not None else f"; {t} fell back to nearest"
+                     for t, v in r["damping_raised"].items())
+    return (f"gptq (error-compensating), damping {r['damping']:g} of H's mean diagonal, {r['calib_tokens']} "
+            f"calibration tokens, lm_head {r['lm_head']}{raised}")
 
 
 def cmd_info(args):
@@ -173,6 +186,7 @@ def cmd_info(args):
     if "image" in info:
         im = info["image"]
         print(f"{'image':>14}: {im['file_bytes']:,} bytes, hardware {im['hardware']}, calibration {im['calibration']}")
+        print(f"{'rounding':>14}: {rounding_text(im['rounding'])}")
         clips = im["clips"]
         if clips is None:
             print(f"{'clips':>14}: unknown (the image predates clip counts)")
@@ -198,10 +212,11 @@ def cmd_quantize(args):
     out = output_file(args.out, "-o")
     check_writable(out, "-o")
     header = quantize_checkpoint(args.model, out, args.weights, group, args.bus_bits, args.calib,
-                                 args.calib_tokens)
+                                 args.calib_tokens, rounding=args.rounding)
     size = out.stat().st_size
     print(f"wrote {out}: {size / 1e6:.2f} MB, {args.weights}"
           f"{' group ' + str(group) if args.weights == 'int4' else ''}, {args.bus_bits}-bit beats, "
+          f"{header['rounding']['method']} rounding, "
           f"calibrated on {header['calibration']['tokens']} tokens ({header['calibration']['source']})",
           file=sys.stderr)
 
@@ -249,6 +264,7 @@ def cmd_board_check(args):
 def build_parser() -> argparse.ArgumentParser:
     from gpt_fpga.host.backends import BACKENDS
     from gpt_fpga.contract.layout import BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS
+    from gpt_fpga.contract.image import ROUNDING_METHODS
 
     from importlib.metadata import PackageNotFoundError, version
 
@@ -305,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--group", type=int, choices=list(GROUP_CHOICES), help="int4 group size (default 32)")
     qz.add_argument("--bus-bits", type=int, default=64, choices=list(BUS_BITS_CHOICES),
                     help="DDR stream width it is tiled for")
+    qz.add_argument("--rounding", choices=list(ROUNDING_METHODS),
+                    help="nearest: each weight to its nearest level; gptq: error-compensating, each rounding "
+                         "error carried onto the weights not yet rounded (default: gptq for int4, nearest for int8)")
     qz.add_argument("--calib", help="calibration text (default: text sampled from the model itself)")
     qz.add_argument("--calib-tokens", type=int, help="tokens of calibration (default 2048 from --calib, "
                     "512 self-generated)")
