@@ -192,6 +192,6 @@ def _rounding_ok(r) -> bool:
         return False
     if r["method"] == "nearest":
         return r["lm_head"] == "nearest"
-    return (isinstance(r.get("damping"), (int, float)) and 0 <= r["damping"] <= 1
+    return (isinstance(r.get("damping"), (int, float)) and r["damping"] >= 0
             and type(r.get("calib_tokens")) is int and r["calib_tokens"] > 0
             and isinstance(r.get("damping_raised"), dict))

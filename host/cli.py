@@ -170,8 +170,9 @@ def rounding_text(r: dict | None) -> str:
         return "nearest"
     raised = "".join(f"; damping raised to {v} for {t}" if v is not None else f"; {t} fell back to nearest"
                      for t, v in r["damping_raised"].items())
+    head = f" (damping {r['lm_head_damping']:g})" if "lm_head_damping" in r else ""
     return (f"gptq (error-compensating), damping {r['damping']:g} of H's mean diagonal, {r['calib_tokens']} "
-            f"calibration tokens, lm_head {r['lm_head']}{raised}")
+            f"calibration tokens, lm_head {r['lm_head']}{head}{raised}")
 
 
 def cmd_info(args):

@@ -33,7 +33,10 @@ CALIBRATED = ("ln1", "q", "k", "v", "ctx", "ln2", "fc", "gelu")
 DEFAULT_CALIB_TOKENS = 2048
 DEFAULT_SELF_CALIB_TOKENS = 512
 DEFAULT_ROUNDING = {"int8": "nearest", "int4": "gptq"}  # chosen by measurement: docs/numerics.md
-DEFAULT_HEAD_ROUNDING = "nearest"  # lm_head (and the embedding, its rows) under gptq: docs/numerics.md
+DEFAULT_HEAD_ROUNDING = "gptq"
+# The head's damping also keeps its rows near the float ones, which the embedding (the same rows) needs
+DEFAULT_HEAD_DAMPING = 0.3
+MAX_DAMPING = 100.0  # lm_head (and the embedding, its rows) under gptq: docs/numerics.md
 ACT_SCALE_FLOOR = 1e-6  # smallest calibrated peak an activation scale is made from
 
 # Every saturation or clamp the quantizer can hit, counted per tensor into the image header's
@@ -93,6 +96,7 @@ class QuantOptions:
     calib_tokens: int | None = None
     rounding: str | None = None  # None: DEFAULT_ROUNDING of the weight format
     damping: float = DEFAULT_DAMPING
+    head_damping: float = DEFAULT_HEAD_DAMPING
     head_rounding: str = DEFAULT_HEAD_ROUNDING
 
     def validate(self, cfg: ModelConfig):
@@ -102,8 +106,10 @@ class QuantOptions:
                                      ("lm_head rounding", self.head_rounding, ROUNDING_METHODS)):
             if value not in choices:
                 raise InputError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value}")
-        if not 0 <= self.damping <= 1:
-            raise InputError(f"damping must be a fraction of H's mean diagonal in [0, 1], got {self.damping}")
+        for what, value in (("damping", self.damping), ("lm_head damping", self.head_damping)):
+            if not 0 <= value <= MAX_DAMPING:
+                raise InputError(f"{what} must be a multiple of H's mean diagonal in [0, {MAX_DAMPING}], "
+                                 f"got {value}")
         for name, d in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff)):
             if d > nx.MAX_D_IN:
                 raise InputError(f"{name}={d} exceeds the accelerator's limit of {nx.MAX_D_IN} inputs per matvec")
@@ -160,7 +166,7 @@ def quantize_rows_int8(w):  # [o, i] float -> (int8 [o, i], scale [o])
     return np.clip(np.floor(w / scale[:, None] + 0.5), -127, 127).astype(np.int64), scale
 
 
-def quantize_rows_int4(w, group: int):
+def quantize_rows_int4(w, group: int, scale_search: bool | None = None):
     """int4 in -7..7 with uint8 group scales q[o, g] relative to a per-row base scale.
 
     Real weight = w4 * q[o, g] * base[o]. q is chosen first (rounded up so nothing clips), then the
@@ -174,6 +180,10 @@ def quantize_rows_int4(w, group: int):
     base = int4_row_base(w)
     # q <= 255 and |w4| <= 7 by construction (the np.clip calls only absorb float rounding): no clip to count
     q = int4_group_scale(gmax, base)
+    if SCALE_SEARCH if scale_search is None else scale_search:
+        for g in range(n_groups):
+            cols = slice(g * group, min((g + 1) * group, i))
+            q[:, g] = search_group_scale(w[:, cols], gmax[:, g], base, q[:, g], np.ones(cols.stop - cols.start))
     step = (q * base[:, None])[:, np.arange(i) // group]
     w4 = np.clip(np.floor(w / step + 0.5), -nx.INT4_MAX, nx.INT4_MAX).astype(np.int64)
     return w4, q, base
@@ -188,8 +198,8 @@ def int4_group_scale(gmax, base):  # [o, ...] group absmax, [o] base -> uint8 q,
     return np.clip(np.ceil(gmax / (nx.INT4_MAX * base) - 1e-9), 1, nx.GROUP_SCALE_MAX).astype(np.int64)
 
 
-SCALE_SEARCH = False
-SCALE_SHRINK = (0.95, 0.9, 0.85, 0.8, 0.75)  # group peaks tried below the absmax: clipping can cost less
+SCALE_SEARCH = True
+SCALE_SHRINK = (0.95, 0.9)  # group peaks tried below the absmax: clipping can cost less
 
 
 def search_group_scale(w_group, gmax, base, q, col_weight):  # [o, g], [o], [o], [o], [g] -> [o]
@@ -214,7 +224,7 @@ def gptq_rows_int8(w, u):  # [o, i] float, U [i, i] -> (int8 [o, i], scale [o]);
     return w8, scale
 
 
-def gptq_rows_int4(w, group: int, u, scale_search: bool = SCALE_SEARCH):
+def gptq_rows_int4(w, group: int, u, scale_search: bool | None = None):
     """quantize_rows_int4 with error-compensating rounding: (w4 [o, i], q [o, g], base [o]).
 
     Each group's q follows the same rule, from the group's weights as updated when it is reached
@@ -227,7 +237,7 @@ def gptq_rows_int4(w, group: int, u, scale_search: bool = SCALE_SEARCH):
     def step_for(w_group, col_weight):  # [o, g], [g] -> [o]
         gmax = np.abs(w_group).max(axis=1)
         q = int4_group_scale(gmax, base)
-        if scale_search:
+        if SCALE_SEARCH if scale_search is None else scale_search:
             q = search_group_scale(w_group, gmax, base, q, col_weight)
         q_groups.append(q)
         return q * base
@@ -384,9 +394,9 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
         _count(c(tensor), "scale_floor", 0 < peaks[name][layer] < ACT_SCALE_FLOOR)
         return act_scale(peaks[name][layer])
 
-    def compensation(h, tensor: str):
-        u, used = compensation_factor(h, opts.damping)
-        if used != opts.damping:
+    def compensation(h, tensor: str, damping: float = opts.damping):
+        u, used = compensation_factor(h, damping)
+        if used != damping:
             damping_raised[tensor] = used
         return u
 
@@ -445,7 +455,7 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
     head_rounding = "nearest" if run is None else opts.head_rounding
     if head_rounding == "gptq":
         clips["lm_head"], clips["embed_scale"] = {}, {}
-        u = compensation(run.head_hessian(sections["lnf"], shf), "lm_head")
+        u = compensation(run.head_hessian(sections["lnf"], shf), "lm_head", opts.head_damping)
         head_blob, head = quantize_matrix(*head_args, c("lm_head"), compensation=u)
         emb_mult, emb_shift = requant_params(head["row_scale"] / resid_scale, "the token embedding",
                                              c("embed_scale"))
@@ -461,6 +471,8 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
     rounding_record = {"method": rounding, "lm_head": head_rounding}
     if rounding == "gptq":
         rounding_record.update(damping=opts.damping, calib_tokens=len(calib_ids), damping_raised=damping_raised)
+        if head_rounding == "gptq":
+            rounding_record["lm_head_damping"] = opts.head_damping
     header = {"contract_version": CONTRACT_VERSION, "config": cfg.to_dict(), "hardware": hw.to_dict(),
               "layers": layers, "lnf_shift": shf, "lnf_scale": s_lnf,
               "ln_eps_table": eps_table.tolist(),
@@ -476,9 +488,11 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
 
 def quantize_checkpoint(model_dir, out_path, weights="int8", group=32, bus_bits=64, calib=None,
                         calib_tokens=None, progress=True, rounding=None, damping=DEFAULT_DAMPING,
-                        head_rounding=DEFAULT_HEAD_ROUNDING) -> dict:
+                        head_rounding=DEFAULT_HEAD_ROUNDING, head_damping=None) -> dict:
     ckpt = load_checkpoint(model_dir)
-    opts = QuantOptions(weights, group, bus_bits, calib_tokens, rounding, damping, head_rounding)
+    opts = QuantOptions(weights, group, bus_bits, calib_tokens, rounding=rounding, damping=damping,
+                        head_rounding=head_rounding,
+                        head_damping=DEFAULT_HEAD_DAMPING if head_damping is None else head_damping)
     opts.validate(ckpt.config)
     if ckpt.tokenizer_path is not None:  # an image with a broken tokenizer would be unusable
         from gpt_fpga.quantize.tokenizer import TextCodec

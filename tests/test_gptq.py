@@ -197,8 +197,8 @@ def test_default_rounding_recorded(tiny_model, tmp_path, capsys, weights, expect
     r = read_image(img).header["rounding"]
     assert r["method"] == expected
     if expected == "gptq":
-        assert r == {"method": "gptq", "lm_head": "nearest", "damping": 0.01, "calib_tokens": 48,
-                     "damping_raised": {}}
+        assert r == {"method": "gptq", "lm_head": "gptq", "damping": 0.01, "lm_head_damping": 0.3,
+                     "calib_tokens": 48, "damping_raised": {}}
 
 
 @pytest.mark.parametrize("rounding", ROUNDING_METHODS)
@@ -212,7 +212,7 @@ def test_rounding_flag_header_and_info(tiny_model, tmp_path, capsys, rounding):
     line = next(line for line in out.splitlines() if line.strip().startswith("rounding:"))
     if rounding == "gptq":
         assert "gptq (error-compensating), damping 0.01 of H's mean diagonal, 40 calibration tokens, " \
-               "lm_head nearest" in line
+               "lm_head gptq (damping 0.3)" in line
     else:
         assert line.split(": ", 1)[1] == "nearest"
     code, out, _ = run_cli(capsys, "info", str(img), "--json")
