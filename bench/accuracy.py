@@ -168,10 +168,11 @@ def plot_accuracy(result: dict, path: Path) -> None:
         ax.plot([-0.5, 0.5], [0.5, 0.5], color="tab:red", ls=":", lw=1.2, label="goal (g32 0.5 %, g128 0.6 %)")
         ax.plot([1.5, 2.5], [0.6, 0.6], color="tab:red", ls=":", lw=1.2)
         ax.set_xticks(x, [f"g{g}\n{result['bytes_per_token'][f'int4-g{g}'] / 1e6:.1f} MB/token" for g in groups])
+        ax.set_ylim(0, 1.3 * max(r["ratio"] - 1 for r in runs.values()) * 100)  # room for the legend
         ax.set_title(f"{name}: W4A8 by group size")
         ax.set_ylabel("held-out perplexity vs float (%)")
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     ax = axes[2]
     x = np.arange(len(models))
     for k, rounding in enumerate(("nearest", "gptq")):
