@@ -230,21 +230,27 @@ def _summary_float(r: dict) -> str:
 
 def _summary_accuracy(r: dict) -> str:
     lines = []
-    for model, e in r.items():
-        for fmt in ("int8", "int4"):
-            a = e[fmt]
-            lines.append(f"accuracy {model} {fmt}: ppl {a['ppl']:.3f} vs float {a['float_ppl']:.3f} "
+    for model, e in r["models"].items():
+        for key, a in e["runs"].items():
+            lines.append(f"accuracy {model} {key}: ppl {a['ppl']:.3f} vs float {e['float_ppl']:.3f} "
                          f"(x{a['ratio']:.4f}), top-1 agreement {a['top1_agreement']:.4f}")
+        h = e["lm_head_study"]
+        lines.append(f"accuracy {model} lm_head (int4 g128 gptq): nearest x{h['nearest']:.4f}, gptq x{h['gptq']:.4f}")
         st = e["activation_scale_study"]
         lines.append(f"accuracy {model} activation scales (fake-quant, float weights): static {st['static']:.3f}, "
                      f"dynamic {st['dynamic']:.3f}, float {st['float']:.3f}")
+    lines.append("accuracy goals: " + ", ".join(f"{k} <= +{g['bound'] * 100:g} % {'met' if g['met'] else 'MISSED'}"
+                                                for k, g in r["goals"].items()))
+    lines.append(f"accuracy int4 default group: {r['int4_default_group']['picked']}")
     return "\n".join(lines)
 
 
 def _summary_fixed(r: dict) -> str:
+    q4 = r["quantize_gpt2_124m_int4_seconds"]
     return (f"fixed: decode {r['fixed']['decode_ms_per_token']:.2f} ms/tok vs float "
             f"{r['float']['decode_ms_per_token']:.2f} ms/tok ({r['fixed_to_float_speed']:.2f}x float speed); "
-            f"quantize GPT-2 124M {r['quantize_gpt2_124m_seconds']:.1f} s")
+            f"quantize GPT-2 124M {r['quantize_gpt2_124m_seconds']:.1f} s (int8), int4 "
+            f"g{r['quantize_gpt2_124m_int4_group']} nearest {q4['nearest']:.1f} s, gptq {q4['gptq']:.1f} s")
 
 
 def _lazy(module: str, name: str):

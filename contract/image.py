@@ -32,6 +32,9 @@ MAGIC = b"GPTFPGA\0"
 FORMAT_VERSION = 1
 PREAMBLE = struct.Struct("<8sIII4x")  # magic, version, header length, header crc32
 MAX_HEADER = 64 << 20
+# How the quantizer rounded the weights (header field "rounding"; the streams' format is the same):
+# each weight to its nearest level, or error-compensating (GPTQ, quantize/gptq.py)
+ROUNDING_METHODS = ("nearest", "gptq")
 
 
 def _align(n: int) -> int:
@@ -181,3 +184,18 @@ def _check_header(path: Path, h: dict, size: int, start: int) -> None:
                                             for kind, n in kinds.items())
             for kinds in h["clips"].values())):
         raise ImageError(f"{path}: header field 'clips' is malformed (expected {{tensor: {{kind: count}}}})")
+    # {"method", "lm_head"[, "damping", "calib_tokens", "damping_raised"]}; absent in images made before
+    # it was recorded (those were all rounded to nearest)
+    if "rounding" in h and not _rounding_ok(h["rounding"]):
+        raise ImageError(f"{path}: header field 'rounding' is malformed (expected method and lm_head in "
+                         f"{', '.join(ROUNDING_METHODS)}; for gptq also damping, calib_tokens, damping_raised)")
+
+
+def _rounding_ok(r) -> bool:
+    if not (isinstance(r, dict) and r.get("method") in ROUNDING_METHODS and r.get("lm_head") in ROUNDING_METHODS):
+        return False
+    if r["method"] == "nearest":
+        return r["lm_head"] == "nearest"
+    return (isinstance(r.get("damping"), (int, float)) and r["damping"] >= 0
+            and type(r.get("calib_tokens")) is int and r["calib_tokens"] > 0
+            and isinstance(r.get("damping_raised"), dict))

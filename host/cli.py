@@ -152,9 +152,23 @@ def model_info(model: str) -> dict:
     if image is not None:
         # clips: {tensor: {kind: count}} from the quantizer, {} if nothing clipped, None for images made
         # before the counts were recorded (unknown)
+        # rounding: {"method", "lm_head", ...} from the quantizer, None for images made before it was recorded
         info.update(image={"hardware": image.header["hardware"], "calibration": image.header.get("calibration"),
-                           "file_bytes": path.stat().st_size, "clips": image.header.get("clips")})
+                           "file_bytes": path.stat().st_size, "clips": image.header.get("clips"),
+                           "rounding": image.header.get("rounding")})
     return info
+
+
+def rounding_text(r: dict | None) -> str:
+    if r is None:
+        return "nearest (the image predates the rounding record)"
+    if r["method"] == "nearest":
+        return "nearest"
+    raised = "".join(f"; damping raised to {v} for {t}" if v is not None else f"; {t} fell back to nearest"
+                     for t, v in r["damping_raised"].items())
+    head = f" (damping {r['lm_head_damping']:g})" if "lm_head_damping" in r else ""
+    return (f"gptq (error-compensating), damping {r['damping']:g} of H's mean diagonal, {r['calib_tokens']} "
+            f"calibration tokens, lm_head {r['lm_head']}{head}{raised}")
 
 
 def cmd_info(args):
@@ -173,6 +187,7 @@ def cmd_info(args):
               + (f" group {hw['group']}" if hw["weights"] == "int4" else "") + f", {hw['bus_bits']}-bit beats")
         print(f"{'calibration':>14}: " + (f"{cal.get('tokens')} tokens ({cal.get('source')}, {cal.get('method')})"
                                            if cal else "unknown"))
+        print(f"{'rounding':>14}: {rounding_text(im['rounding'])}")
         clips = im["clips"]
         if clips is None:
             print(f"{'clips':>14}: unknown (the image predates clip counts)")
@@ -200,10 +215,11 @@ def cmd_quantize(args):
         raise InputError(f"-o {out}: is not a regular file; give the image file to write")
     check_writable(out, "-o")
     header = quantize_checkpoint(args.model, out, args.weights, group, args.bus_bits, args.calib,
-                                 args.calib_tokens)
+                                 args.calib_tokens, rounding=args.rounding)
     size = out.stat().st_size
     print(f"wrote {out}: {size / 1e6:.2f} MB, {args.weights}"
           f"{' group ' + str(group) if args.weights == 'int4' else ''}, {args.bus_bits}-bit beats, "
+          f"{header['rounding']['method']} rounding, "
           f"calibrated on {header['calibration']['tokens']} tokens ({header['calibration']['source']})",
           file=sys.stderr)
 
@@ -251,6 +267,7 @@ def cmd_board_check(args):
 def build_parser() -> argparse.ArgumentParser:
     from gpt_fpga.host.backends import BACKENDS
     from gpt_fpga.contract.layout import BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS
+    from gpt_fpga.contract.image import ROUNDING_METHODS
 
     from importlib.metadata import PackageNotFoundError, version
 
@@ -312,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--bus-bits", type=int, default=128, choices=list(BUS_BITS_CHOICES),
                     help="the engine's datapath width it is tiled for: 128 for the default two-port overlay, "
                          "64 for the one-port overlay (make bitstream PORTS=1) (default %(default)s)")
+    qz.add_argument("--rounding", choices=list(ROUNDING_METHODS),
+                    help="nearest: each weight to its nearest level; gptq: error-compensating, each rounding "
+                         "error carried onto the weights not yet rounded (default: gptq for int4, nearest for int8)")
     qz.add_argument("--calib", help="calibration text file, UTF-8 (default: text sampled from the model itself)")
     qz.add_argument("--calib-tokens", type=int, help="tokens of calibration (default 2048 from --calib, "
                     "512 self-generated)")

@@ -20,16 +20,24 @@ from gpt_fpga.contract.config import ModelConfig
 from gpt_fpga.quantize.checkpoint import Checkpoint, load_checkpoint
 from gpt_fpga.quantize.text_input import read_text_file
 from gpt_fpga.contract.errors import InputError
-from gpt_fpga.contract.image import write_image
+from gpt_fpga.contract.image import ROUNDING_METHODS, write_image
 from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_BETA_BITS, LN_GAMMA_BITS, WEIGHT_FORMATS,
-                                      HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix)
+                                      HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix,
+                                      unpack_embed_scale)
 from gpt_fpga.contract import numerics as nx
+from gpt_fpga.quantize.gptq import DEFAULT_DAMPING, compensation_factor, hessian, round_compensated
+from gpt_fpga.sim.fixed_model import FixedModel, LayerNormQ, Matrix, load_layer
 from gpt_fpga.sim.float_model import FloatModel
 
 # Activations whose int8 scale is calibrated, per layer (the names FloatModel.forward observes).
 CALIBRATED = ("ln1", "q", "k", "v", "ctx", "ln2", "fc", "gelu")
 DEFAULT_CALIB_TOKENS = 2048
 DEFAULT_SELF_CALIB_TOKENS = 512
+DEFAULT_ROUNDING = {"int8": "nearest", "int4": "gptq"}  # chosen by measurement: docs/numerics.md
+DEFAULT_HEAD_ROUNDING = "gptq"
+# The head's damping also keeps its rows near the float ones, which the embedding (the same rows) needs
+DEFAULT_HEAD_DAMPING = 0.3
+MAX_DAMPING = 100.0  # lm_head (and the embedding, its rows) under gptq: docs/numerics.md
 ACT_SCALE_FLOOR = 1e-6  # smallest calibrated peak an activation scale is made from
 
 # Every saturation or clamp the quantizer can hit, counted per tensor into the image header's
@@ -87,12 +95,22 @@ class QuantOptions:
     group: int = HwLayout.group
     bus_bits: int = HwLayout.bus_bits
     calib_tokens: int | None = None
+    rounding: str | None = None  # None: DEFAULT_ROUNDING of the weight format
+    damping: float = DEFAULT_DAMPING
+    head_damping: float = DEFAULT_HEAD_DAMPING
+    head_rounding: str = DEFAULT_HEAD_ROUNDING
 
     def validate(self, cfg: ModelConfig):
         for flag, value, choices in (("--weights", self.weights, WEIGHT_FORMATS), ("--group", self.group, GROUP_CHOICES),
-                                     ("--bus-bits", self.bus_bits, BUS_BITS_CHOICES)):
+                                     ("--bus-bits", self.bus_bits, BUS_BITS_CHOICES),
+                                     ("--rounding", self.rounding or "nearest", ROUNDING_METHODS),
+                                     ("lm_head rounding", self.head_rounding, ROUNDING_METHODS)):
             if value not in choices:
                 raise InputError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value}")
+        for what, value in (("damping", self.damping), ("lm_head damping", self.head_damping)):
+            if not 0 <= value <= MAX_DAMPING:
+                raise InputError(f"{what} must be a multiple of H's mean diagonal in [0, {MAX_DAMPING}], "
+                                 f"got {value}")
         for name, d in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff)):
             if d > nx.MAX_D_IN:
                 raise InputError(f"{name}={d} exceeds the accelerator's limit of {nx.MAX_D_IN} inputs per matvec")
@@ -149,7 +167,7 @@ def quantize_rows_int8(w):  # [o, i] float -> (int8 [o, i], scale [o])
     return np.clip(np.floor(w / scale[:, None] + 0.5), -127, 127).astype(np.int64), scale
 
 
-def quantize_rows_int4(w, group: int):
+def quantize_rows_int4(w, group: int, scale_search: bool | None = None):
     """int4 in -7..7 with uint8 group scales q[o, g] relative to a per-row base scale.
 
     Real weight = w4 * q[o, g] * base[o]. q is chosen first (rounded up so nothing clips), then the
@@ -160,12 +178,73 @@ def quantize_rows_int4(w, group: int):
     padded = np.zeros((o, n_groups * group), np.float64)
     padded[:, :i] = w
     gmax = np.abs(padded.reshape(o, n_groups, group)).max(axis=2)  # [o, g]
-    base = np.maximum(gmax.max(axis=1), 1e-12) / (nx.INT4_MAX * nx.GROUP_SCALE_MAX)  # [o]
+    base = int4_row_base(w)
     # q <= 255 and |w4| <= 7 by construction (the np.clip calls only absorb float rounding): no clip to count
-    q = np.clip(np.ceil(gmax / (nx.INT4_MAX * base[:, None]) - 1e-9), 1, nx.GROUP_SCALE_MAX).astype(np.int64)
+    q = int4_group_scale(gmax, base)
+    if SCALE_SEARCH if scale_search is None else scale_search:
+        for g in range(n_groups):
+            cols = slice(g * group, min((g + 1) * group, i))
+            q[:, g] = search_group_scale(w[:, cols], gmax[:, g], base, q[:, g], np.ones(cols.stop - cols.start))
     step = (q * base[:, None])[:, np.arange(i) // group]
     w4 = np.clip(np.floor(w / step + 0.5), -nx.INT4_MAX, nx.INT4_MAX).astype(np.int64)
     return w4, q, base
+
+
+def int4_row_base(w):  # [o, i] float -> [o]: the row's largest weight is 7 * 255 base steps
+    return np.maximum(np.abs(w).max(axis=1), 1e-12) / (nx.INT4_MAX * nx.GROUP_SCALE_MAX)
+
+
+def int4_group_scale(gmax, base):  # [o, ...] group absmax, [o] base -> uint8 q, rounded up so nothing clips
+    base = base.reshape(base.shape + (1,) * (np.ndim(gmax) - 1))
+    return np.clip(np.ceil(gmax / (nx.INT4_MAX * base) - 1e-9), 1, nx.GROUP_SCALE_MAX).astype(np.int64)
+
+
+SCALE_SEARCH = True
+SCALE_SHRINK = (0.95, 0.9)  # group peaks tried below the absmax: clipping can cost less
+
+
+def search_group_scale(w_group, gmax, base, q, col_weight):  # [o, g], [o], [o], [o], [g] -> [o]
+    """The group scale among absmax and SCALE_SHRINK of it with the least weighted squared rounding error."""
+    def cost(qc):
+        step = (qc * base)[:, None]
+        err = w_group - np.clip(np.floor(w_group / step + 0.5), -nx.INT4_MAX, nx.INT4_MAX) * step
+        return (err * err) @ col_weight
+
+    best, best_cost = q, cost(q)
+    for f in SCALE_SHRINK:
+        qc = int4_group_scale(gmax * f, base)
+        c = cost(qc)
+        better = c < best_cost
+        best, best_cost = np.where(better, qc, best), np.where(better, c, best_cost)
+    return best
+
+
+def gptq_rows_int8(w, u):  # [o, i] float, U [i, i] -> (int8 [o, i], scale [o]); scales as quantize_rows_int8
+    scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
+    w8, _ = round_compensated(w, u, w.shape[1], lambda *_: scale, -127, 127)
+    return w8, scale
+
+
+def gptq_rows_int4(w, group: int, u, scale_search: bool | None = None):
+    """quantize_rows_int4 with error-compensating rounding: (w4 [o, i], q [o, g], base [o]).
+
+    Each group's q follows the same rule, from the group's weights as updated when it is reached
+    (compensation can push a weight past the row's original peak: q then saturates at 255 and the
+    weight at +-7, which stays within the contract).
+    """
+    base = int4_row_base(w)
+    q_groups = []
+
+    def step_for(w_group, col_weight):  # [o, g], [g] -> [o]
+        gmax = np.abs(w_group).max(axis=1)
+        q = int4_group_scale(gmax, base)
+        if SCALE_SEARCH if scale_search is None else scale_search:
+            q = search_group_scale(w_group, gmax, base, q, col_weight)
+        q_groups.append(q)
+        return q * base
+
+    w4, _ = round_compensated(w, u, group, step_for, -nx.INT4_MAX, nx.INT4_MAX)
+    return w4, np.stack(q_groups, axis=1), base
 
 
 def requant_params(ratios, what: str = "a matrix", clips: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -182,17 +261,21 @@ def requant_params(ratios, what: str = "a matrix", clips: dict | None = None) ->
 
 
 def quantize_matrix(w_in_out, bias, in_scale: float, out_scales, hw: HwLayout, what: str = "a matrix",
-                    clips: dict | None = None):
+                    clips: dict | None = None, compensation=None):
     """Quantize x @ W (+ b) into a row stream. W is [in, out] float; out_scales: [out] real output scales.
 
-    Returns (packed bytes, dict of integer arrays as the golden model uses them). Saturated biases
-    and degenerate multipliers are counted into `clips` (kind -> count), when given.
+    compensation: None for nearest rounding, else U [in, in] from gptq.compensation_factor for
+    error-compensating rounding. Returns (packed bytes, dict of integer arrays as the golden model
+    uses them). Saturated biases and degenerate multipliers are counted into `clips` (kind ->
+    count), when given.
     """
     w = np.asarray(w_in_out, dtype=np.float64).T  # [out, in]
     if hw.weights == "int4":
-        w_int, q, row_scale = quantize_rows_int4(w, hw.group)
+        w_int, q, row_scale = (quantize_rows_int4(w, hw.group) if compensation is None
+                               else gptq_rows_int4(w, hw.group, compensation))
     else:
-        (w_int, row_scale), q = quantize_rows_int8(w), None
+        (w_int, row_scale), q = (quantize_rows_int8(w) if compensation is None
+                                 else gptq_rows_int8(w, compensation)), None
     acc_scale = row_scale * in_scale  # real value of one accumulator unit, per row
     b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
     bias_int = np.floor(b / acc_scale + 0.5)
@@ -239,42 +322,116 @@ def source_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()
 
 
+# ---- error-compensating rounding: the integer inputs of each matrix --------------------------
+MATRIX_INPUTS = {"qkv": "ln1", "attn_out": "ctx", "fc": "ln2", "proj": "gelu"}  # matrix -> observed input
+
+
+class CalibrationRun(FixedModel):
+    """The fixed model assembled layer by layer while the image is made, run on the calibration windows.
+
+    It uses FixedModel's own embed and block, so H is built from exactly the int8 activations the
+    hardware multiplies, including every earlier layer's quantization (as already rounded).
+    """
+
+    def __init__(self, cfg: ModelConfig, hw: HwLayout, eps_table, head_blob: bytes, embed_scale_blob: bytes,
+                 wpe_blob: bytes, ids: list[int]):
+        self.cfg, self.hw, self.eps_table = cfg, hw, np.asarray(eps_table, dtype=np.int64)
+        self.head = Matrix.from_stream(head_blob, cfg.vocab_size, cfg.d_model, hw)
+        self.emb_mult, self.emb_shift = unpack_embed_scale(embed_scale_blob, cfg.vocab_size)
+        self.wpe = np.frombuffer(wpe_blob, dtype="<i4").reshape(cfg.n_ctx, cfg.d_model).astype(np.int64)
+        shape = (cfg.n_layer, cfg.n_head, cfg.n_ctx, cfg.head_dim)
+        self.k_cache, self.v_cache, self.length = np.zeros(shape), np.zeros(shape), 0
+        self.layers = [None] * cfg.n_layer
+        self.windows = [ids[b:b + cfg.n_ctx] for b in range(0, len(ids), cfg.n_ctx)]
+        self.x = [self.embed(w, 0) for w in self.windows]  # [n, d] int32 residual per window
+
+    def hessians(self, layer: int, lh: dict, sections: dict) -> dict[str, np.ndarray]:
+        """H of each matrix input of `layer` (MATRIX_INPUTS), with the layer as in lh and `sections`."""
+        self.layers[layer] = load_layer(sections.__getitem__, layer, lh, self.cfg, self.hw)
+        h = {}
+
+        def observe(name, _layer, value):
+            if name in MATRIX_INPUTS.values():
+                h[name] = h.get(name, 0) + hessian(value)
+
+        for x in self.x:
+            self.block(x, layer, 0, observe)
+        return h
+
+    def advance(self, layer: int, lh: dict, sections: dict) -> None:
+        """Run every window through `layer` as finally quantized: the next layer's input."""
+        self.layers[layer] = load_layer(sections.__getitem__, layer, lh, self.cfg, self.hw)
+        self.x = [self.block(x, layer, 0) for x in self.x]
+        self.layers[layer] = None  # only one layer's matrices are held at a time
+
+    def head_hessian(self, lnf_blob: bytes, lnf_shift: int) -> np.ndarray:
+        lnf = LayerNormQ.from_stream(lnf_blob, self.cfg.d_model, lnf_shift)
+        return sum(hessian(lnf(x, self.eps_table)) for x in self.x)
+
+
+def rounding_for(weights: str, rounding: str | None) -> str:
+    """The rounding a format gets when none is asked for (docs/numerics.md, 'Rounding')."""
+    return rounding or DEFAULT_ROUNDING[weights]
+
+
 # ---- the whole model --------------------------------------------------------------------------
 def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], calib_source: str,
                 out_path: Path, progress: bool = True) -> dict:
     cfg, p = ckpt.config, ckpt.params
     opts.validate(cfg)
     hw = HwLayout(bus_bits=opts.bus_bits, weights=opts.weights, group=opts.group)
+    rounding = rounding_for(opts.weights, opts.rounding)
     model = FloatModel(cfg, p)
     peaks = calibrate(model, calib_ids, progress)
     d, hd = cfg.d_model, cfg.head_dim
+    eps_table = nx.layernorm_eps_table(cfg.layer_norm_eps, d)
     sections: dict[str, bytes] = {}
     layers = []
     clips: dict[str, dict[str, int]] = {}  # tensor -> kind -> count; see CLIP_KINDS
+    damping_raised: dict[str, float | None] = {}  # tensor -> damping used, where the requested one failed
     c = lambda tensor: clips.setdefault(tensor, {})  # noqa: E731
 
     def scale(name: str, layer: int, tensor: str) -> float:
         _count(c(tensor), "scale_floor", 0 < peaks[name][layer] < ACT_SCALE_FLOOR)
         return act_scale(peaks[name][layer])
 
+    def compensation(h, tensor: str, damping: float = opts.damping):
+        u, used = compensation_factor(h, damping)
+        if used != damping:
+            damping_raised[tensor] = used
+        return u
+
     resid_scale = 2.0 ** -nx.RESID_FRAC
-    for i in progress_bar(range(cfg.n_layer), desc="quantize layers", unit="layer", enabled=progress):
+    # lm_head first, with nearest rounding: the embedding the calibration run starts from reuses its rows
+    s_lnf = scale("lnf", cfg.n_layer, "lnf")
+    head_args = (p["wte"].T, None, s_lnf, 2.0 ** -nx.LOGIT_FRAC, hw, "lm_head")
+    head_blob, head = quantize_matrix(*head_args, c("lm_head"))
+    # host-side: token embedding reuses lm_head's integer rows, scaled into the residual format
+    emb_mult, emb_shift = requant_params(head["row_scale"] / resid_scale, "the token embedding", c("embed_scale"))
+    embed_scale_blob = pack_embed_scale(emb_mult, emb_shift)
+    wpe_blob = _saturate_counted(np.floor(p["wpe"].astype(np.float64) / resid_scale + 0.5), nx.RESID_BITS,
+                                 c("wpe"), "value").astype("<i4").tobytes()
+    run = None
+    if rounding == "gptq":
+        run = CalibrationRun(cfg, hw, eps_table, head_blob, embed_scale_blob, wpe_blob, calib_ids)
+    for i in progress_bar(range(cfg.n_layer), desc=f"quantize layers ({rounding})", unit="layer", enabled=progress):
         s = {name: scale(name, i, f"L{i}.{name}") for name in CALIBRATED}
         pre = f"h{i}."
         g1, b1, sh1 = layernorm_params(p[pre + "ln1_g"], p[pre + "ln1_b"], s["ln1"], c(f"L{i}.ln1"))
-        sections[f"L{i}.ln1"] = pack_ln_params(g1, b1)
-        qkv_out = np.repeat([s["q"], s["k"], s["v"]], d)
-        sections[f"L{i}.qkv"], _ = quantize_matrix(p[pre + "w_qkv"], p[pre + "b_qkv"], s["ln1"], qkv_out, hw,
-                                                   f"layer {i} qkv", c(f"L{i}.qkv"))
-        sections[f"L{i}.attn_out"], _ = quantize_matrix(p[pre + "w_o"], p[pre + "b_o"], s["ctx"], resid_scale, hw,
-                                                        f"layer {i} attn_out", c(f"L{i}.attn_out"))
         g2, b2, sh2 = layernorm_params(p[pre + "ln2_g"], p[pre + "ln2_b"], s["ln2"], c(f"L{i}.ln2"))
-        sections[f"L{i}.ln2"] = pack_ln_params(g2, b2)
-        sections[f"L{i}.fc"], _ = quantize_matrix(p[pre + "w_fc"], p[pre + "b_fc"], s["ln2"], s["fc"], hw, f"layer {i} fc",
-                                                  c(f"L{i}.fc"))
-        sections[f"L{i}.gelu"] = (nx.gelu_table(s["fc"], s["gelu"]).astype(np.int8)).tobytes()
-        sections[f"L{i}.proj"], _ = quantize_matrix(p[pre + "w_proj"], p[pre + "b_proj"], s["gelu"], resid_scale, hw,
-                                                    f"layer {i} proj", c(f"L{i}.proj"))
+        matrices = {  # name -> (W [in, out], bias, input scale, output scales)
+            "qkv": (p[pre + "w_qkv"], p[pre + "b_qkv"], s["ln1"], np.repeat([s["q"], s["k"], s["v"]], d)),
+            "attn_out": (p[pre + "w_o"], p[pre + "b_o"], s["ctx"], resid_scale),
+            "fc": (p[pre + "w_fc"], p[pre + "b_fc"], s["ln2"], s["fc"]),
+            "proj": (p[pre + "w_proj"], p[pre + "b_proj"], s["gelu"], resid_scale)}
+        layer_clips = {name: {} for name in matrices}  # counted for the stored matrices only
+        sections[f"L{i}.ln1"] = pack_ln_params(g1, b1)
+        for name, args in matrices.items():
+            sections[f"L{i}.{name}"], _ = quantize_matrix(*args, hw, f"layer {i} {name}", layer_clips[name])
+            if name == "attn_out":
+                sections[f"L{i}.ln2"] = pack_ln_params(g2, b2)
+            if name == "fc":
+                sections[f"L{i}.gelu"] = (nx.gelu_table(s["fc"], s["gelu"]).astype(np.int8)).tobytes()
         att = s["q"] * s["k"] * (1.0 / math.sqrt(hd) if cfg.scale_attn else 1.0) * math.log2(math.e) \
             * 2.0 ** nx.SCORE_FRAC
         att_mult, att_shift = (int(v[0]) for v in requant_params([att], f"layer {i} attention scores",
@@ -284,25 +441,44 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
         layers.append({"scales": s, "ln1_shift": sh1, "ln2_shift": sh2, "score_mult": att_mult,
                        "score_shift": att_shift, "ctx_mult": ctx_mult, "ctx_shift": ctx_shift,
                        "window": cfg.window_size if cfg.local_layers[i] else 0})
-    s_lnf = scale("lnf", cfg.n_layer, "lnf")
+        if run is not None:  # inputs observed with the layer rounded to nearest, then the layer re-rounded
+            h = run.hessians(i, layers[i], sections)
+            for name, args in matrices.items():
+                layer_clips[name] = {}
+                u = compensation(h[MATRIX_INPUTS[name]], f"L{i}.{name}")
+                sections[f"L{i}.{name}"], _ = quantize_matrix(*args, hw, f"layer {i} {name}", layer_clips[name],
+                                                              compensation=u)
+            run.advance(i, layers[i], sections)
+        for name, kinds in layer_clips.items():
+            clips[f"L{i}.{name}"] = kinds
     gf, bf, shf = layernorm_params(p["lnf_g"], p["lnf_b"], s_lnf, c("lnf"))
     sections["lnf"] = pack_ln_params(gf, bf)
-    head_blob, head = quantize_matrix(p["wte"].T, None, s_lnf, 2.0 ** -nx.LOGIT_FRAC, hw, "lm_head", c("lm_head"))
+    head_rounding = "nearest" if run is None else opts.head_rounding
+    if head_rounding == "gptq":
+        clips["lm_head"], clips["embed_scale"] = {}, {}
+        u = compensation(run.head_hessian(sections["lnf"], shf), "lm_head", opts.head_damping)
+        head_blob, head = quantize_matrix(*head_args, c("lm_head"), compensation=u)
+        emb_mult, emb_shift = requant_params(head["row_scale"] / resid_scale, "the token embedding",
+                                             c("embed_scale"))
+        embed_scale_blob = pack_embed_scale(emb_mult, emb_shift)
     sections["lm_head"] = head_blob
-    # host-side: token embedding reuses lm_head's integer rows, scaled into the residual format
-    emb_mult, emb_shift = requant_params(head["row_scale"] / resid_scale, "the token embedding", c("embed_scale"))
-    sections["embed_scale"] = pack_embed_scale(emb_mult, emb_shift)
-    sections["wpe"] = _saturate_counted(np.floor(p["wpe"].astype(np.float64) / resid_scale + 0.5), nx.RESID_BITS,
-                                        c("wpe"), "value").astype("<i4").tobytes()
+    sections["embed_scale"] = embed_scale_blob
+    sections["wpe"] = wpe_blob
     clips = {tensor: kinds for tensor, kinds in clips.items() if kinds}
     if ckpt.tokenizer_path is not None:
         sections["tokenizer"] = ckpt.tokenizer_path.read_bytes()
     from gpt_fpga.contract.numerics import CONTRACT_VERSION
 
+    rounding_record = {"method": rounding, "lm_head": head_rounding}
+    if rounding == "gptq":
+        rounding_record.update(damping=opts.damping, calib_tokens=len(calib_ids), damping_raised=damping_raised)
+        if head_rounding == "gptq":
+            rounding_record["lm_head_damping"] = opts.head_damping
     header = {"contract_version": CONTRACT_VERSION, "config": cfg.to_dict(), "hardware": hw.to_dict(),
               "layers": layers, "lnf_shift": shf, "lnf_scale": s_lnf,
-              "ln_eps_table": nx.layernorm_eps_table(cfg.layer_norm_eps, d).tolist(),
+              "ln_eps_table": eps_table.tolist(),
               "calibration": {"source": calib_source, "tokens": len(calib_ids), "method": "absmax"},
+              "rounding": rounding_record,
               "source_model": str(ckpt.path), "source_fingerprint": source_fingerprint(ckpt.path),
               "clips": clips}
     write_image(out_path, header, sections)
@@ -312,10 +488,13 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
 
 
 def quantize_checkpoint(model_dir, out_path, weights="int8", group=32, bus_bits=64, calib=None,
-                        calib_tokens=None, progress=True) -> dict:
+                        calib_tokens=None, progress=True, rounding=None, damping=DEFAULT_DAMPING,
+                        head_rounding=DEFAULT_HEAD_ROUNDING, head_damping=None) -> dict:
     calib_text = None if calib is None else read_text_file(calib, "--calib")  # before any work
     ckpt = load_checkpoint(model_dir)
-    opts = QuantOptions(weights, group, bus_bits, calib_tokens)
+    opts = QuantOptions(weights, group, bus_bits, calib_tokens, rounding=rounding, damping=damping,
+                        head_rounding=head_rounding,
+                        head_damping=DEFAULT_HEAD_DAMPING if head_damping is None else head_damping)
     opts.validate(ckpt.config)
     if ckpt.tokenizer_path is not None:  # an image with a broken tokenizer would be unusable
         from gpt_fpga.quantize.tokenizer import TextCodec

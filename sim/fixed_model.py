@@ -106,6 +106,14 @@ def gelu_table_from_stream(blob) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.int8).astype(np.int64)
 
 
+def load_layer(section, i: int, lh: dict, cfg: ModelConfig, hw: HwLayout) -> dict:
+    """Layer i as FixedModel.block uses it: its header entry lh plus its sections (section(name) -> bytes)."""
+    mats = {name: Matrix.from_stream(section(f"L{i}.{name}"), o, n_in, hw) for name, o, n_in in layer_matrices(cfg)}
+    return dict(lh, **mats, ln1=LayerNormQ.from_stream(section(f"L{i}.ln1"), cfg.d_model, lh["ln1_shift"]),
+                ln2=LayerNormQ.from_stream(section(f"L{i}.ln2"), cfg.d_model, lh["ln2_shift"]),
+                gelu=gelu_table_from_stream(section(f"L{i}.gelu")))
+
+
 class FixedModel:
     """Stateful like FloatModel: ``forward(ids)`` returns dequantized float32 logits [n, v]."""
 
@@ -117,14 +125,7 @@ class FixedModel:
             hw = image.hw
             cfg = self.cfg
             self.eps_table = np.asarray(h["ln_eps_table"], dtype=np.int64)
-            self.layers = []
-            for i, lh in enumerate(h["layers"]):
-                mats = {name: Matrix.from_stream(image.section(f"L{i}.{name}"), o, n_in, hw)
-                        for name, o, n_in in layer_matrices(cfg)}
-                self.layers.append(dict(
-                    lh, **mats, ln1=LayerNormQ.from_stream(image.section(f"L{i}.ln1"), cfg.d_model, lh["ln1_shift"]),
-                    ln2=LayerNormQ.from_stream(image.section(f"L{i}.ln2"), cfg.d_model, lh["ln2_shift"]),
-                    gelu=gelu_table_from_stream(image.section(f"L{i}.gelu"))))
+            self.layers = [load_layer(image.section, i, lh, cfg, hw) for i, lh in enumerate(h["layers"])]
             self.lnf = LayerNormQ.from_stream(image.section("lnf"), cfg.d_model, h["lnf_shift"])
             self.head = Matrix.from_stream(image.section("lm_head"), cfg.vocab_size, cfg.d_model, hw)
             self.emb_mult, self.emb_shift = unpack_embed_scale(image.section("embed_scale"), cfg.vocab_size)

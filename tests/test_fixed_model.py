@@ -361,7 +361,10 @@ def test_image_integer_ranges(tiny_images, variant):
             assert m["w"].min() >= -7 and m["w"].max() <= 7, name  # -8 is never produced
             assert m["group_scale"].min() >= 1 and m["group_scale"].max() <= 255, name
             assert m["group_scale"].shape == (o, -(-k // hw.group))
-            assert (m["group_scale"].max(axis=1) == 255).all(), name  # each row's largest group uses the full scale
+            # nearest: each row's largest group uses the full scale, or 0.95 / 0.9 of it after the group-peak
+            # search (docs/numerics.md), q >= ceil(255 * 0.9) = 230; gptq picks scales from updated weights
+            if im.header["rounding"]["method"] == "nearest":
+                assert (m["group_scale"].max(axis=1) >= 230).all(), name
         else:
             assert m["w"].min() >= -127 and m["w"].max() <= 127, name
             assert (np.abs(m["w"]).max(axis=1) == 127).all(), name  # per-row scale: every row reaches 127
