@@ -44,7 +44,7 @@ sim: $(VENV)/.dev iverilog ## cocotb: every core against the golden model, Icaru
 verilog: $(VENV)/.dev ## write the cores' Verilog to build/verilog and lint it with Verilator
 	$(PY) -m gpt_fpga.hw.synth verilog
 
-synth: $(VENV)/.dev ## yosys xc7 utilization + nextpnr-ecp5 Fmax per core -> build/synth/*.json
+synth: $(VENV)/.dev ## yosys xc7 utilization + nextpnr-ecp5 Fmax per core and whole engine -> build/synth/*.json
 	$(PY) -m gpt_fpga.hw.synth synth
 
 .PHONY: bitstream

@@ -17,7 +17,7 @@ from amaranth.utils import ceil_log2
 from gpt_fpga.hw.attn_context import AttnContext
 from gpt_fpga.hw.attn_scores import AttnScores
 from gpt_fpga.hw.axi import Axi4ReadSignature, Axi4WriteSignature, AxiLiteSignature
-from gpt_fpga.hw.axi_read import AxiReadDma
+from gpt_fpga.hw.axi_read import CMD_BEATS_BITS, AxiReadDma
 from gpt_fpga.hw.axi_read_2port import TwoPortReadDma
 from gpt_fpga.hw.axi_write import AxiWriteDma
 from gpt_fpga.hw.axis_downsize import StreamDownsizer
@@ -25,6 +25,7 @@ from gpt_fpga.hw.gelu import Gelu
 from gpt_fpga.hw.layernorm import LayerNorm
 from gpt_fpga.hw.matvec import MatVec
 from gpt_fpga.hw.regfile import RegisterFile
+from gpt_fpga.hw.register_slice import RegisterSlice
 from gpt_fpga.hw.softmax import Softmax
 from gpt_fpga.contract import descriptors as dsc
 from gpt_fpga.contract import numerics as nx
@@ -234,7 +235,9 @@ class Engine(wiring.Component):
         kv_wr_addr = Signal(32)  # next K/V row write (kept incrementally)
         pos_off = Signal(32)  # position * kv_row_bytes
         lo_off = Signal(32)  # lo * kv_row_bytes
-        m.d.comb += row_beats_kv.eq((head_dim + (B - 1)) >> lgB)
+        # registered: head_dim is fixed once the model record is in (FETCH), so CHECK's products start
+        # from a register, not from an adder
+        m.d.sync += row_beats_kv.eq((head_dim + (B - 1)) >> lgB)
         m.d.comb += kv_row_bytes.eq(row_beats_kv << lgB)
 
         # ---- on-chip vectors -------------------------------------------------------------------
@@ -291,11 +294,22 @@ class Engine(wiring.Component):
         rd_out = Signal(3)  # read commands issued whose last beat has not been consumed yet
         rd_addr, rd_n, rd_tag, rd_go = Signal(32), Signal(32), Signal(3), Signal()
         rd_issued = Signal()  # the command presented by the sequencer this cycle was accepted
-        m.d.comb += [rd.cmd.addr.eq(rd_addr), rd.cmd.beats.eq(rd_n), tags.w_data.eq(rd_tag)]
-        m.d.comb += [rd.cmd.valid.eq(rd_go & tags.w_rdy), tags.w_en.eq(rd_go & rd.cmd.ready)]
-        m.d.comb += rd_issued.eq(rd_go & rd.cmd.ready & tags.w_rdy)
+        # Read commands pass through a register slice: the DMA's cmd.ready (which may follow arready and
+        # its data FIFO within the cycle) does not reach the sequencer, nor the sequencer's decode the DMA.
+        rd_cmd = RegisterSlice(32 + CMD_BEATS_BITS)
+        m.submodules.rd_cmd = ResetInserter(core_rst)(rd_cmd)
+        m.d.comb += [rd_cmd.s.tdata.eq(Cat(rd_addr, rd_n[:CMD_BEATS_BITS])), tags.w_data.eq(rd_tag),
+                     rd.cmd.addr.eq(rd_cmd.m.tdata[:32]), rd.cmd.beats.eq(rd_cmd.m.tdata[32:]),
+                     rd.cmd.valid.eq(rd_cmd.m.tvalid), rd_cmd.m.tready.eq(rd.cmd.ready)]
+        m.d.comb += [rd_cmd.s.tvalid.eq(rd_go & tags.w_rdy), tags.w_en.eq(rd_go & rd_cmd.s.tready)]
+        m.d.comb += rd_issued.eq(rd_go & rd_cmd.s.tready & tags.w_rdy)
 
-        src = rd.m_data
+        # The read DMA's FIFO is a block RAM without an output register: a register slice keeps its
+        # clock-to-out (and the cores' tready logic) off the tag decode and the cores' stream checks.
+        rd_slice = RegisterSlice(self.bus_bits)
+        m.submodules.rd_slice = ResetInserter(core_rst)(rd_slice)
+        wiring.connect(m, rd.m_data, rd_slice.s)
+        src = rd_slice.m
         dest = tags.r_data
         d_valid = src.tvalid & tags.r_rdy
         d_ready = Signal()
@@ -335,19 +349,25 @@ class Engine(wiring.Component):
             with m.If(core_rst):
                 m.d.sync += lane8.eq(0)
 
-        # LayerNorm parameters and matrix weights go straight to their cores
-        m.d.comb += [ln.s_params.tdata.eq(src.tdata.word_select(lane8, 8 * LN_PARAM_BYTES)),
-                     ln.s_params.tlast.eq(src.tlast & (lane8 == per8 - 1)),
-                     mv.s_weights.tdata.eq(src.tdata), mv.s_weights.tlast.eq(src.tlast),
-                     qk.s_k.tdata.eq(src.tdata), qk.s_k.tlast.eq(src.tlast),
-                     pv.s_v.tdata.eq(src.tdata), pv.s_v.tlast.eq(src.tlast)]
-        for tag, port in ((T_W, mv.s_weights), (T_K, qk.s_k), (T_V, pv.s_v)):
+        # LayerNorm parameters and matrix weights go to their cores, each through its own register
+        # slice: the tready the dispatch sees is a register, and a core's tready logic stays next to
+        # the core (on the ECP5-85k these paths crossed the die twice in one cycle).
+        feeds = {}
+        for name, port in (("w", mv.s_weights), ("k", qk.s_k), ("v", pv.s_v), ("lnp", ln.s_params)):
+            feed = RegisterSlice(len(port.tdata))
+            m.submodules[f"{name}_feed"] = ResetInserter(core_rst)(feed)
+            wiring.connect(m, feed.m, port)
+            feeds[name] = feed.s
+        m.d.comb += [feeds["lnp"].tdata.eq(src.tdata.word_select(lane8, 8 * LN_PARAM_BYTES)),
+                     feeds["lnp"].tlast.eq(src.tlast & (lane8 == per8 - 1))]
+        for tag, name in ((T_W, "w"), (T_K, "k"), (T_V, "v")):
+            m.d.comb += [feeds[name].tdata.eq(src.tdata), feeds[name].tlast.eq(src.tlast)]
             with m.If(dest == tag):
-                m.d.comb += [port.tvalid.eq(d_valid), d_ready.eq(port.tready)]
+                m.d.comb += [feeds[name].tvalid.eq(d_valid), d_ready.eq(feeds[name].tready)]
         with m.If(dest == T_LNP):
             real = lnp_i < d_model  # padding entries of the last beat are dropped
-            m.d.comb += ln.s_params.tvalid.eq(d_valid & real)
-            take = d_valid & (ln.s_params.tready | ~real)
+            m.d.comb += feeds["lnp"].tvalid.eq(d_valid & real)
+            take = d_valid & (feeds["lnp"].tready | ~real)
             with m.If(take):
                 m.d.sync += lnp_i.eq(lnp_i + 1)
                 if per8 > 1:
@@ -614,10 +634,16 @@ class Engine(wiring.Component):
             with m.Elif(sink_done):
                 begin(STEP[nxt])
 
-        stop = Signal()  # an error or CONTROL.abort ends the command
-        m.d.comb += stop.eq(live_err.any() | abort)
+        # An error or CONTROL.abort ends the command. The errors are registered first (no path from
+        # the cores' and DMAs' error logic into the whole sequencer): the sequencer sees an error one
+        # cycle late, so END also takes the errors of the cycle RUN left for it.
+        live_err_r = Signal(len(err))
+        m.d.sync += live_err_r.eq(live_err)
+        stop = Signal()
+        m.d.comb += stop.eq(live_err_r.any() | abort)
+        from_run = Signal()  # END comes straight from RUN (not from ABORT / DRAIN)
 
-        with m.FSM(name="seq"):
+        with m.FSM(name="seq") as seq:
             with m.State("IDLE"):
                 with m.If(start):
                     m.d.sync += [busy.eq(1), done.eq(0), err.eq(0), cycles.eq(0), head.eq(0),
@@ -630,7 +656,7 @@ class Engine(wiring.Component):
                         m.next = "FETCH"
             with m.State("FETCH"):
                 with m.If(stop):
-                    m.d.sync += err.eq(err | live_err)
+                    m.d.sync += err.eq(err | live_err_r)
                     m.next = "ABORT"
                 with m.Elif(sub == 0):
                     m.d.sync += rec_sel.eq(0)
@@ -700,7 +726,7 @@ class Engine(wiring.Component):
                     m.next = "RUN"
             with m.State("RUN"):
                 with m.If(stop):
-                    m.d.sync += err.eq(err | live_err)
+                    m.d.sync += err.eq(err | live_err_r)
                     m.next = "ABORT"
                 with m.Elif(step == STEP["load_residual"]):
                     with m.If(sub == 0):
@@ -798,8 +824,10 @@ class Engine(wiring.Component):
                     m.next = "END"
             with m.State("END"):
                 m.d.comb += [core_rst.eq(1), dma_rst.eq(1), regs.irq_status_set.eq(1 << rm.register("IRQ_STATUS").field("done").lsb)]
-                m.d.sync += [busy.eq(0), done.eq(1)]
-                with m.If(err == 0):
+                end_err = err | Mux(from_run, live_err_r, 0)
+                m.d.sync += [busy.eq(0), done.eq(1), err.eq(end_err)]
+                with m.If(end_err == 0):
                     m.d.sync += step.eq(STEP["done"])
                 m.next = "IDLE"
+        m.d.sync += from_run.eq(seq.ongoing("RUN"))
         return m
