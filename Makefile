@@ -48,9 +48,9 @@ synth: $(VENV)/.dev ## yosys xc7 utilization + nextpnr-ecp5 Fmax per core and wh
 	$(PY) -m gpt_fpga.hw.synth synth
 
 .PHONY: bitstream
-bitstream: $(VENV)/.dev ## PYNQ-Z2 overlay with Vivado -> build/overlay/gpt_fpga.{bit,hwh,json} (WEIGHTS= GROUP= PORTS= CLOCK_MHZ=)
+bitstream: $(VENV)/.dev ## PYNQ-Z2 overlay with Vivado -> build/overlay/gpt_fpga.{bit,hwh,json} (WEIGHTS= GROUP= PORTS= CLOCK_MHZ= STRATEGY=)
 	@$(PY) -m gpt_fpga.hw.bitstream --weights $(or $(WEIGHTS),int8) --group $(or $(GROUP),32) \
-		--ports $(or $(PORTS),2) --clock-mhz $(or $(CLOCK_MHZ),142.857)
+		--ports $(or $(PORTS),2) --clock-mhz $(or $(CLOCK_MHZ),142.857) --strategy "$(or $(STRATEGY),auto)"
 
 bench: $(VENV)/.dev ## benchmarks -> build/bench/*.json; README's measured tables <- bench/records/*.json
 	$(PY) -m gpt_fpga.bench --out build/bench --readme

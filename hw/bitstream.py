@@ -1,6 +1,7 @@
 """`make bitstream`: the PYNQ-Z2 overlay (gpt_fpga.bit + gpt_fpga.hwh) through Vivado in batch mode.
 
-``python -m gpt_fpga.hw.bitstream [--weights int8|int4] [--group 32|64|128] [--ports 1|2] [--clock-mhz MHZ]``
+``python -m gpt_fpga.hw.bitstream [--weights int8|int4] [--group 32|64|128] [--ports 1|2] [--clock-mhz MHZ]
+[--strategy auto|default|NAME]``
 
 1. checks the request (weights, group, DDR ports; FCLK0 must be a frequency the 1000 MHz IO PLL
    makes: 100, 125, 142.857, 166.67 or 200 MHz). Two ports (HP0 and HP2, 64 bits each) feed the
@@ -11,7 +12,14 @@
    engine's identity, clock, register base and git commit, for the board side to check); older
    ``gpt_fpga.bit`` / ``.hwh`` there are removed, so they can never disagree with the new json;
 3. runs ``vivado -mode batch -source build.tcl -tclargs params.tcl`` in that folder (see build.tcl
-   for the flow), and on success adds Vivado's version, the clock it made and the slack to the json.
+   for the flow), and on success adds to the json (the build report) Vivado's version, the clock it
+   made, the implementation strategy, the slack and pulse-width margins, and every CRITICAL WARNING
+   in Vivado's logs.
+
+The implementation strategy: ``auto`` (default) takes :data:`PERFORMANCE_STRATEGY` at
+:data:`PERFORMANCE_FROM_MHZ` and above (as FINN's Zynq flow does; PYNQ's base overlays use a
+performance strategy too) and Vivado's defaults below; ``default`` is Vivado's defaults; any other
+name is passed to Vivado, which build.tcl checks against the strategies that Vivado offers.
 
 Without ``vivado`` on PATH, step 3 is replaced by a one-line error (exit 2) that says which Vivado
 to install and where the inputs are: the folder can be copied to a Vivado machine as it is.
@@ -54,6 +62,12 @@ REG_RANGE = 64 * 1024
 DDR_BASE = 0x0000_0000
 DDR_RANGE = 512 * 1024 * 1024
 
+# The axi_intc PYNQ 3.x needs to see the engine's interrupt, on GP0 where PYNQ's base overlays put
+# theirs (0x4180_0000); the engine's interrupt is its input 0.
+INTC_CELL = "axi_intc"
+INTC_BASE = 0x4180_0000
+INTC_RANGE = 64 * 1024
+
 IO_PLL_MHZ = 1000.0
 # FCLK0 = IO PLL / n. These five are the ones offered (n = 10, 8, 7, 6, 5); 150 MHz cannot be made.
 CLOCK_DIVISORS = (10, 8, 7, 6, 5)
@@ -65,6 +79,11 @@ PORT_CHOICES = (1, 2)
 HP_PORTS = (("m_axi", "S_AXI_HP0", "HP0_DDR_LOWOCM"), ("m_axi1", "S_AXI_HP2", "HP2_DDR_LOWOCM"))
 DEFAULT_PORTS = 2  # the PYNQ-Z2's DDR gives more than one 64-bit HP port carries
 DEFAULT_CLOCK_MHZ = "142.857"  # IO PLL 1000 MHz / 7
+DEFAULT_STRATEGY = "auto"
+PERFORMANCE_STRATEGY = "Performance_ExtraTimingOpt"
+DEFAULT_VIVADO_STRATEGY = "Vivado Implementation Defaults"
+PERFORMANCE_FROM_MHZ = 125.0
+CRITICAL = "CRITICAL WARNING:"
 
 
 class BitstreamError(Exception):
@@ -91,6 +110,18 @@ def parse_clock(text: str) -> float:
         raise BitstreamError(f"CLOCK_MHZ={text!r} is not a number; use one of {CLOCKS_TEXT}") from None
     fclk0_divisor(value)
     return value
+
+
+def impl_strategy(name: str, clock_mhz: float) -> str:
+    """The Vivado implementation strategy for `name` (auto, default or a Vivado strategy name)."""
+    if name == "auto":
+        return PERFORMANCE_STRATEGY if clock_mhz >= PERFORMANCE_FROM_MHZ - 0.01 else DEFAULT_VIVADO_STRATEGY
+    if name == "default":
+        return DEFAULT_VIVADO_STRATEGY
+    if not re.fullmatch(r"[A-Za-z0-9_]+( [A-Za-z0-9_]+)*", name):
+        raise BitstreamError(f"STRATEGY={name!r} is not a strategy name; use auto, default or a Vivado implementation "
+                             f"strategy such as {PERFORMANCE_STRATEGY}")
+    return name
 
 
 def make_engine(weights: str, group: int, ports: int = DEFAULT_PORTS):
@@ -142,7 +173,8 @@ def identity(engine, clock_mhz: float) -> dict:
         "registers": {"base": REG_BASE, "base_hex": f"0x{REG_BASE:08X}", "range": REG_RANGE, "port": "M_AXI_GP0"},
         "ddr": {"base": DDR_BASE, "range": DDR_RANGE,
                 "ports": [{"master": m, "port": hp, "segment": seg} for m, hp, seg in HP_PORTS[:getattr(engine, "ports", 1)]]},
-        "interrupt": "IRQ_F2P[0]",
+        "interrupt": {"controller": INTC_CELL, "input": 0, "base": INTC_BASE, "base_hex": f"0x{INTC_BASE:08X}",
+                      "range": INTC_RANGE, "irq": "IRQ_F2P[0]", "pin": f"{ENGINE_CELL}/interrupt"},
         "git": git_state(),
         "vivado": None,
         "generated_by": PROG,
@@ -150,6 +182,8 @@ def identity(engine, clock_mhz: float) -> dict:
 
 
 def _tcl_word(value) -> str:
+    if isinstance(value, dict):  # a Tcl dict: {key value ...}
+        return "{" + " ".join(f"{_tcl_word(k)} {_tcl_word(v)}" for k, v in value.items()) + "}"
     text = str(value)
     if re.fullmatch(r"[A-Za-z0-9_.:+/-]+", text):
         return text
@@ -158,10 +192,8 @@ def _tcl_word(value) -> str:
     return "{" + text + "}"
 
 
-def params_tcl(engine, clock_mhz: float, jobs: int) -> str:
-    from gpt_fpga.hw.axi import MAX_BURST_BEATS
-    from gpt_fpga.hw.axi_read import DEFAULT_MAX_OUTSTANDING
-    from gpt_fpga.hw.top import TOP_NAME
+def params_tcl(engine, clock_mhz: float, jobs: int, strategy: str = DEFAULT_STRATEGY) -> str:
+    from gpt_fpga.hw.top import TOP_NAME, interface_parameters
 
     desc = f"{engine.weights}" + (f" group {engine.group}" if engine.weights == "int4" else "") + \
         f", {engine.bus_bits}-bit datapath, max_d {engine.max_d}, max_context {engine.max_context}"
@@ -182,9 +214,12 @@ def params_tcl(engine, clock_mhz: float, jobs: int) -> str:
         "ddr_base": f"0x{DDR_BASE:08X}",
         "ddr_range": f"{DDR_RANGE // (1024 * 1024)}M",
         "ports": getattr(engine, "ports", 1),
-        "m_axi_max_burst": MAX_BURST_BEATS,
-        "m_axi_read_outstanding": DEFAULT_MAX_OUTSTANDING,
-        "m_axi_write_outstanding": DEFAULT_MAX_OUTSTANDING,
+        "interfaces": interface_parameters(engine),  # what Vivado must infer from the Verilog
+        "intc_cell": INTC_CELL,
+        "intc_base": f"0x{INTC_BASE:08X}",
+        "intc_range": f"{INTC_RANGE // 1024}K",
+        "io_pll_mhz": f"{IO_PLL_MHZ:g}",
+        "impl_strategy": impl_strategy(strategy, clock_mhz),
         "jobs": jobs,
     }
     lines = ["# Generated by `python -m gpt_fpga.hw.bitstream` (make bitstream); do not edit, re-run it.",
@@ -197,11 +232,12 @@ def params_tcl(engine, clock_mhz: float, jobs: int) -> str:
 
 
 def prepare(out_dir: Path, weights: str = "int8", group: int = 32, clock_mhz: float = float(DEFAULT_CLOCK_MHZ),
-            jobs: int | None = None, ports: int = DEFAULT_PORTS) -> dict:
+            jobs: int | None = None, ports: int = DEFAULT_PORTS, strategy: str = DEFAULT_STRATEGY) -> dict:
     """Write the Verilog, the Tcl and the json into `out_dir`; return the json's content."""
     from gpt_fpga.hw.top import verilog
 
     fclk0_divisor(clock_mhz)
+    impl_strategy(strategy, clock_mhz)
     engine = make_engine(weights, group, ports)
     jobs = jobs or max(1, min(8, os.cpu_count() or 1))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +246,7 @@ def prepare(out_dir: Path, weights: str = "int8", group: int = 32, clock_mhz: fl
     (out_dir / VERILOG_NAME).write_text(verilog(engine))  # the engine whose identity goes into the json
     for name in TCL_FILES:
         shutil.copyfile(VIVADO_DIR / name, out_dir / name)
-    (out_dir / PARAMS_NAME).write_text(params_tcl(engine, clock_mhz, jobs))
+    (out_dir / PARAMS_NAME).write_text(params_tcl(engine, clock_mhz, jobs, strategy))
     ident = identity(engine, clock_mhz)
     write_json(out_dir, ident)
     return ident
@@ -227,6 +263,18 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def critical_warnings(out_dir: Path) -> list[str]:
+    """Every distinct CRITICAL WARNING line of the build's Vivado logs (the session's, then each run's)."""
+    logs = [out_dir / "vivado.log"] + sorted((out_dir / PROJECT_DIR).glob("*.runs/*/runme.log"))
+    seen: dict[str, None] = {}
+    for log in logs:
+        if log.is_file():
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith(CRITICAL):
+                    seen.setdefault(line[len(CRITICAL):].strip(), None)
+    return list(seen)
+
+
 def run_vivado(vivado: str, out_dir: Path, ident: dict) -> dict:
     """Run build.tcl in `out_dir`; on success merge vivado_result.json into gpt_fpga.json."""
     cmd = [vivado, "-mode", "batch", "-nojournal", "-log", "vivado.log", "-source", "build.tcl",
@@ -239,6 +287,8 @@ def run_vivado(vivado: str, out_dir: Path, ident: dict) -> dict:
                              f"'ERROR: [gpt_fpga]'; timing: {_shown(out_dir / (OUT_NAME + '_timing.rpt'))})", code=1)
     result_path = out_dir / RESULT_NAME
     result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    if result:
+        result["critical_warnings"] = critical_warnings(out_dir)
     ident["vivado"] = result or None
     write_json(out_dir, ident)
     return ident
@@ -252,13 +302,16 @@ def main(argv=None) -> int:
                     help=f"FCLK0 / engine clock in MHz: {CLOCKS_TEXT} (default {DEFAULT_CLOCK_MHZ})")
     ap.add_argument("--ports", type=int, default=DEFAULT_PORTS,
                     help=f"DDR ports: 2 (HP0 + HP2, 128-bit engine) or 1 (HP0, 64-bit engine) (default {DEFAULT_PORTS})")
+    ap.add_argument("--strategy", default=DEFAULT_STRATEGY,
+                    help=f"Vivado implementation strategy: auto ({PERFORMANCE_STRATEGY} at {PERFORMANCE_FROM_MHZ:g} MHz "
+                         f"and above, Vivado's defaults below), default, or a strategy name (default {DEFAULT_STRATEGY})")
     ap.add_argument("--out", type=Path, default=REPO / "build" / "overlay", help="output folder (build/overlay)")
     ap.add_argument("--jobs", type=int, default=None, help="Vivado run jobs (default: CPUs, at most 8)")
     ap.add_argument("--vivado", default=None, help="the vivado executable (default: vivado on PATH)")
     args = ap.parse_args(argv)
     try:
         clock = parse_clock(args.clock_mhz)
-        ident = prepare(args.out, args.weights, args.group, clock, args.jobs, args.ports)
+        ident = prepare(args.out, args.weights, args.group, clock, args.jobs, args.ports, args.strategy)
         vivado = shutil.which(args.vivado or "vivado")
         if not vivado:
             out = _shown(args.out)
@@ -271,9 +324,11 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.code
     v = ident["vivado"] or {}
+    warned = v.get("critical_warnings") or []
     print(f"overlay: {_shown(args.out / (OUT_NAME + '.bit'))}, {_shown(args.out / (OUT_NAME + '.hwh'))}, "
           f"{_shown(args.out / (OUT_NAME + '.json'))}; Vivado {v.get('vivado_version')}, FCLK0 "
-          f"{v.get('fclk0_actual_mhz')} MHz, WNS {v.get('wns_ns')} ns")
+          f"{v.get('fclk0_actual_mhz')} MHz, {v.get('impl_strategy')}, WNS {v.get('wns_ns')} ns, WPWS "
+          f"{v.get('wpws_ns')} ns; {len(warned)} critical warning(s)" + (" (listed in the json)" if warned else ""))
     return 0
 
 
