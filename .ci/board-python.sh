@@ -2,8 +2,11 @@
 # The board's Python, checked here: PYNQ 3.x images run Python 3.10, and pynq pins numpy<2.
 #
 # Makes a Python 3.10 venv from pyenv (build/board-py310, or $BOARD_VENV), installs the package as a board
-# user does (pip install '.[board]': pynq 4.0.0, numpy 1.26), then, with that Python:
-#   1. the off-board tests of the PYNQ device against the real pynq (tests/test_pynq_device.py);
+# user does (pip install '.[board]': into a fresh venv, the newest pynq the extra allows, 4.0.0 today, and
+# numpy 1.26; the extra also accepts the PYNQ-Z2 images' own pynq 3.0.1 / 3.1, which pip then keeps), then,
+# with that Python:
+#   1. the off-board tests of the PYNQ device against the real pynq (tests/test_pynq_device.py), its
+#      interrupts through pynq's own Interrupt, axi_intc driver and interrupt mocks;
 #   2. the golden model a board user checks against: quantize the bundled gpt2-kjv, generate with
 #      --backend fixed, and (when the main venv exists) compare its int32 logits with the main venv's
 #      (Python 3.11, numpy 2): the integer model must give the same integers on both.

@@ -253,7 +253,8 @@ def _irq_check(dev, driver: Driver) -> Row:
                    f"(IRQ_F2P through pynq's Interrupt)")
     if done:
         return Row("interrupt", "FAIL", f"the HEAD ended (STATUS.done) but no interrupt arrived within "
-                   f"{IRQ_TIMEOUT_S:g} s: check that the engine's interrupt reaches IRQ_F2P[0] and is level-high "
+                   f"{IRQ_TIMEOUT_S:g} s: check that the engine's interrupt reaches the axi_intc's intr and its irq "
+                   f"IRQ_F2P[0], both level-high "
                    f"(the driver polls STATUS, so decoding still works)")
     return Row("interrupt", "FAIL", "the HEAD did not end within 1 s (aborted)")
 

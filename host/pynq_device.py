@@ -262,7 +262,9 @@ class PynqDevice:
         self.irq = getattr(self.ip, "interrupt", None)
         self.irq_problem = "; ".join(str(w.message) for w in caught if "nterrupt" in str(w.message)) or None
         if self.irq is None and self.irq_problem is None:
-            self.irq_problem = "the overlay connects no interrupt to the engine (IRQ_F2P[0])"
+            self.irq_problem = ("the overlay connects no interrupt of the engine to an axi_intc (PYNQ 3.x gives an "
+                                "IP an interrupt only through one; overlays from make bitstream wire engine -> "
+                                "axi_intc -> IRQ_F2P[0])")
         if wait == "irq" and self.irq is None:
             raise OverlayError(f"{self.bit}: wait='irq' needs the engine's interrupt: {self.irq_problem}")
 

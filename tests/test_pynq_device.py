@@ -7,12 +7,19 @@ One set of tests, two ways to run it:
   ``MMIO`` on a register device (the REGISTER_RW path, as pynq's own MockRegisterDevice uses), its
   ``allocate`` and ``PynqBuffer``, and pynq's own ``MockAllocateDevice`` checks the flush and invalidate
   calls. Only what cannot run off a board is replaced: ``pynq.Overlay`` (no bitstream loads here),
-  ``pynq.Clocks``, the interrupt (``pynq.overlay.Interrupt``) and the active device.
+  ``pynq.Clocks`` and the active device. The interrupt is pynq's own: ``pynq.interrupt.Interrupt`` and
+  its ``_InterruptController`` (the axi_intc driver) read and write an AXI interrupt controller through
+  the board's registers, and that controller is pynq's own ``MockInterruptController`` (its
+  tests/test_interrupt.py), behind pynq's ``MockUioController`` in place of the kernel's UIO device:
+  the engine's level interrupt drives the controller's input 0, as the overlay wires it
+  (engine/interrupt -> axi_intc intr[0] -> irq -> IRQ_F2P[0]); the interrupt dictionaries are those
+  pynqmetadata's InterruptPinsView / InterruptControllersView make of such a block design.
 * **Without pynq** (the main venv, Python 3.11) a stand-in module is put in ``sys.modules["pynq"]``. It
   mimics, after pynq 4.0.0's source, the API surface PynqDevice uses: ``Device`` (``devices``,
   ``active_device``), ``Overlay``/``ip_dict``, ``DefaultIP`` with its ``MMIO``, ``allocate`` and
   ``PynqBuffer`` (flush and invalidate call the device with bo, offset and length, and ``freebuffer``),
-  ``Interrupt`` (``wait`` is a coroutine), ``Clocks.fclk0_mhz``, and a MockAllocateDevice equivalent.
+  ``Interrupt`` (``wait`` is a coroutine; a FakeInterrupt that watches the board's interrupt line),
+  ``Clocks.fclk0_mhz``, and a MockAllocateDevice equivalent.
 
 Behind either stands :class:`FakeBoard`: the engine's registers (decoded by offset with
 contract/registers.py: an access anywhere else fails the test) and a command-level model of the
@@ -28,7 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import importlib.util
+import io
 import sys
 import time
 import types
@@ -54,6 +63,9 @@ from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_ch
 REG = rm.register
 REAL_PYNQ = importlib.util.find_spec("pynq") is not None
 BASE = 0x43C0_0000  # the engine's GP0 address in the fake overlay
+INTC_BASE = 0x4180_0000  # the axi_intc's (hw/bitstream.py INTC_BASE)
+INTC_SPAN = 0x20  # its registers ISR .. MER
+FABRIC_IRQ = 61  # IRQ_F2P[0] on the Zynq-7000's GIC (pynq's interrupt_controllers "raw_irq")
 DDR_BASE = 0x1800_0000
 MHZ = 100.0
 
@@ -236,16 +248,33 @@ def make_standin() -> types.ModuleType:
     return m
 
 
+PYNQ_TESTS = "pynq_own_tests"  # pynq's installed `tests` package, under a name that cannot shadow ours
+
+
+def pynq_test_module(pynq, name: str) -> types.ModuleType:
+    """A module of pynq's own tests package (mock_devices, test_interrupt), loaded from its folder under
+    PYNQ_TESTS so that its relative imports work and our tests/ is not shadowed."""
+    folder = Path(pynq.__file__).resolve().parents[1] / "tests"
+    if PYNQ_TESTS not in sys.modules:
+        package = types.ModuleType(PYNQ_TESTS)
+        package.__path__ = [str(folder)]
+        sys.modules[PYNQ_TESTS] = package
+    full = f"{PYNQ_TESTS}.{name}"
+    if full not in sys.modules:
+        spec = importlib.util.spec_from_file_location(full, folder / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[full] = mod
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its pytest.mark.asyncio is not a mark of ours
+            spec.loader.exec_module(mod)
+    return sys.modules[full]
+
+
 def pynq_mock_devices(pynq):
-    """pynq's own tests/mock_devices.py (loaded by path: pynq's `tests` package would shadow ours), or the
-    stand-in's equivalent."""
+    """pynq's own tests/mock_devices.py, or the stand-in's equivalent."""
     if not REAL_PYNQ:
         return types.SimpleNamespace(MockAllocateDevice=pynq.MockAllocateDevice)
-    path = Path(pynq.__file__).resolve().parents[1] / "tests" / "mock_devices.py"
-    spec = importlib.util.spec_from_file_location("pynq_mock_devices", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return pynq_test_module(pynq, "mock_devices")
 
 
 @pytest.fixture
@@ -296,6 +325,8 @@ def board_class(pynq):
             self.stats: list[dict] = []
             self.drop_flush = False
             self.alloc_error = "BO allocation failed: Cannot allocate memory"  # pynq 3/4 (XRT) when CMA runs out
+            self.intc = None  # with the real pynq: its MockInterruptController at INTC_BASE
+            self.line = False  # the engine's interrupt output as the controller last saw it
 
         # -- registers (pynq's MMIO calls these with bytes)
         def _name(self, address, length):
@@ -306,10 +337,32 @@ def board_class(pynq):
             return names[0]
 
         def read_registers(self, address, length):
+            if self.intc is not None and INTC_BASE <= address < INTC_BASE + INTC_SPAN:
+                return self.intc.read(address - INTC_BASE, length)
             name = self._name(address, length)
             return int(self.regs.get(REG(name).offset, 0)).to_bytes(4, "little")
 
         def write_registers(self, address, data):
+            if self.intc is not None and INTC_BASE <= address < INTC_BASE + INTC_SPAN:
+                offset, value = address - INTC_BASE, int.from_bytes(data, "little")
+                if offset == 0x0C and value:  # IAR: pynq's controller acknowledges an interrupt it handled
+                    self.log.append(("irq", value))
+                with contextlib.redirect_stdout(io.StringIO()):  # pynq's mocks print every change
+                    return self.intc.write(offset, bytes(data))
+            try:
+                self._write_engine(address, data)
+            finally:
+                self.drive_irq()
+
+        def drive_irq(self):
+            """The engine's interrupt into the controller's input 0 (only the "wired" board connects it)."""
+            line = self.irq == "wired" and self.irq_line()
+            if self.intc is not None and line != self.line:
+                self.line = line
+                with contextlib.redirect_stdout(io.StringIO()):  # pynq's mocks print every change
+                    self.intc.set_line(0, line)
+
+        def _write_engine(self, address, data):
             name = self._name(address, len(data))
             value = int.from_bytes(data, "little")
             self.log.append(("write", name, value))
@@ -443,14 +496,32 @@ def make_board(pynq, monkeypatch, tmp_path):
             board.bit.write_bytes(b"bit")
             board.bit.with_suffix(".hwh").write_text("<hwh/>")
 
-        class FakeInterrupt:
+        class FakeInterrupt:  # the stand-in's: pynq.Interrupt's API over the board's interrupt line
             def __init__(self, pinname):
-                if board.irq == "absent":
+                if pinname not in board.interrupt_pins:
                     raise ValueError(f"No Pin of name {pinname} found")
 
             async def wait(self):  # pynq's Interrupt.wait is a coroutine
                 while not (board.irq == "wired" and board.irq_line()):
                     await asyncio.sleep(2e-4)
+                board.log.append(("irq", 1))
+
+        # what pynqmetadata's interrupt views make of the overlay's block design (an "absent" interrupt:
+        # an overlay whose engine interrupt reaches no axi_intc, so PYNQ 3.x lists none)
+        pin = f"{engine_name}/interrupt"
+        engine_irqs = {} if board.irq == "absent" else {"interrupt": {"controller": "axi_intc", "index": 0,
+                                                                       "fullpath": pin}}
+        board.interrupt_pins = {d["fullpath"]: dict(d) for d in engine_irqs.values()}
+        board.interrupt_controllers = {"axi_intc": {"parent": "", "index": 0, "raw_irq": FABRIC_IRQ}}
+        board.timestamp = f"fake overlay {id(board)}"  # a new overlay: pynq drops its controllers
+        board.ip_dict = {
+            "processing_system7_0": {"type": "xilinx.com:ip:processing_system7:5.5", "phys_addr": 0,
+                                     "addr_range": 0},
+            "axi_intc": {"type": "xilinx.com:ip:axi_intc:4.1", "phys_addr": INTC_BASE, "addr_range": 0x10000,
+                         "fullpath": "axi_intc", "interrupts": {}},
+            engine_name: {"type": engine_type, "phys_addr": BASE, "addr_range": span, "fullpath": engine_name,
+                          "interrupts": engine_irqs},
+        }
 
         class FakeOverlay:
             def __init__(self, bitfile_name, download=True, **kw2):
@@ -458,22 +529,34 @@ def make_board(pynq, monkeypatch, tmp_path):
                     raise OSError(f"Bitstream file {bitfile_name} does not exist.")
                 board.log.append(("download", bitfile_name, download))
                 self.device = board
-                self.ip_dict = {
-                    "processing_system7_0": {"type": "xilinx.com:ip:processing_system7:5.5", "phys_addr": 0,
-                                             "addr_range": 0},
-                    engine_name: {"type": engine_type, "phys_addr": BASE, "addr_range": span, "fullpath": engine_name,
-                                  "interrupts": {"interrupt": {"fullpath": f"{engine_name}/interrupt", "index": 0,
-                                                               "controller": ""}}},
-                }
+                self.ip_dict = board.ip_dict
 
         monkeypatch.setattr(pynq, "Overlay", FakeOverlay)
         monkeypatch.setattr(pynq, "Clocks", FakeClocks)
-        monkeypatch.setattr(pynq.overlay, "Interrupt", FakeInterrupt)
+        if REAL_PYNQ:
+            wire_pynq_interrupts(pynq, board, monkeypatch)
+        else:
+            monkeypatch.setattr(pynq.overlay, "Interrupt", FakeInterrupt)
         monkeypatch.setattr(pynq.Device, "_devices", [board], raising=False)
         monkeypatch.setattr(pynq.Device, "_active_device", board, raising=False)
         return board
 
     return make
+
+
+def wire_pynq_interrupts(pynq, board, monkeypatch):
+    """pynq's own interrupt path for `board`: pynq's MockInterruptController as the axi_intc at INTC_BASE,
+    its MockUioController as the UIO device of IRQ_F2P[0] (raw IRQ 61), found through pynq.interrupt's
+    get_uio_irq / UioController as pynq's tests/test_interrupt.py does it."""
+    import pynq.interrupt as pin
+
+    mocks = pynq_test_module(pynq, "test_interrupt")
+    uio = mocks.MockUioController()
+    board.intc = mocks.MockInterruptController(INTC_BASE, callback=uio.set_line)
+    monkeypatch.setattr(pin, "get_uio_irq", lambda irq: f"/dev/uio-irq{irq}" if irq == FABRIC_IRQ else None)
+    monkeypatch.setattr(pin, "UioController", lambda device: uio)
+    monkeypatch.setattr(pin._InterruptController, "_uio_devices", {})  # one UIO per board, not pynq's cache
+    monkeypatch.setattr(pin._InterruptController, "_controllers", [])
 
 
 @pytest.fixture(scope="module")
@@ -673,21 +756,34 @@ def test_generate_on_the_board_equals_fixed(make_board, images, capsys):
 
 
 def test_interrupt_wait(make_board, images):
+    """wait="irq": every command ends on its interrupt (with the real pynq: pynq's Interrupt through its
+    axi_intc driver, acknowledged once per command); a hang times out; no interrupt is one line."""
     board = make_board()
     board.use_image(images["gpt2-int8"])
     image = read_image(images["gpt2-int8"])
     dev = PynqDevice(board.bit, wait="irq")
-    assert dev.irq is not None
+    assert dev.irq is not None and dev.irq_problem is None
+    if REAL_PYNQ:
+        import pynq.interrupt
+
+        assert isinstance(dev.irq, pynq.interrupt.Interrupt)
     want = FixedModel(image).forward_int([2, 7])
     assert np.array_equal(Driver(image, dev).forward_int([2, 7]), want)
+    starts, irqs = (sum(1 for e in board.log if e[0] == kind) for kind in ("start", "irq"))
+    assert starts == 2 * 3 and irqs == starts  # 2 positions x (2 layers + head), one interrupt each
+    if REAL_PYNQ:  # pynq's controller left input 0 disabled and nothing pending once handled
+        assert board.intc.MER == 3 and board.intc.IER == 0 and board.intc.ISR == 0
     board.behaviour = "hang"
     t0 = time.monotonic()
     with pytest.raises(EngineError, match="did not finish within 0.05 s"):
         Driver(image, dev, timeout_s=0.05).step(1)
     assert time.monotonic() - t0 < 5
-    board = make_board(irq="absent")
-    with pytest.raises(OverlayError, match="needs the engine's interrupt"):
+    board = make_board(irq="absent")  # an overlay whose engine interrupt reaches no axi_intc
+    with pytest.raises(OverlayError) as e:
         PynqDevice(board.bit, wait="irq")
+    assert "\n" not in str(e.value)
+    assert "wait='irq' needs the engine's interrupt: the overlay connects no interrupt of the engine to an " \
+           "axi_intc" in str(e.value) and "make bitstream" in str(e.value)
     assert PynqDevice(board.bit).irq is None  # polling needs no interrupt
 
 
