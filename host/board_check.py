@@ -14,7 +14,8 @@ Run on the board (as root, with the overlay from ``make bitstream``). It prints 
   projection assumes;
 * **LAYER 0**: one LAYER command, its residual equal to the fixed model's;
 * **decode**: a few tokens through every layer and the head, logits equal to the fixed model's;
-* **interrupt**: one command waited for through the interrupt (IRQ_F2P[0]) instead of STATUS.
+* **interrupt**: one command waited for through the interrupt (engine -> axi_intc -> IRQ_F2P[0]) instead
+  of STATUS.
 
 The test image is ``--image`` or, by default, a small random GPT-2 (2 layers, d_model up to 128, vocab
 8192: a 1 MiB lm_head at int8) quantized on the spot for the weights, group and bus width the engine

@@ -17,10 +17,12 @@ the Verilator device (``host/rtl_device.py``), served by pynq on the board:
   first millisecond, then every 100 us. A command streams kilobytes to megabytes (tens of microseconds
   to milliseconds), so polling costs at most ~0.1 ms per command and needs nothing else: no UIO device,
   no asyncio loop (pynq's ``Interrupt.wait`` is a coroutine, which cannot run inside a notebook's
-  running loop), no dependence on how the interrupt is wired. ``wait="irq"`` waits on the engine's
-  interrupt (IRQ_F2P[0], ``interrupt`` in the .hwh) through pynq's ``Interrupt``, run to completion on
-  the event loop pynq registered its UIO reader with; ``board-check`` tries it and reports whether the
-  interrupt arrives.
+  running loop), no dependence on how the interrupt is wired; and no wake-up latency per command,
+  of which a token has n_layer + 1 (docs/board.md says why this is the default). ``wait="irq"`` waits on
+  the engine's interrupt (its ``interrupt`` pin -> the overlay's axi_intc, input 0 -> IRQ_F2P[0]: PYNQ
+  3.x gives an IP an interrupt only through an axi_intc) with pynq's ``Interrupt``, run to completion
+  on the event loop pynq registered its UIO reader with; it leaves the CPU free while a command runs.
+  ``board-check`` tries it and reports whether the interrupt arrives.
 * ``close`` frees the buffers (``freebuffer``): the CMA pool is small and shared.
 
 Every way this can go wrong before the engine runs ends with a one-line :class:`BoardError` (a

@@ -6,10 +6,15 @@
   Vivado command build.tcl uses, which records each call and keeps just enough state to check what
   real Vivado would refuse (a module reference before its source is compiled, a pin the IP does not
   have with this configuration, an unconnected interconnect clock, a misaligned address, a run
-  that was not launched). From the record: the PS7 settings, the module reference, the wiring,
-  the address map (512 MB of DDR for the engine), the IP versions looked up, the WNS check and the
-  outputs' names. What only Vivado can tell (that 2022.1 / 2024.1 accept every property and infer
-  the interfaces, synthesis, timing) is listed in docs/bitstream.md.
+  that was not launched), and doing what Vivado does that the flow checks: inferring the engine's AXI
+  parameters from the Verilog's attributes, deriving the FCLK0 dividers and the axi_intc's input kind
+  in validate_bd_design, a BD 41-1356 critical warning for an unmapped HIGH_OCM. From the record: the
+  PS7 settings, the module reference, the wiring (the interrupt reaches IRQ_F2P[0] only through the
+  axi_intc), the address map (512 MB of DDR for the engine, HIGH_OCM excluded, the controller on GP0),
+  the IP versions looked up, the checks after validate_bd_design, the strategy, the timing gate (setup,
+  hold, pulse width, the summary's verdict) and the outputs' names, with each check's failure. What
+  only Vivado can tell (that 2022.1 / 2024.1 accept every property and infer the interfaces, synthesis,
+  timing) is listed in docs/bitstream.md.
 
 A missing tclsh follows tests/conftest.py's rule: skipped, or failed under CI=true.
 """
@@ -585,7 +590,10 @@ def test_makefile_passes_the_variables():
     assert "-m gpt_fpga.hw.bitstream --weights int4 --group 64 --ports 1 --clock-mhz 100" in cmd
     r = subprocess.run(["make", "-n", "bitstream"], cwd=REPO, capture_output=True, text=True, timeout=60)
     cmd = " ".join(r.stdout.replace("\\\n", " ").split())
-    assert "--weights int8 --group 32 --ports 2 --clock-mhz 142.857" in cmd
+    assert '--weights int8 --group 32 --ports 2 --clock-mhz 142.857 --strategy "auto"' in cmd
+    r = subprocess.run(["make", "-n", "bitstream", "STRATEGY=Vivado Implementation Defaults"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert '--strategy "Vivado Implementation Defaults"' in r.stdout
     help_text = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True).stdout
     assert "make bitstream" in help_text
 

@@ -379,7 +379,7 @@ proc ::gpt_fpga::main {argv} {
         set name ps7/$hp/${prefix}_HIGH_OCM
         set ocm_seg [one [get_bd_addr_segs $name] "segment $name"]
         exclude_bd_addr_seg -target_address_space $m_space $ocm_seg
-        if {[llength [get_bd_addr_segs -excluded -of_objects $m_space]] == 0} {
+        if {[lsearch -glob [get_bd_addr_segs -quiet -excluded -of_objects $m_space] *${prefix}_HIGH_OCM] < 0} {
             error "${prefix}_HIGH_OCM is not excluded from $m_space"
         }
         log "${prefix}_HIGH_OCM excluded from $m_space"
