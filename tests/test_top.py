@@ -46,7 +46,9 @@ def elaborated_submodules(engine):
     m = engine.elaborate(None)
     for obj in [m] + [entry[0] if isinstance(entry, tuple) else entry
                       for entry in [*m._named_submodules.values(), *m._anon_submodules]]:
-        obj._MustUse__silence = True
+        while obj is not None:  # a ResetInserter(core) wraps the core: both are silenced
+            obj._MustUse__silence = True
+            obj = obj.__dict__.get("_elaboratable_")
     return m.submodules
 
 
