@@ -71,9 +71,12 @@ class BurstSplitter(wiring.Component):
     registered lengths).
 
     A command taken on ``cmd`` gives its first burst on ``burst_*`` 2 cycles later; the next
-    command is taken in the cycle the last burst of the current one moves into the output
-    register (``cmd.ready`` then depends on ``burst_ready``). ``flush`` drops the command in
-    progress and the burst in the output register. ``busy``: a command or a burst is held.
+    command is taken in the cycle after its last burst is split off. ``cmd.ready`` is a register
+    (the splitter is idle) and ``burst_ready`` reaches only the output and skid registers: a
+    burst that cannot move on waits in the skid, so the split (address and count arithmetic)
+    never waits on the consumer's issue logic within a cycle (timing). One burst per cycle while
+    ``burst_ready`` is high. ``flush`` drops the command in progress and the bursts held.
+    ``busy``: a command or a burst is held.
     """
 
     def __init__(self, *, addr_bits: int, data_bytes: int, max_beats: int = MAX_BURST_BEATS):
@@ -105,21 +108,32 @@ class BurstSplitter(wiring.Component):
         # the address and count updates do not wait for the comparison.
         last = (rem[lg + 1:] == 0) & (rem[:lg + 1] <= limit)
         blen = Mux(last, rem[:lg + 1], limit)
-        step = act & (~self.burst_valid | self.burst_ready)
-        take = (~act | (step & last)) & ~self.flush
-        m.d.comb += [self.cmd.ready.eq(take), self.busy.eq(act | self.burst_valid)]
+        # a burst is split off whenever the skid is free: only registers decide it
+        skid_valid, skid_addr = Signal(), Signal.like(self.burst_addr)
+        skid_len, skid_last = Signal.like(self.burst_len), Signal()
+        step = act & ~skid_valid
+        take = ~act & ~self.flush
+        m.d.comb += [self.cmd.ready.eq(take), self.busy.eq(act | self.burst_valid | skid_valid)]
+        new_burst = (Cat(C(0, self.size), cur), blen, last)
         with m.If(step):
-            m.d.sync += [self.burst_valid.eq(1), self.burst_addr.eq(Cat(C(0, self.size), cur)),
-                         self.burst_len.eq(blen), self.burst_last.eq(last),
-                         cur.eq(cur + limit), rem.eq(rem - limit)]
+            m.d.sync += [cur.eq(cur + limit), rem.eq(rem - limit)]
             with m.If(last):
                 m.d.sync += act.eq(0)
-        with m.Elif(self.burst_ready):
-            m.d.sync += self.burst_valid.eq(0)
+        outputs = (self.burst_addr, self.burst_len, self.burst_last)
+        with m.If(~self.burst_valid | self.burst_ready):  # the output register takes the skid first
+            with m.If(skid_valid):
+                m.d.sync += [o.eq(v) for o, v in zip(outputs, (skid_addr, skid_len, skid_last))]
+                m.d.sync += [self.burst_valid.eq(1), skid_valid.eq(0)]
+            with m.Else():
+                m.d.sync += [o.eq(v) for o, v in zip(outputs, new_burst)]
+                m.d.sync += self.burst_valid.eq(step)
+        with m.Elif(step):  # the output stalls: the burst split off this cycle waits in the skid
+            m.d.sync += [o.eq(v) for o, v in zip((skid_addr, skid_len, skid_last), new_burst)]
+            m.d.sync += skid_valid.eq(1)
         with m.If(self.cmd.valid & take):
             m.d.sync += [act.eq(self.cmd.beats != 0), cur.eq(self.cmd.addr[self.size:]), rem.eq(self.cmd.beats)]
         with m.If(self.flush):
-            m.d.sync += [act.eq(0), self.burst_valid.eq(0)]
+            m.d.sync += [act.eq(0), self.burst_valid.eq(0), skid_valid.eq(0)]
         return m
 
 
@@ -131,8 +145,8 @@ class AxiReadDma(wiring.Component):
     end)``), issued in address order on ``axi`` AR with ``arid`` 0, ``arsize = log2(data_bits/8)``,
     ``arcache = 0b0011`` and ``arprot = 0``. The data come out on ``m_data`` in order, one frame
     per command, ``tlast`` on its last beat. Commands queue back to back: the next command is taken
-    in the cycle its predecessor's last burst is split off (:class:`BurstSplitter`, one burst
-    ahead of AR), so neither AR nor ``m_data`` sees a bubble between commands.
+    in the cycle after its predecessor's last burst is split off (:class:`BurstSplitter`, one or
+    two bursts ahead of AR), so ``m_data`` sees no bubble between commands while bursts are in flight.
 
     Flow control: a burst's AR is issued only when the data FIFO has room for all its beats, counting
     the beats of every burst already in flight (credits), and at most ``max_outstanding`` bursts are

@@ -43,8 +43,10 @@ class TwoPortReadDma(wiring.Component):
     only delays the stream, never reorders it.
 
     Flow control as in AxiReadDma, per port: a burst is issued only when its port's FIFO has room
-    for all its beats counting the beats in flight (credits) and the port has fewer than
-    ``max_outstanding`` bursts in flight, so ``rready`` is always 1 on both ports.
+    for a longest burst (8 stream beats) counting the beats in flight (credits) and the port has
+    fewer than ``max_outstanding`` bursts in flight, so ``rready`` is always 1 on both ports. The
+    room is a register computed from the next credit count: the credit comparison is not on the
+    loop from the issue decision back into the credits (timing).
 
     Parameters
     ----------
@@ -150,8 +152,9 @@ class TwoPortReadDma(wiring.Component):
         depth = self.fifo_depth // 2  # stream beats per port FIFO
         axis = (self.axi0, self.axi1)
 
+        self.max_burst = MAX_BURST_BEATS // 2  # stream beats
         m.submodules.split = split = BurstSplitter(addr_bits=self.addr_bits, data_bytes=self.data_bytes,
-                                                   max_beats=MAX_BURST_BEATS // 2)
+                                                   max_beats=self.max_burst)
         # port and length (stream beats - 1) of every issued burst whose data have not all left, in address
         # order; the length is counted here, so no FIFO output (block RAM, slow clock-to-out) steers the pops
         order = SyncFIFOBuffered(width=4, depth=4 * self.max_outstanding)
@@ -173,9 +176,14 @@ class TwoPortReadDma(wiring.Component):
             m.submodules[f"bursts{p}"] = bursts
             owed = Signal(range(depth + 1), name=f"owed{p}")  # stream beats requested, not yet paired
             free = Signal(range(depth + 1), init=depth, name=f"free{p}")  # credits: depth - owed - level
+            free_next = Signal(range(depth + 1), name=f"free{p}_next")
+            # room for the longest burst, as a register: the credit comparison is not on the path from
+            # the issue decision back into the credit count (a shorter last burst waits for that room too)
+            room = Signal(init=1, name=f"room{p}")
+            m.d.sync += [free.eq(free_next), room.eq(free_next >= self.max_burst)]
             fifos.append(fifo)
             owed_all.append(owed)
-            can.append(~(ax.arvalid & ~ax.arready) & (free >= blen) & (bursts.level != self.max_outstanding))
+            can.append(~(ax.arvalid & ~ax.arready) & room & (bursts.level != self.max_outstanding))
 
             # AR
             go = Signal(name=f"issue{p}")
@@ -208,9 +216,9 @@ class TwoPortReadDma(wiring.Component):
             m.d.sync += owed.eq(owed + Mux(go, blen, 0) - pair)
             pop = fifo.r_en & fifo.r_rdy
             with m.If(flush):  # the FIFO empties; no burst is issued
-                m.d.sync += free.eq(depth - owed + pair)
+                m.d.comb += free_next.eq(depth - owed + pair)
             with m.Else():  # a dropped beat frees its credit on arrival, a delivered one when it leaves
-                m.d.sync += free.eq(free - Mux(go, blen, 0) + (pair & dropping) + pop)
+                m.d.comb += free_next.eq(free - Mux(go, blen, 0) + (pair & dropping) + pop)
             with m.If(r_valid & r_resp[1]):  # SLVERR (2) or DECERR (3)
                 m.d.sync += self.error.eq(1)
 

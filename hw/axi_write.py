@@ -152,19 +152,21 @@ class AxiWriteDma(wiring.Component):
         fifo = SyncFIFOBuffered(width=self.data_bits, depth=depth)
         m.submodules.fifo = fifo
         in_rem = Signal(CMD_BEATS_BITS)  # beats still expected for the command being received
-        m.d.comb += s.tready.eq((in_rem != 0) & fifo.w_rdy & ~dropping)
+        # in_rem != 0 and in_rem == 1 as registers, updated beside in_rem (timing: no comparison of
+        # the count on the path from s_data's handshake to the queues)
+        in_any, in_last = Signal(), Signal()
+        m.d.comb += s.tready.eq(in_any & fifo.w_rdy & ~dropping)
         s_fire = s.tvalid & s.tready
         m.d.comb += [fifo.w_en.eq(s_fire), fifo.w_data.eq(s.tdata)]
-        in_last = in_rem == 1
         with m.If(s_fire & (s.tlast != in_last)):
             m.d.sync += self.error[1].eq(1)
         with m.If(flush):
-            m.d.sync += in_rem.eq(0)
-        with m.Elif(((in_rem == 0) | (s_fire & in_last)) & lenq.r_rdy):  # next command, no bubble
-            m.d.sync += in_rem.eq(lenq.r_data)
+            m.d.sync += [in_rem.eq(0), in_any.eq(0), in_last.eq(0)]
+        with m.Elif((~in_any | (s_fire & in_last)) & lenq.r_rdy):  # next command, no bubble
+            m.d.sync += [in_rem.eq(lenq.r_data), in_any.eq(lenq.r_data != 0), in_last.eq(lenq.r_data == 1)]
             m.d.comb += lenq.r_en.eq(1)
         with m.Elif(s_fire):
-            m.d.sync += in_rem.eq(in_rem - 1)
+            m.d.sync += [in_rem.eq(in_rem - 1), in_any.eq(~in_last), in_last.eq(in_rem == 2)]
 
         # --- burst splitter / AW issue
         m.submodules.split = split = BurstSplitter(addr_bits=self.addr_bits, data_bytes=self.data_bytes)
@@ -228,5 +230,5 @@ class AxiWriteDma(wiring.Component):
             m.d.sync += dropping.eq(1)
         with m.Elif(drained):
             m.d.sync += dropping.eq(0)
-        m.d.comb += self.idle.eq(drained & ~split.busy & (in_rem == 0) & ~lenq.r_rdy & ~cmdq.r_rdy & ~flush)
+        m.d.comb += self.idle.eq(drained & ~split.busy & ~in_any & ~lenq.r_rdy & ~cmdq.r_rdy & ~flush)
         return m

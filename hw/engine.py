@@ -169,12 +169,18 @@ class Engine(wiring.Component):
         m.submodules.rd = ResetInserter(dma_rst)(rd)
         m.submodules.wr = ResetInserter(dma_rst)(wr)
         wiring.connect(m, wiring.flipped(self.m_axi_w), wr.axi)
-        wr_in = wr.s_data  # the stream of bus beats to write
+        # The beats to write pass a register slice: the write DMA's tready (its burst and FIFO logic)
+        # does not reach the sequencer's streamers and packers within the cycle.
+        wr_slice = RegisterSlice(self.bus_bits)
+        m.submodules.wr_slice = ResetInserter(core_rst)(wr_slice)
+        wr_in = wr_slice.s  # the stream of bus beats to write
         if self.ports == 2:
             # port 0 writes at 64 bits: each bus beat leaves as two, so every write command's beats double
             m.submodules.wr_narrow = narrow = ResetInserter(core_rst)(StreamDownsizer(data_bits=self.bus_bits))
             wiring.connect(m, narrow.m_data, wr.s_data)
-            wr_in = narrow.s_data
+            wiring.connect(m, wr_slice.m, narrow.s_data)
+        else:
+            wiring.connect(m, wr_slice.m, wr.s_data)
         ln = LayerNorm(max_d=self.max_d)
         mv = MatVec(bus_bits=self.bus_bits, weights=self.weights, group=self.group, max_d_in=self.max_d)
         gelu = Gelu(lanes=1)
@@ -231,13 +237,17 @@ class Engine(wiring.Component):
         hd_n = Signal(32)  # head_dim * n_head (must equal d_model)
         nh_rb = Signal(32)  # n_head * row_beats_kv: words of q (or k, or v) head rows
         kv_beats = Signal(32)  # n_keys * row_beats_kv: one head's K (or V) transfer
-        kv_off = Signal(32)  # this head's visible rows: head * ctx_stride + lo_off (kept incrementally)
+        k_rd_addr, v_rd_addr = Signal(32), Signal(32)  # this head's visible K (V) rows: cache + head * ctx_stride
+        # + lo_off, kept incrementally (no adder between the sequencer and the read command)
         kv_wr_addr = Signal(32)  # next K/V row write (kept incrementally)
         pos_off = Signal(32)  # position * kv_row_bytes
         lo_off = Signal(32)  # lo * kv_row_bytes
         # registered: head_dim is fixed once the model record is in (FETCH), so CHECK's products start
         # from a register, not from an adder
         m.d.sync += row_beats_kv.eq((head_dim + (B - 1)) >> lgB)
+        # bounds of the head loops, registered (no adder in front of their comparisons)
+        last_head, kv_rows = Signal(16), Signal(17)  # n_head - 1; 2 * n_head K/V row writes
+        m.d.sync += [last_head.eq(n_head - 1), kv_rows.eq(n_head << 1)]
         m.d.comb += kv_row_bytes.eq(row_beats_kv << lgB)
 
         # ---- on-chip vectors -------------------------------------------------------------------
@@ -320,11 +330,20 @@ class Engine(wiring.Component):
 
         wr_addr, wr_n, wr_go = Signal(32), Signal(32), Signal()
         wr_issued = Signal()
-        m.d.comb += [wr.cmd.addr.eq(wr_addr), wr.cmd.beats.eq(wr_n << (self.ports - 1)), wr.cmd.valid.eq(wr_go)]
-        m.d.comb += wr_issued.eq(wr_go & wr.cmd.ready)
+        # write commands pass a register slice too (the write DMA's queues stay off the sequencer's decode)
+        wr_cmd = RegisterSlice(32 + CMD_BEATS_BITS)
+        m.submodules.wr_cmd = ResetInserter(core_rst)(wr_cmd)
+        m.d.comb += [wr_cmd.s.tdata.eq(Cat(wr_addr, (wr_n << (self.ports - 1))[:CMD_BEATS_BITS])),
+                     wr_cmd.s.tvalid.eq(wr_go),
+                     wr.cmd.addr.eq(wr_cmd.m.tdata[:32]), wr.cmd.beats.eq(wr_cmd.m.tdata[32:]),
+                     wr.cmd.valid.eq(wr_cmd.m.tvalid), wr_cmd.m.tready.eq(wr.cmd.ready)]
+        m.d.comb += wr_issued.eq(wr_go & wr_cmd.s.tready)
+        wr_idle = Signal()  # every write command and beat has left the slices and the DMA is idle
+        m.d.comb += wr_idle.eq(wr.idle & ~wr_cmd.m.tvalid & ~wr_slice.m.tvalid)
 
         # descriptor capture
         rec_sel = Signal()  # 0: model record, 1: command record
+        rec_addr = Signal(32)  # the command's record: registered from the model record (sequencer, FETCH)
         with m.If((dest == T_DESC) & d_valid):
             m.d.comb += d_ready.eq(1)
             with m.If(rec_sel):
@@ -344,7 +363,8 @@ class Engine(wiring.Component):
             if per8 > 1:
                 m.d.sync += lane8.eq(lane8 + 1)
             m.d.comb += d_ready.eq(lane8 == per8 - 1)
-        lnp_i = Signal(range(self.max_d + per8 + 1))  # parameters offered to LayerNorm so far
+        lnp_left = Signal(range(self.max_d + 1))  # real parameters not yet offered to LayerNorm
+        lnp_real = Signal()  # lnp_left != 0, as a register
         if per8 > 1:
             with m.If(core_rst):
                 m.d.sync += lane8.eq(0)
@@ -365,11 +385,12 @@ class Engine(wiring.Component):
             with m.If(dest == tag):
                 m.d.comb += [feeds[name].tvalid.eq(d_valid), d_ready.eq(feeds[name].tready)]
         with m.If(dest == T_LNP):
-            real = lnp_i < d_model  # padding entries of the last beat are dropped
+            real = lnp_real  # padding entries of the last beat are dropped
             m.d.comb += feeds["lnp"].tvalid.eq(d_valid & real)
             take = d_valid & (feeds["lnp"].tready | ~real)
+            with m.If(take & real):
+                m.d.sync += [lnp_left.eq(lnp_left - 1), lnp_real.eq(lnp_left != 1)]
             with m.If(take):
-                m.d.sync += lnp_i.eq(lnp_i + 1)
                 if per8 > 1:
                     m.d.sync += lane8.eq(lane8 + 1)
                 m.d.comb += d_ready.eq(lane8 == per8 - 1)
@@ -394,35 +415,47 @@ class Engine(wiring.Component):
                 m.d.comb += d_ready.eq(1)
 
         # ---- vector streamers (memory -> stream, one word per cycle, stalls hold the read) ---------
-        def streamer(name, rp, port, count):
-            """Stream words rp[base + i], i < count, into `port` (the caller wires rp.data); tlast on the
-            last. Returns (go, base, active): `go` starts it (base set in the same cycle)."""
-            base, i = Signal(16, name=f"{name}_base"), Signal(16, name=f"{name}_i")
+        def streamer(name, rp, port):
+            """Stream `count` words rp[base], rp[base + 1], ... into `port` (the caller wires rp.data); tlast
+            on the last. Returns (go, base, count, active): in the cycle `go` is high, `base` and `count`
+            (comb) are taken. The read address and the words left are registers (no adder or comparison
+            between the step decode and the block RAM's address)."""
+            base, count = Signal(16, name=f"{name}_base"), Signal(16, name=f"{name}_count")
+            addr, left = Signal(16, name=f"{name}_addr"), Signal(16, name=f"{name}_left")
+            more = Signal(name=f"{name}_more")  # left != 0, kept as a register
             active, valid, last = Signal(name=f"{name}_active"), Signal(name=f"{name}_valid"), Signal(name=f"{name}_last")
             go = Signal(name=f"{name}_go")
-            adv = (~valid | port.tready) & active & (i < count)
-            m.d.comb += [rp.addr.eq(base + i), rp.en.eq(adv), port.tvalid.eq(valid), port.tlast.eq(last)]
+            # `go`, `base` and `count` are registered first: the run starts a cycle after `go` (the
+            # sequencer's decode stays off the streamer's counters); `active` rises at once
+            go_r, base_r, count_r = Signal(name=f"{name}_go_r"), Signal.like(base), Signal.like(count)
+            m.d.sync += [go_r.eq(go), base_r.eq(base), count_r.eq(count)]
+            adv = (~valid | port.tready) & more
+            m.d.comb += [rp.addr.eq(addr), rp.en.eq(adv), port.tvalid.eq(valid), port.tlast.eq(last)]
             with m.If(adv):
-                m.d.sync += [i.eq(i + 1), valid.eq(1), last.eq(i + 1 == count)]
+                m.d.sync += [addr.eq(addr + 1), left.eq(left - 1), more.eq(left != 1), valid.eq(1),
+                             last.eq(left == 1)]
             with m.Elif(port.tready):
                 m.d.sync += valid.eq(0)
-            with m.If(go):
-                m.d.sync += [i.eq(0), active.eq(1), valid.eq(0)]
-            with m.If(active & (i == count) & ~valid):
+            with m.If(go_r):
+                m.d.sync += [addr.eq(base_r), left.eq(count_r), more.eq(count_r != 0), valid.eq(0)]
+            with m.Elif(active & ~more & ~valid):
                 m.d.sync += active.eq(0)
-            return go, base, active
+            with m.If(go):
+                m.d.sync += active.eq(1)
+            return go, base, count, active
 
         # a -> MatVec activations
-        act_words = Signal(16)
+        act_words = Signal(16)  # registered, from the step's (registered) matvec geometry
         act_port = mv.s_act
-        act_go, act_base, _ = streamer("act", a_rp, act_port, act_words)
+        act_go, act_base, act_count, _ = streamer("act", a_rp, act_port)
+        m.d.comb += [act_base.eq(0), act_count.eq(act_words)]
         m.d.comb += act_port.tdata.eq(a_rp.data)
 
         # h -> AttnScores query, or -> write DMA (K and V rows)
-        h_count = Signal(16)
         h_to_wr = Signal()  # step write_kv: h rows go to the write DMA
         hq = wiring.Signature({"tdata": Out(8 * B), "tvalid": Out(1), "tready": In(1), "tlast": Out(1)}).create()
-        h_go, h_base, h_active = streamer("hrow", h_rp, hq, h_count)
+        h_go, h_first, h_count, h_active = streamer("hrow", h_rp, hq)
+        h_base = Signal(16)  # first word of this head's q row (scores_softmax)
         # K/V rows to DDR need tlast per row (one write command per row)
         kvrow_i = Signal(16)
         m.d.comb += [hq.tdata.eq(h_rp.data)]
@@ -436,10 +469,10 @@ class Engine(wiring.Component):
                          qk.s_q.tlast.eq(hq.tlast)]
 
         # x -> LayerNorm input (one int32 per cycle), or -> write DMA (residual store, B/4 per beat)
-        x_count = Signal(range(self.max_d + 1))
         x_to_wr = Signal()
         xs = wiring.Signature({"tdata": Out(32), "tvalid": Out(1), "tready": In(1), "tlast": Out(1)}).create()
-        x_go, _, x_active = streamer("xvec", x_rp, xs, x_count)
+        x_go, x_first, x_count, x_active = streamer("xvec", x_rp, xs)
+        m.d.comb += [x_first.eq(0), x_count.eq(d_model)]
         m.d.comb += xs.tdata.eq(x_rp.data)
         pack = Signal(8 * B)
         pack_n = Signal(range(B // 4 + 1))
@@ -460,80 +493,86 @@ class Engine(wiring.Component):
 
         # ---- sinks --------------------------------------------------------------------------------
         sink_i = Signal(range(max(self.max_d, nx.MAX_ROWS) + 1))  # values received by the step's sink
-        sink_target = Signal(range(max(self.max_d, nx.MAX_ROWS) + 1))  # this step's values (comb, below)
-        sink_target_r = Signal.like(sink_target)  # registered: one cycle behind the step, long before any value
-        sink_done = Signal()
-        m.d.sync += sink_target_r.eq(sink_target)
-        m.d.comb += sink_done.eq(sink_i == sink_target_r)
-
-        # LayerNorm out -> a
-        with m.If((step == STEP["ln1"]) | (step == STEP["ln2"]) | (step == STEP["lnf"])):
-            m.d.comb += ln.m_y.tready.eq(1)
-            write_byte(a_wp, sink_i, ln.m_y.tdata, ln.m_y.tvalid)
-            with m.If(ln.m_y.tvalid):
-                m.d.sync += sink_i.eq(sink_i + 1)
+        # this step's values: registered (below), one cycle behind the step, long before any value
+        sink_target = Signal(range(max(self.max_d, nx.MAX_ROWS) + 1))
+        sink_done = Signal()  # registered (cleared when a step begins): sink_i reached sink_target
+        m.d.sync += sink_done.eq(sink_i == sink_target)
+        fresh = Signal()  # the first cycle of a step
+        m.d.sync += fresh.eq(0)
 
         # qkv matvec out -> h (q rows, then k rows, then v rows, each head's row padded to whole words)
         e_i = Signal(range(self.max_head_dim + 1))  # element within the head row
         row_word = Signal(range(3 * self.head_words + 1))  # first word of the current head row
-        with m.If(step == STEP["qkv"]):
-            m.d.comb += mv.m_out.tready.eq(1)
-            with m.If(mv.m_out.tvalid):
-                m.d.comb += [h_wp.addr.eq(row_word + (e_i >> lgB)), h_wp.data.eq(Cat(*([mv.m_out.tdata[:8]] * B))),
-                             h_wp.en.eq(1 << e_i[:lgB])]
-                m.d.sync += sink_i.eq(sink_i + 1)
-                with m.If(e_i == head_dim - 1):
-                    m.d.sync += [e_i.eq(0), row_word.eq(row_word + row_beats_kv)]
-                with m.Else():
-                    m.d.sync += e_i.eq(e_i + 1)
-
+        hd_last = Signal.like(head_dim)  # head_dim - 1, registered (fixed once the model record is in)
+        m.d.sync += hd_last.eq(head_dim - 1)
         # attn_out / proj matvec out -> x += y (saturating), three cycles per value (at most one value
         # per weight row): read x, register it (no adder behind the block RAM's output), add and write
         add_y, add_x = Signal(32), Signal(32)
         add_phase = Signal(2)
         add_pending = Signal()
         m.d.comb += add_pending.eq(add_phase != 0)
-        with m.If((step == STEP["attn_out"]) | (step == STEP["proj"])):
-            m.d.comb += mv.m_out.tready.eq(~add_pending)
-            with m.If(mv.m_out.tvalid & ~add_pending):
-                m.d.comb += [x_rp.addr.eq(sink_i), x_rp.en.eq(1)]
-                m.d.sync += [add_y.eq(mv.m_out.tdata), add_phase.eq(1)]
-            with m.If(add_phase == 1):
-                m.d.sync += [add_x.eq(x_rp.data), add_phase.eq(2)]
-            with m.If(add_phase == 2):
-                total = Signal(34)
-                m.d.comb += total.eq(add_x.as_signed() + add_y.as_signed())
-                hi, lo_ = (1 << 31) - 1, -(1 << 31)
-                sat = Mux(total.as_signed() > hi, hi, Mux(total.as_signed() < lo_, lo_, total))
-                m.d.comb += [x_wp.addr.eq(sink_i), x_wp.data.eq(sat), x_wp.en.eq(1)]
-                m.d.sync += [add_phase.eq(0), sink_i.eq(sink_i + 1)]
-        with m.If(core_rst):
-            m.d.sync += add_phase.eq(0)
-
-        # fc matvec out -> GELU -> a
-        with m.If(step == STEP["fc_gelu"]):
-            m.d.comb += [gelu.s_x.tdata.eq(mv.m_out.tdata[:8]), gelu.s_x.tvalid.eq(mv.m_out.tvalid),
-                         mv.m_out.tready.eq(gelu.s_x.tready), gelu.s_x.tlast.eq(mv.m_out.tlast),
-                         gelu.m_y.tready.eq(1)]
-            write_byte(a_wp, sink_i, gelu.m_y.tdata, gelu.m_y.tvalid)
-            with m.If(gelu.m_y.tvalid):
-                m.d.sync += sink_i.eq(sink_i + 1)
-
         # lm_head out -> logits beats -> write DMA
         lg_pack = Signal(8 * B)
         lg_n = Signal(range(B // 4 + 1))
         lg_last = Signal()
-        with m.If(step == STEP["lm_head"]):
-            with m.If(lg_n == B // 4):
-                m.d.comb += [wr_in.tdata.eq(lg_pack), wr_in.tvalid.eq(1), wr_in.tlast.eq(lg_last)]
-                with m.If(wr_in.tready):
-                    m.d.sync += [lg_n.eq(0), lg_pack.eq(0)]
-            with m.Else():
+        sink_last = Signal.like(sink_target)  # sink_target - 1, registered two cycles behind the step
+        m.d.sync += sink_last.eq(sink_target - 1)
+
+        # one parallel case per step: each step's sink
+        with m.Switch(step):
+            with m.Case(STEP["ln1"], STEP["ln2"], STEP["lnf"]):  # LayerNorm out -> a
+                m.d.comb += ln.m_y.tready.eq(1)
+                write_byte(a_wp, sink_i, ln.m_y.tdata, ln.m_y.tvalid)
+                with m.If(ln.m_y.tvalid):
+                    m.d.sync += sink_i.eq(sink_i + 1)
+            with m.Case(STEP["qkv"]):
                 m.d.comb += mv.m_out.tready.eq(1)
                 with m.If(mv.m_out.tvalid):
-                    is_last = sink_i + 1 == sink_target_r
-                    m.d.sync += [lg_pack.word_select(lg_n, 32).eq(mv.m_out.tdata), lg_last.eq(is_last),
-                                 lg_n.eq(Mux(is_last, B // 4, lg_n + 1)), sink_i.eq(sink_i + 1)]
+                    m.d.comb += [h_wp.addr.eq(row_word + (e_i >> lgB)), h_wp.data.eq(Cat(*([mv.m_out.tdata[:8]] * B))),
+                                 h_wp.en.eq(1 << e_i[:lgB])]
+                    m.d.sync += sink_i.eq(sink_i + 1)
+                    with m.If(e_i == hd_last):
+                        m.d.sync += [e_i.eq(0), row_word.eq(row_word + row_beats_kv)]
+                    with m.Else():
+                        m.d.sync += e_i.eq(e_i + 1)
+            with m.Case(STEP["attn_out"], STEP["proj"]):
+                m.d.comb += mv.m_out.tready.eq(~add_pending)
+                with m.If(mv.m_out.tvalid & ~add_pending):
+                    m.d.comb += [x_rp.addr.eq(sink_i), x_rp.en.eq(1)]
+                    m.d.sync += [add_y.eq(mv.m_out.tdata), add_phase.eq(1)]
+                with m.If(add_phase == 1):
+                    m.d.sync += [add_x.eq(x_rp.data), add_phase.eq(2)]
+                with m.If(add_phase == 2):
+                    total = Signal(34)
+                    m.d.comb += total.eq(add_x.as_signed() + add_y.as_signed())
+                    hi, lo_ = (1 << 31) - 1, -(1 << 31)
+                    sat = Mux(total.as_signed() > hi, hi, Mux(total.as_signed() < lo_, lo_, total))
+                    m.d.comb += [x_wp.addr.eq(sink_i), x_wp.data.eq(sat), x_wp.en.eq(1)]
+                    m.d.sync += [add_phase.eq(0), sink_i.eq(sink_i + 1)]
+            with m.Case(STEP["fc_gelu"]):  # fc matvec out -> GELU -> a
+                m.d.comb += [gelu.s_x.tdata.eq(mv.m_out.tdata[:8]), gelu.s_x.tvalid.eq(mv.m_out.tvalid),
+                             mv.m_out.tready.eq(gelu.s_x.tready), gelu.s_x.tlast.eq(mv.m_out.tlast),
+                             gelu.m_y.tready.eq(1)]
+                write_byte(a_wp, sink_i, gelu.m_y.tdata, gelu.m_y.tvalid)
+                with m.If(gelu.m_y.tvalid):
+                    m.d.sync += sink_i.eq(sink_i + 1)
+            with m.Case(STEP["lm_head"]):
+                with m.If(lg_n == B // 4):
+                    m.d.comb += [wr_in.tdata.eq(lg_pack), wr_in.tvalid.eq(1), wr_in.tlast.eq(lg_last)]
+                    with m.If(wr_in.tready):
+                        m.d.sync += [lg_n.eq(0), lg_pack.eq(0)]
+                with m.Else():
+                    m.d.comb += mv.m_out.tready.eq(1)
+                    with m.If(mv.m_out.tvalid):
+                        is_last = sink_i == sink_last
+                        m.d.sync += [lg_pack.word_select(lg_n, 32).eq(mv.m_out.tdata), lg_last.eq(is_last),
+                                     lg_n.eq(Mux(is_last, B // 4, lg_n + 1)), sink_i.eq(sink_i + 1)]
+        with m.If(core_rst):
+            m.d.sync += add_phase.eq(0)
+        # a step begins with its sink empty: cleared from a register set by begin() (the conditions
+        # that end a step stay off these counters' inputs)
+        with m.If(fresh):
+            m.d.sync += [sink_i.eq(0), sink_done.eq(0)]
 
         # attention: scores -> softmax -> context -> a (ctx[h * head_dim + e])
         m.d.comb += [sm.s_scores.tdata.eq(qk.m_scores.tdata), sm.s_scores.tvalid.eq(qk.m_scores.tvalid),
@@ -559,23 +598,25 @@ class Engine(wiring.Component):
                      sm.mult.eq(lf("score_mult")), sm.shift.eq(lf("score_shift")),
                      pv.ctx_mult.eq(lf("ctx_mult")), pv.ctx_shift.eq(lf("ctx_shift"))]
 
-        # ---- matvec geometry: a function of the step, stable for the step's duration --------------------
+        # ---- matvec geometry: a function of the step, registered (one cycle behind the step, which
+        # waits a cycle before it uses them), stable for the step's duration ---------------------------
         mv_d_in, mv_rows, mv_int8 = Signal(range(self.max_d + 1)), Signal(16), Signal()
         d3 = Signal(18)  # 3 * d_model, rows of the qkv matrix (a shift and an add, not a multiplier)
         m.d.sync += d3.eq((d_model << 1) + d_model)
+        m.d.sync += mv_int8.eq(0)  # registered: a step that does not set it must clear it
         with m.Switch(step):
             with m.Case(STEP["qkv"]):
-                m.d.comb += [mv_d_in.eq(d_model), mv_rows.eq(d3), mv_int8.eq(1), sink_target.eq(d3)]
+                m.d.sync += [mv_d_in.eq(d_model), mv_rows.eq(d3), mv_int8.eq(1), sink_target.eq(d3)]
             with m.Case(STEP["attn_out"]):
-                m.d.comb += [mv_d_in.eq(d_model), mv_rows.eq(d_model), sink_target.eq(d_model)]
+                m.d.sync += [mv_d_in.eq(d_model), mv_rows.eq(d_model), sink_target.eq(d_model)]
             with m.Case(STEP["fc_gelu"]):
-                m.d.comb += [mv_d_in.eq(d_model), mv_rows.eq(d_ff), mv_int8.eq(1), sink_target.eq(d_ff)]
+                m.d.sync += [mv_d_in.eq(d_model), mv_rows.eq(d_ff), mv_int8.eq(1), sink_target.eq(d_ff)]
             with m.Case(STEP["proj"]):
-                m.d.comb += [mv_d_in.eq(d_ff), mv_rows.eq(d_model), sink_target.eq(d_model)]
+                m.d.sync += [mv_d_in.eq(d_ff), mv_rows.eq(d_model), sink_target.eq(d_model)]
             with m.Case(STEP["lm_head"]):
-                m.d.comb += [mv_d_in.eq(d_model), mv_rows.eq(vocab), sink_target.eq(vocab)]
+                m.d.sync += [mv_d_in.eq(d_model), mv_rows.eq(vocab), sink_target.eq(vocab)]
             with m.Default():
-                m.d.comb += sink_target.eq(d_model)  # the LayerNorm steps
+                m.d.sync += sink_target.eq(d_model)  # the LayerNorm steps
         m.d.comb += [mv.d_in.eq(mv_d_in), mv.n_rows.eq(mv_rows), mv.out_int8.eq(mv_int8)]
         if int4:
             hdr_bytes = ROW_HEADER_FIXED_BYTES + ((mv_d_in + (self.group - 1)) >> _lg(self.group))
@@ -586,7 +627,7 @@ class Engine(wiring.Component):
         mv_rows_r = Signal(16)
         mat_beats = Signal(32)
         m.d.comb += row_beats.eq(((hdr_bytes + (B - 1)) >> lgB) + ((mv_d_in + (per_beat - 1)) >> _lg(per_beat)))
-        m.d.comb += act_words.eq((mv_d_in + (B - 1)) >> lgB)
+        m.d.sync += act_words.eq((mv_d_in + (B - 1)) >> lgB)
 
         # ---- errors -------------------------------------------------------------------------------
         def flagged(core):
@@ -605,32 +646,36 @@ class Engine(wiring.Component):
         m.d.comb += ln.out_shift.eq(ln_shift)
 
         def begin(step_value):
-            m.d.sync += [step.eq(step_value), sub.eq(0), sink_i.eq(0)]
+            m.d.sync += [step.eq(step_value), sub.eq(0), fresh.eq(1)]
 
         def read(addr, beats, tag):
             m.d.comb += [rd_addr.eq(addr), rd_n.eq(beats), rd_tag.eq(tag), rd_go.eq(1)]
 
         def matvec(addr, first_sub=0):
-            """From sub `first_sub`: the matrix's beats (registered in two steps: no multiplier on the path
-            to the DMA), then the weights read with the activations; returns 'the step's values are in'."""
-            with m.If(sub == first_sub):
-                m.d.sync += [row_beats_r.eq(row_beats), mv_rows_r.eq(mv_rows), sub.eq(first_sub + 1)]
-            with m.Elif(sub == first_sub + 1):
-                m.d.sync += [mat_beats.eq(mv_rows_r * row_beats_r), sub.eq(first_sub + 2)]
-            with m.Elif(sub == first_sub + 2):
-                read(addr, mat_beats, T_W)
-                with m.If(rd_issued):
-                    m.d.comb += act_go.eq(1)
-                    m.d.sync += [act_base.eq(0), sub.eq(first_sub + 3)]
-            return (sub == first_sub + 3) & sink_done
+            """From sub `first_sub`: a cycle for the geometry registers to follow the step, the matrix's
+            beats (registered in two steps: no multiplier on the path to the DMA), then the weights read
+            with the activations; returns 'the step's values are in'."""
+            with m.Switch(sub):
+                with m.Case(first_sub):
+                    m.d.sync += sub.eq(first_sub + 1)
+                with m.Case(first_sub + 1):
+                    m.d.sync += [row_beats_r.eq(row_beats), mv_rows_r.eq(mv_rows), sub.eq(first_sub + 2)]
+                with m.Case(first_sub + 2):
+                    m.d.sync += [mat_beats.eq(mv_rows_r * row_beats_r), sub.eq(first_sub + 3)]
+                with m.Case(first_sub + 3):
+                    read(addr, mat_beats, T_W)
+                    with m.If(rd_issued):
+                        m.d.comb += act_go.eq(1)
+                        m.d.sync += sub.eq(first_sub + 4)
+            return (sub == first_sub + 4) & sink_done
 
         def layernorm(addr, shift, nxt):
             with m.If(sub == 0):
-                m.d.sync += [ln_shift.eq(shift), x_count.eq(d_model)]
+                m.d.sync += ln_shift.eq(shift)
                 read(addr, (d_model + (per8 - 1)) >> _lg(per8), T_LNP)
                 with m.If(rd_issued):
                     m.d.comb += x_go.eq(1)
-                    m.d.sync += [lnp_i.eq(0), sub.eq(1)]
+                    m.d.sync += [lnp_left.eq(d_model), lnp_real.eq(1), sub.eq(1)]
             with m.Elif(sink_done):
                 begin(STEP[nxt])
 
@@ -639,8 +684,8 @@ class Engine(wiring.Component):
         # cycle late, so END also takes the errors of the cycle RUN left for it.
         live_err_r = Signal(len(err))
         m.d.sync += live_err_r.eq(live_err)
-        stop = Signal()
-        m.d.comb += stop.eq(live_err_r.any() | abort)
+        stop = Signal()  # registered: CONTROL.abort takes effect a cycle after its write
+        m.d.sync += stop.eq(live_err.any() | abort)
         from_run = Signal()  # END comes straight from RUN (not from ABORT / DRAIN)
 
         with m.FSM(name="seq") as seq:
@@ -664,11 +709,12 @@ class Engine(wiring.Component):
                     with m.If(rd_issued):
                         m.d.sync += sub.eq(1)
                 with m.Elif(sub == 1):  # the model record gives n_layer, needed to find the HEAD record
+                    index = Mux(is_head, n_layer, layer)
+                    m.d.sync += rec_addr.eq(regs.desc_addr + ((index + 1) << _lg(dsc.RECORD_BYTES)))
                     with m.If(rd_out == 0):
                         m.d.sync += [rec_sel.eq(1), sub.eq(2)]
                 with m.Elif(sub == 2):
-                    index = Mux(is_head, n_layer, layer)
-                    read(regs.desc_addr + ((index + 1) << _lg(dsc.RECORD_BYTES)), rec_beats, T_DESC)
+                    read(rec_addr, rec_beats, T_DESC)
                     with m.If(rd_issued):
                         m.d.sync += sub.eq(3)
                 with m.Elif(sub == 3):
@@ -699,9 +745,8 @@ class Engine(wiring.Component):
                 m.next = "CHECK3"
             with m.State("CHECK3"):
                 m.d.sync += kv_beats.eq(n_keys * row_beats_kv)
-                bad = Signal()
-                bad_cmd = Signal()
-                m.d.comb += bad_cmd.eq(~is_head & (layer >= n_layer))
+                bad, bad_cmd = Signal(), Signal()
+
                 checks = [
                     dfield(rec_model, "model", "magic") != dsc.DESC_MAGIC,
                     n_layer == 0, n_head == 0, head_dim == 0, head_dim > self.max_head_dim,
@@ -713,8 +758,11 @@ class Engine(wiring.Component):
                 layer_checks = [lf("score_shift") > nx.MAX_SHIFT, lf("ctx_shift") > nx.MAX_SHIFT,
                                 lf("ln1_shift") > nx.LN_MAX_OUT_SHIFT, lf("ln2_shift") > nx.LN_MAX_OUT_SHIFT,
                                 lf("window") >= n_ctx]
-                m.d.comb += bad.eq(Cat(*checks).any() | (~is_head & Cat(*layer_checks).any())
+                m.d.sync += bad.eq(Cat(*checks).any() | (~is_head & Cat(*layer_checks).any())
                                    | (is_head & (hf("lnf_shift") > nx.LN_MAX_OUT_SHIFT)))
+                m.d.sync += bad_cmd.eq(~is_head & (layer >= n_layer))
+                m.next = "CHECK4"
+            with m.State("CHECK4"):  # the checks' verdict, registered in CHECK3
                 with m.If(bad_cmd):
                     m.d.sync += err[err_bit["command"]].eq(1)
                     m.next = "ABORT"
@@ -728,91 +776,96 @@ class Engine(wiring.Component):
                 with m.If(stop):
                     m.d.sync += err.eq(err | live_err_r)
                     m.next = "ABORT"
-                with m.Elif(step == STEP["load_residual"]):
-                    with m.If(sub == 0):
-                        read(dfield(rec_model, "model", "resid_addr"), (d_model + (B // 4 - 1)) >> _lg(B // 4),
-                             T_RESID)
-                        with m.If(rd_issued):
-                            m.d.sync += [res_i.eq(0), res_lane.eq(0), sub.eq(1)]
-                    with m.Elif(rd_out == 0):
-                        begin(Mux(is_head, STEP["lnf"], STEP["ln1"]))
-                with m.Elif(step == STEP["ln1"]):
-                    layernorm(lf("ln1_addr"), lf("ln1_shift"), "qkv")
-                with m.Elif(step == STEP["qkv"]):
-                    with m.If(sub == 0):
-                        m.d.sync += [e_i.eq(0), row_word.eq(0)]
-                    with m.If(matvec(lf("qkv_addr"))):
-                        begin(STEP["write_kv"])
-                with m.Elif(step == STEP["write_kv"]):
-                    # 2 * n_head row writes (all k rows, then all v rows) fed by one linear read of h
-                    m.d.comb += h_to_wr.eq(1)
-                    with m.If(sub == 0):
-                        m.d.sync += [h_base.eq(nh_rb), h_count.eq(nh_rb << 1), kvrow_i.eq(0), head.eq(0),
-                                     kv_wr_addr.eq(lf("k_cache_addr") + pos_off), sub.eq(1)]
-                        m.d.comb += h_go.eq(1)
-                    with m.Elif(sub == 1):
-                        m.d.comb += [wr_addr.eq(kv_wr_addr), wr_n.eq(row_beats_kv), wr_go.eq(head < (n_head << 1))]
-                        with m.If(wr_issued):
-                            m.d.sync += [head.eq(head + 1),
-                                         kv_wr_addr.eq(Mux(head + 1 == n_head, lf("v_cache_addr") + pos_off,
-                                                           kv_wr_addr + ctx_stride))]
-                        with m.If((head == (n_head << 1)) & ~h_active):
-                            m.d.sync += sub.eq(2)
-                    with m.Elif(wr.idle):
-                        m.d.sync += [head.eq(0), kv_off.eq(lo_off), h_base.eq(0), ctx_base.eq(0)]
-                        begin(STEP["scores_softmax"])
-                with m.Elif(step == STEP["scores_softmax"]):
-                    # per head: K and V reads queued back to back, then the q row; done when the
-                    # head's head_dim context bytes are in a
-                    # The query goes out with the K read: the read DMA may hold the V command back until
-                    # the K transfer is split into bursts, which needs AttnScores to drain K, which
-                    # needs the query. h_base, ctx_base and kv_off step by one head (no multiplier).
-                    with m.If(sub == 0):
-                        read(lf("k_cache_addr") + kv_off, kv_beats, T_K)
-                        with m.If(rd_issued):
-                            m.d.comb += h_go.eq(1)
-                            m.d.sync += [h_count.eq(row_beats_kv), ctx_e.eq(0), sub.eq(1)]
-                    with m.Elif(sub == 1):
-                        read(lf("v_cache_addr") + kv_off, kv_beats, T_V)
-                        with m.If(rd_issued):
-                            m.d.sync += sub.eq(2)
-                    with m.Elif((ctx_e == head_dim) & ~ctx_have):
-                        with m.If(head + 1 == n_head):
-                            begin(STEP["attn_out"])
-                        with m.Else():
-                            m.d.sync += [head.eq(head + 1), sub.eq(0), h_base.eq(h_base + row_beats_kv),
-                                         ctx_base.eq(ctx_base + head_dim), kv_off.eq(kv_off + ctx_stride)]
-                with m.Elif(step == STEP["attn_out"]):
-                    with m.If(matvec(lf("attn_out_addr")) & ~add_pending):
-                        begin(STEP["ln2"])
-                with m.Elif(step == STEP["ln2"]):
-                    layernorm(lf("ln2_addr"), lf("ln2_shift"), "fc_gelu")
-                with m.Elif(step == STEP["fc_gelu"]):
-                    with m.If(matvec(lf("fc_addr"))):
-                        begin(STEP["proj"])
-                with m.Elif(step == STEP["proj"]):
-                    with m.If(matvec(lf("proj_addr")) & ~add_pending):
-                        begin(STEP["store_residual"])
-                with m.Elif(step == STEP["store_residual"]):
-                    m.d.comb += x_to_wr.eq(1)
-                    with m.If(sub == 0):
-                        m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "resid_addr")),
-                                     wr_n.eq((d_model + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
-                        with m.If(wr_issued):
-                            m.d.comb += x_go.eq(1)
-                            m.d.sync += [x_count.eq(d_model), pack_n.eq(0), pack.eq(0), sub.eq(1)]
-                    with m.Elif(~x_active & (pack_n == 0) & wr.idle):
-                        m.next = "END"
-                with m.Elif(step == STEP["lnf"]):
-                    layernorm(hf("lnf_addr"), hf("lnf_shift"), "lm_head")
-                with m.Elif(step == STEP["lm_head"]):
-                    with m.If(sub == 0):  # the logits' write command first, then the matvec
-                        m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
-                                     wr_n.eq((vocab + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
-                        with m.If(wr_issued):
-                            m.d.sync += [lg_n.eq(0), lg_pack.eq(0), sub.eq(1)]
-                    with m.Elif(matvec(hf("lm_head_addr"), first_sub=1) & (lg_n == 0) & wr.idle):
-                        m.next = "END"
+                with m.Else():  # one parallel case per step (a priority chain of 14 steps was deep)
+                    with m.Switch(step):
+                        with m.Case(STEP["load_residual"]):
+                            with m.If(sub == 0):
+                                read(dfield(rec_model, "model", "resid_addr"), (d_model + (B // 4 - 1)) >> _lg(B // 4),
+                                     T_RESID)
+                                with m.If(rd_issued):
+                                    m.d.sync += [res_i.eq(0), res_lane.eq(0), sub.eq(1)]
+                            with m.Elif(rd_out == 0):
+                                begin(Mux(is_head, STEP["lnf"], STEP["ln1"]))
+                        with m.Case(STEP["ln1"]):
+                            layernorm(lf("ln1_addr"), lf("ln1_shift"), "qkv")
+                        with m.Case(STEP["qkv"]):
+                            with m.If(sub == 0):
+                                m.d.sync += [e_i.eq(0), row_word.eq(0)]
+                            with m.If(matvec(lf("qkv_addr"))):
+                                begin(STEP["write_kv"])
+                        with m.Case(STEP["write_kv"]):
+                            # 2 * n_head row writes (all k rows, then all v rows) fed by one linear read of h
+                            m.d.comb += h_to_wr.eq(1)
+                            with m.If(sub == 0):
+                                m.d.sync += [kvrow_i.eq(0), head.eq(0), kv_wr_addr.eq(lf("k_cache_addr") + pos_off),
+                                             sub.eq(1)]
+                                m.d.comb += [h_go.eq(1), h_first.eq(nh_rb), h_count.eq(nh_rb << 1)]
+                            with m.Elif(sub == 1):
+                                m.d.comb += [wr_addr.eq(kv_wr_addr), wr_n.eq(row_beats_kv), wr_go.eq(head != kv_rows)]
+                                with m.If(wr_issued):
+                                    m.d.sync += [head.eq(head + 1),
+                                                 kv_wr_addr.eq(Mux(head == last_head, lf("v_cache_addr") + pos_off,
+                                                                   kv_wr_addr + ctx_stride))]
+                                with m.If((head == kv_rows) & ~h_active):
+                                    m.d.sync += sub.eq(2)
+                            with m.Elif(wr_idle):
+                                m.d.sync += [head.eq(0), k_rd_addr.eq(lf("k_cache_addr") + lo_off),
+                                             v_rd_addr.eq(lf("v_cache_addr") + lo_off), h_base.eq(0), ctx_base.eq(0)]
+                                begin(STEP["scores_softmax"])
+                        with m.Case(STEP["scores_softmax"]):
+                            # per head: K and V reads queued back to back, then the q row; done when the
+                            # head's head_dim context bytes are in a
+                            # The query goes out with the K read: the read DMA may hold the V command back until
+                            # the K transfer is split into bursts, which needs AttnScores to drain K, which
+                            # needs the query. h_base, ctx_base and the K/V addresses step by one head (no multiplier).
+                            with m.If(sub == 0):
+                                read(k_rd_addr, kv_beats, T_K)
+                                with m.If(rd_issued):
+                                    m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
+                                    m.d.sync += [ctx_e.eq(0), sub.eq(1)]
+                            with m.Elif(sub == 1):
+                                read(v_rd_addr, kv_beats, T_V)
+                                with m.If(rd_issued):
+                                    m.d.sync += sub.eq(2)
+                            with m.Elif((ctx_e == head_dim) & ~ctx_have):
+                                with m.If(head == last_head):
+                                    begin(STEP["attn_out"])
+                                with m.Else():
+                                    m.d.sync += [head.eq(head + 1), sub.eq(0), h_base.eq(h_base + row_beats_kv),
+                                                 ctx_base.eq(ctx_base + head_dim), k_rd_addr.eq(k_rd_addr + ctx_stride),
+                                                 v_rd_addr.eq(v_rd_addr + ctx_stride)]
+                        with m.Case(STEP["attn_out"]):
+                            with m.If(matvec(lf("attn_out_addr")) & ~add_pending):
+                                begin(STEP["ln2"])
+                        with m.Case(STEP["ln2"]):
+                            layernorm(lf("ln2_addr"), lf("ln2_shift"), "fc_gelu")
+                        with m.Case(STEP["fc_gelu"]):
+                            with m.If(matvec(lf("fc_addr"))):
+                                begin(STEP["proj"])
+                        with m.Case(STEP["proj"]):
+                            with m.If(matvec(lf("proj_addr")) & ~add_pending):
+                                begin(STEP["store_residual"])
+                        with m.Case(STEP["store_residual"]):
+                            m.d.comb += x_to_wr.eq(1)
+                            with m.If(sub == 0):
+                                m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "resid_addr")),
+                                             wr_n.eq((d_model + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
+                                with m.If(wr_issued):
+                                    m.d.comb += x_go.eq(1)
+                                    m.d.sync += [pack_n.eq(0), pack.eq(0), sub.eq(1)]
+                            with m.Elif(~x_active & (pack_n == 0) & wr_idle):
+                                m.next = "END"
+                        with m.Case(STEP["lnf"]):
+                            layernorm(hf("lnf_addr"), hf("lnf_shift"), "lm_head")
+                        with m.Case(STEP["lm_head"]):
+                            lm_done = matvec(hf("lm_head_addr"), first_sub=1)  # subs 1..5
+                            with m.If(sub == 0):  # the logits' write command first, then the matvec
+                                m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
+                                             wr_n.eq((vocab + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
+                                with m.If(wr_issued):
+                                    m.d.sync += [lg_n.eq(0), lg_pack.eq(0), sub.eq(1)]
+                            with m.Elif(lm_done & (lg_n == 0) & wr_idle):
+                                m.next = "END"
             with m.State("ABORT"):
                 # flush the DMAs (one cycle) and reset the cores
                 m.d.comb += [core_rst.eq(1), rd.flush.eq(1), wr.flush.eq(1)]

@@ -23,8 +23,8 @@ def test_axi_read_2port(sim):
 @pytest.mark.sim
 @pytest.mark.parametrize("sim", simulator_cases(["icarus"]))
 def test_axi_read_2port_small(sim):
-    """The smallest FIFOs (one burst of credits per port) and 2 bursts in flight per port."""
-    _run(TwoPortReadDma(max_outstanding=2, fifo_depth=16), sim,
+    """Small FIFOs (two longest bursts of credits per port) and 2 bursts in flight per port."""
+    _run(TwoPortReadDma(max_outstanding=2, fifo_depth=32), sim,
          ["test_random_commands", "test_one_port_late_or_slow", "test_flush"])
 
 
