@@ -453,12 +453,18 @@ class Engine(wiring.Component):
 
         # h -> AttnScores query, or -> write DMA (K and V rows)
         h_to_wr = Signal()  # step write_kv: h rows go to the write DMA
-        hq = wiring.Signature({"tdata": Out(8 * B), "tvalid": Out(1), "tready": In(1), "tlast": Out(1)}).create()
-        h_go, h_first, h_count, h_active = streamer("hrow", h_rp, hq)
+        # each vector streamer feeds a register slice: its block RAM's output (no output register on the
+        # ECP5) goes straight into a register, not through the consumers' muxes
+        h_slice = RegisterSlice(8 * B)
+        m.submodules.h_slice = ResetInserter(core_rst)(h_slice)
+        h_go, h_first, h_count, h_streaming = streamer("hrow", h_rp, h_slice.s)
+        hq = h_slice.m
+        h_active = Signal()  # words still in the streamer or its slice
+        m.d.comb += h_active.eq(h_streaming | hq.tvalid)
         h_base = Signal(16)  # first word of this head's q row (scores_softmax)
         # K/V rows to DDR need tlast per row (one write command per row)
         kvrow_i = Signal(16)
-        m.d.comb += [hq.tdata.eq(h_rp.data)]
+        m.d.comb += [h_slice.s.tdata.eq(h_rp.data)]
         with m.If(h_to_wr):
             m.d.comb += [wr_in.tdata.eq(hq.tdata), wr_in.tvalid.eq(hq.tvalid), hq.tready.eq(wr_in.tready),
                          wr_in.tlast.eq(kvrow_i == row_beats_kv - 1)]
@@ -470,10 +476,14 @@ class Engine(wiring.Component):
 
         # x -> LayerNorm input (one int32 per cycle), or -> write DMA (residual store, B/4 per beat)
         x_to_wr = Signal()
-        xs = wiring.Signature({"tdata": Out(32), "tvalid": Out(1), "tready": In(1), "tlast": Out(1)}).create()
-        x_go, x_first, x_count, x_active = streamer("xvec", x_rp, xs)
+        x_slice = RegisterSlice(32)
+        m.submodules.x_slice = ResetInserter(core_rst)(x_slice)
+        x_go, x_first, x_count, x_streaming = streamer("xvec", x_rp, x_slice.s)
+        xs = x_slice.m
+        x_active = Signal()  # words still in the streamer or its slice
+        m.d.comb += x_active.eq(x_streaming | xs.tvalid)
         m.d.comb += [x_first.eq(0), x_count.eq(d_model)]
-        m.d.comb += xs.tdata.eq(x_rp.data)
+        m.d.comb += x_slice.s.tdata.eq(x_rp.data)
         pack = Signal(8 * B)
         pack_n = Signal(range(B // 4 + 1))
         pack_last = Signal()

@@ -83,8 +83,8 @@ class MatVec(wiring.Component):
         Sticky error bits (:attr:`ERROR_BITS`), cleared only by the domain's reset; see below.
 
     ``d_in``, ``n_rows`` and ``out_int8`` are sampled while the activations are received: they must
-    be stable from before the first ``s_act`` beat of a matvec until its last ``s_act`` beat is
-    accepted, and may then change for the next matvec while this one's weights still stream.
+    be stable from the cycle before the first ``s_act`` beat of a matvec (the activation count's end
+    is registered from ``d_in``) until its last ``s_act`` beat is accepted, and may then change for the next matvec while this one's weights still stream.
 
     Errors: a bit of ``error`` rises on the clock edge that accepts the offending beat:
 
@@ -212,9 +212,12 @@ class MatVec(wiring.Component):
         else:
             hdr_beats = 1
         max_wb = self.max_d_in // P
-        r_wb = Signal(range(max_wb + 1))
-        r_hb = Signal(range(self.max_header_beats + 1))
-        r_rows = Signal(ROWS_BITS)
+        # the last index of each count, registered (counters compare for equality, no adder in front)
+        r_wb = Signal(range(max_wb + 1))  # weight beats - 1
+        r_hb = Signal(range(self.max_header_beats + 1))  # header beats - 1
+        r_rows = Signal(ROWS_BITS)  # rows - 1
+        act_last_at = Signal(range(self.max_d_in // B + 1))  # activation beats - 1, from the live d_in
+        m.d.sync += act_last_at.eq(act_beats - 1)
         r_out8 = Signal()
 
         # ---- errors: sticky until reset; any of them stops both inputs
@@ -238,7 +241,7 @@ class MatVec(wiring.Component):
             act_wr.data.eq(Cat(*[sa.tdata] * ratio)),
         ]
         act_take = sa.tvalid & sa.tready
-        act_last = act_cnt + 1 == act_beats
+        act_last = act_cnt == act_last_at
         cfg_ok = (self.d_in != 0) & (self.d_in <= self.max_d_in) & (self.n_rows != 0)
         flag("config", act_take & ~cfg_ok)
         flag("act_tlast", act_take & cfg_ok & (sa.tlast != act_last))
@@ -248,8 +251,8 @@ class MatVec(wiring.Component):
             m.d.comb += act_wr.en.eq(act_take)
         with m.If(act_take):
             with m.If(act_last):
-                m.d.sync += [act_cnt.eq(0), running.eq(1), r_wb.eq(wt_beats), r_hb.eq(hdr_beats),
-                             r_rows.eq(self.n_rows), r_out8.eq(self.out_int8)]
+                m.d.sync += [act_cnt.eq(0), running.eq(1), r_wb.eq(wt_beats - 1), r_hb.eq(hdr_beats - 1),
+                             r_rows.eq(self.n_rows - 1), r_out8.eq(self.out_int8)]
             with m.Else():
                 m.d.sync += act_cnt.eq(act_cnt + 1)
 
@@ -264,14 +267,14 @@ class MatVec(wiring.Component):
         w_ready = running & ~halted & (~row_start | (in_flight < credits))
         m.d.comb += sw.tready.eq(w_ready)
         take = w_ready & sw.tvalid
-        wt_last = wt_cnt + 1 == r_wb
-        row_last = row_cnt + 1 == r_rows
+        wt_last = wt_cnt == r_wb
+        row_last = row_cnt == r_rows
         flag("weights_tlast", take & (sw.tlast != (~hdr_phase & wt_last & row_last)))
         s_lo, s_hi = header_bits("shift")
         flag("shift", take & row_start & (sw.tdata[s_lo:s_hi] > MAX_SHIFT))
         with m.If(take):
             with m.If(hdr_phase):
-                with m.If(hdr_cnt + 1 == r_hb):
+                with m.If(hdr_cnt == r_hb):
                     m.d.sync += [hdr_cnt.eq(0), hdr_phase.eq(0)]
                 with m.Else():
                     m.d.sync += hdr_cnt.eq(hdr_cnt + 1)
