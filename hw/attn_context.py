@@ -24,12 +24,11 @@ SHIFT_BITS = bits_for(numerics.MAX_SHIFT)  # 6: 48..63 are refused
 PROB_BITS = 16  # s_p: the Softmax core's uint16 probabilities (15 fraction bits, at most 2**15 + 16)
 ACC_BITS = numerics.ACC_BITS  # per-element accumulators; the contract bounds them by 2**24
 
-# Read-out pipeline from the accumulator read to m_ctx.tvalid: the read, a register, the multiplier
-# inputs, acc * mult as two partial products, registered again, their sum, the coarse and fine
-# shifts, round + saturate into the output.
-_DRAIN_STAGES = 9
-# Cycles from the job's first beat to the read-out's multiplier inputs when the job is one beat:
-# S1..S6, the switch to the read-out, D1, D2. The per-lane copies of the requantization parameters (a chain, one
+# Read-out pipeline from the accumulator read to m_ctx.tvalid: the read, a register, acc * mult as
+# two partial products, their sum, the coarse and fine shifts, round + saturate into the output.
+_DRAIN_STAGES = 7
+# Cycles from the job's first beat to the read-out's multiply when the job is one beat: S1..S6, the
+# switch to the read-out, D1, D2. The per-lane copies of the requantization parameters (a chain, one
 # lane per cycle) must have reached the last lane by then.
 _FIRST_BEAT_TO_MULTIPLY = 9
 # Accumulation pipeline: S1 the beat, S2 the per-lane probabilities, S3 the multiplier inputs, S4 the
@@ -323,10 +322,9 @@ class AttnContext(wiring.Component):
         with m.If(mo.tvalid & mo.tready & mo.tlast):
             m.d.sync += [d_go.eq(0), draining.eq(0)]
 
-        # D1: the accumulator word (the read port's register); D2: registered again; D3: the
-        # multiplier inputs (next to the multipliers); D4: partial products acc * mult; D5: registered
-        # again, away from the multipliers; D6: their sum; D7, D8: coarse and fine shift; then round
-        # and saturate into the output register. The whole pipeline advances with m_ctx.
+        # D1: the accumulator word (the read port's register); D2: registered again; D3: partial
+        # products acc * mult; D4: their sum; D5, D6: coarse and fine shift; then round and
+        # saturate into the output register. The whole pipeline advances with m_ctx.
         d_valid, d_last = [issue], [d_cnt + 1 == r_nb]
         for k in range(1, _DRAIN_STAGES):
             v, last = Signal(name=f"d{k}_valid"), Signal(name=f"d{k}_last")
@@ -351,10 +349,6 @@ class AttnContext(wiring.Component):
             fine_bits = shift[:3]
             coarse_bits = Cat(C(0, 3), shift[3:])
             acc = reg(signed(ACC_BITS), f"rq_acc{i}")
-            acc_m = reg(signed(ACC_BITS), f"rq_mul_acc{i}")
-            mult_m = reg(numerics.MULT_BITS, f"rq_mul_mult{i}")
-            p_lo_m = reg(unsigned(16 + numerics.MULT_BITS), f"p_lo_m{i}")
-            p_hi_m = reg(signed(16 + numerics.MULT_BITS + 1), f"p_hi_m{i}")
             p_lo = reg(unsigned(16 + numerics.MULT_BITS), f"p_lo{i}")
             p_hi = reg(signed(16 + numerics.MULT_BITS + 1), f"p_hi{i}")
             prod = reg(signed(ACC_BITS + numerics.MULT_BITS + 1), f"rq_prod{i}")  # |acc * mult| < 2**46
@@ -365,9 +359,7 @@ class AttnContext(wiring.Component):
             with m.If(adv):
                 m.d.sync += [
                     acc.eq(acc_rd.data.word_select(i, ACC_BITS)),
-                    acc_m.eq(acc), mult_m.eq(mult),
-                    p_lo_m.eq(acc_m[:16] * mult_m), p_hi_m.eq(acc_m[16:].as_signed() * mult_m),
-                    p_lo.eq(p_lo_m), p_hi.eq(p_hi_m),
+                    p_lo.eq(acc[:16] * mult), p_hi.eq(acc[16:].as_signed() * mult),
                     prod.eq((p_hi << 16) + p_lo),
                     coarse.eq((prod << 1) >> coarse_bits),
                     fine.eq(coarse >> fine_bits),
