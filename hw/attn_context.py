@@ -27,15 +27,10 @@ ACC_BITS = numerics.ACC_BITS  # per-element accumulators; the contract bounds th
 # Read-out pipeline from the accumulator read to m_ctx.tvalid: the read, a register, acc * mult as
 # two partial products, their sum, the coarse and fine shifts, round + saturate into the output.
 _DRAIN_STAGES = 7
-# Cycles from the job's first beat to the read-out's multiply when the job is one beat: S1..S6, the
+# Cycles from the job's first beat to the read-out's multiply when the job is one beat: S1..S4, the
 # switch to the read-out, D1, D2. The per-lane copies of the requantization parameters (a chain, one
 # lane per cycle) must have reached the last lane by then.
-_FIRST_BEAT_TO_MULTIPLY = 9
-# Accumulation pipeline: S1 the beat, S2 the per-lane probabilities, S3 the multiplier inputs, S4 the
-# products, S5 and S6 the products again (the accumulator word is read in S5), S6 accumulate and
-# write back. Registers on both sides of each multiplier keep the long routes to and from the ECP5's
-# DSP rows register to register.
-_ACC_STAGES = 6
+_FIRST_BEAT_TO_MULTIPLY = 7
 
 
 
@@ -147,9 +142,10 @@ class AttnContext(wiring.Component):
     @property
     def latency(self) -> int:
         """Cycles from the transfer of the job's last ``s_v`` beat to the first ``m_ctx.tvalid``."""
-        # S1..S6 (the last accumulates and writes back), the wait for the parameter copies, the
-        # switch to the read-out, then the read-out pipeline.
-        return _ACC_STAGES + self.copy_wait + 1 + _DRAIN_STAGES
+        # S1 (beat), S2 (multiplier inputs), S3 (products, accumulator read), S4 (accumulate and
+        # write back), the wait for the parameter copies, the switch to the read-out, then the
+        # read-out pipeline.
+        return 4 + self.copy_wait + 1 + _DRAIN_STAGES
 
     @property
     def copy_wait(self) -> int:
@@ -261,7 +257,7 @@ class AttnContext(wiring.Component):
         # ---- S1: the beat and its probability. Control (valid, last beat of the job, first row,
         # accumulator word) travels with the data: ctl[k] holds stage k + 1's.
         ctl = [dict(valid=ok, final=ok & final, first=first_row, addr=v_beat)]
-        for k in range(1, _ACC_STAGES + 1):
+        for k in range(1, 5):
             stage = {}
             for key, sig in ctl[-1].items():
                 r = Signal(sig.shape(), name=f"s{k}_{key}", reset_less=key in ("first", "addr"))
@@ -279,36 +275,32 @@ class AttnContext(wiring.Component):
         m.d.sync += [s2_p[i].eq(Mux(s1_keep[i], s1_p, 0)) for i in range(L)]
         m.d.sync += s2_v.eq(s1_v)
 
-        # ---- S3: the multiplier inputs again (next to the multiplier); S4: products p * v (uint16 x
-        # int8); S5, S6: registered again, away from the multiplier and next to the accumulators (the
-        # beat's word is read in S5)
+        # ---- S3: products p * v (uint16 x int8), then registered again (S4) next to the
+        # accumulators; the accumulator word of the beat is read in S3
         prods = []
         for i in range(L):
-            p3 = reg(PROB_BITS, f"mul_p{i}")
-            v3 = reg(signed(8), f"mul_v{i}")
-            p4 = reg(signed(PROB_BITS + 9), f"prod{i}")
-            p5 = reg(signed(PROB_BITS + 9), f"prod{i}_r")
-            p6 = reg(signed(PROB_BITS + 9), f"prod{i}_rr")
-            m.d.sync += [p3.eq(s2_p[i]), v3.eq(s2_v.word_select(i, 8)), p4.eq(p3 * v3), p5.eq(p4), p6.eq(p5)]
-            prods.append(p6)
-        s_rd, s_wr = ctl[_ACC_STAGES - 1], ctl[_ACC_STAGES]
+            p3 = reg(signed(PROB_BITS + 9), f"prod{i}")
+            p4 = reg(signed(PROB_BITS + 9), f"prod{i}_r")
+            m.d.sync += [p3.eq(s2_p[i] * s2_v.word_select(i, 8).as_signed()), p4.eq(p3)]
+            prods.append(p4)
+        s3, s4 = ctl[3], ctl[4]
 
-        # ---- S6: add to the accumulators (the word read in S5, or the one written in the cycle of
+        # ---- S4: add to the accumulators (the word read in S3, or the one written in the cycle of
         # that read, which the read did not see) and write back; the first row overwrites
-        fwd = Signal(name="fwd")  # the word read in S5 was written in the same cycle: use that write
-        m.d.sync += fwd.eq(s_wr["valid"] & (s_wr["addr"] == s_rd["addr"]))
+        fwd = Signal(name="fwd")  # the word read in S3 was written in the same cycle: use that write
+        m.d.sync += fwd.eq(s4["valid"] & (s4["addr"] == s3["addr"]))
         lw_data = reg(ACC_BITS * L, "lw_data")  # the word written in the previous cycle
         old = Mux(fwd, lw_data, acc_rd.data)
-        sums = [Mux(s_wr["first"], 0, old.word_select(i, ACC_BITS).as_signed()) + prods[i] for i in range(L)]
+        sums = [Mux(s4["first"], 0, old.word_select(i, ACC_BITS).as_signed()) + prods[i] for i in range(L)]
         new = Cat(*[s[:ACC_BITS] for s in sums])
-        m.d.comb += [acc_wr.addr.eq(s_wr["addr"]), acc_wr.data.eq(new), acc_wr.en.eq(s_wr["valid"])]
+        m.d.comb += [acc_wr.addr.eq(s4["addr"]), acc_wr.data.eq(new), acc_wr.en.eq(s4["valid"])]
         m.d.sync += lw_data.eq(new)
 
         # ---- read-out: starts the cycle after the last beat's write; stalled as a whole by m_ctx
         adv = ~mo.tvalid | mo.tready
         d_go = Signal()  # the last write is done and the lanes have the job's parameters: issue reads
         d_cnt = Signal(range(nbm + 1))
-        go = s_wr["final"]
+        go = s4["final"]
         for k in range(self.copy_wait):
             delayed = Signal(name=f"go_wait{k}")
             m.d.sync += delayed.eq(go)
@@ -318,7 +310,7 @@ class AttnContext(wiring.Component):
         issue = d_go & (d_cnt != r_nb) & adv
         with m.If(issue):
             m.d.sync += d_cnt.eq(d_cnt + 1)
-        m.d.comb += [acc_rd.addr.eq(Mux(d_go, d_cnt, s_rd["addr"])), acc_rd.en.eq(~d_go | adv)]
+        m.d.comb += [acc_rd.addr.eq(Mux(d_go, d_cnt, s3["addr"])), acc_rd.en.eq(~d_go | adv)]
         with m.If(mo.tvalid & mo.tready & mo.tlast):
             m.d.sync += [d_go.eq(0), draining.eq(0)]
 
