@@ -67,9 +67,12 @@ class AttnContext(wiring.Component):
     when ``m_ctx`` does not stall, and the next job's first beat is taken the cycle after the last
     ``m_ctx`` transfer: ``cycles_per_job(n_keys, head_dim)`` cycles per job in all.
 
-    Latency (:attr:`latency`): 12 cycles from the transfer of the job's last ``s_v`` beat to the
-    first ``m_ctx.tvalid``; then one output beat per cycle unless ``m_ctx`` stalls (the read-out
-    pipeline stalls with it).
+    Latency (:attr:`latency`): ``12 + max(0, bus_bits / 8 - 7)`` cycles (13 at 64 bits, 21 at 128)
+    from the transfer of the job's last ``s_v`` beat to the first ``m_ctx.tvalid``; then one output
+    beat per cycle unless ``m_ctx`` stalls (the read-out pipeline stalls with it). Each lane keeps
+    its own copy of ``ctx_mult`` / ``ctx_shift`` next to its multipliers, passed along a chain one
+    lane per cycle from the job's first beat; the read-out waits :attr:`copy_wait` cycles after the
+    last write (9 at 128 bits, 1 at 64) so that the last lane has the job's values.
 
     Errors: ``error`` bit ``i`` is set when the condition ``ERROR_BITS[i]`` is seen and stays set
     until a reset. ``head_dim`` / ``n_keys`` / ``ctx_shift``: the value on the port is 0 or above
