@@ -27,6 +27,10 @@ ACC_BITS = numerics.ACC_BITS  # per-element accumulators; the contract bounds th
 # Read-out pipeline from the accumulator read to m_ctx.tvalid: the read, a register, acc * mult as
 # two partial products, their sum, the coarse and fine shifts, round + saturate into the output.
 _DRAIN_STAGES = 7
+# Cycles from the job's first beat to the read-out's multiply when the job is one beat: S1..S4, the
+# switch to the read-out, D1, D2. The per-lane copies of the requantization parameters (a chain, one
+# lane per cycle) must have reached the last lane by then.
+_FIRST_BEAT_TO_MULTIPLY = 7
 
 
 
@@ -63,9 +67,12 @@ class AttnContext(wiring.Component):
     when ``m_ctx`` does not stall, and the next job's first beat is taken the cycle after the last
     ``m_ctx`` transfer: ``cycles_per_job(n_keys, head_dim)`` cycles per job in all.
 
-    Latency (:attr:`latency`): 12 cycles from the transfer of the job's last ``s_v`` beat to the
-    first ``m_ctx.tvalid``; then one output beat per cycle unless ``m_ctx`` stalls (the read-out
-    pipeline stalls with it).
+    Latency (:attr:`latency`): ``12 + max(0, bus_bits / 8 - 7)`` cycles (13 at 64 bits, 21 at 128)
+    from the transfer of the job's last ``s_v`` beat to the first ``m_ctx.tvalid``; then one output
+    beat per cycle unless ``m_ctx`` stalls (the read-out pipeline stalls with it). Each lane keeps
+    its own copy of ``ctx_mult`` / ``ctx_shift`` next to its multipliers, passed along a chain one
+    lane per cycle from the job's first beat; the read-out waits :attr:`copy_wait` cycles after the
+    last write (9 at 128 bits, 1 at 64) so that the last lane has the job's values.
 
     Errors: ``error`` bit ``i`` is set when the condition ``ERROR_BITS[i]`` is seen and stays set
     until a reset. ``head_dim`` / ``n_keys`` / ``ctx_shift``: the value on the port is 0 or above
@@ -139,8 +146,15 @@ class AttnContext(wiring.Component):
     def latency(self) -> int:
         """Cycles from the transfer of the job's last ``s_v`` beat to the first ``m_ctx.tvalid``."""
         # S1 (beat), S2 (multiplier inputs), S3 (products, accumulator read), S4 (accumulate and
-        # write back), the switch to the read-out, then the read-out pipeline.
-        return 4 + 1 + _DRAIN_STAGES
+        # write back), the wait for the parameter copies, the switch to the read-out, then the
+        # read-out pipeline.
+        return 4 + self.copy_wait + 1 + _DRAIN_STAGES
+
+    @property
+    def copy_wait(self) -> int:
+        """Cycles the read-out waits after the last write so that every lane's copy of ``ctx_mult``
+        and ``ctx_shift`` (a chain, one lane further per cycle) holds the job's values."""
+        return max(0, self.lanes - _FIRST_BEAT_TO_MULTIPLY)
 
     @property
     def throughput(self) -> int:
@@ -180,14 +194,17 @@ class AttnContext(wiring.Component):
         r_shift = Signal(SHIFT_BITS)
 
         # ---- S0: handshake; a row's first beat also takes its probability. The job's first beat
-        # uses the ports (decoded without arithmetic, to keep the handshake logic shallow) and
-        # registers them; later beats and the read-out use the registers.
-        v_beat = Signal(range(max(2, nbm)))
+        # uses the ports (decoded without arithmetic, to keep the handshake logic shallow); later
+        # beats use flags computed one beat ahead (no counter comparison on the handshake path).
+        v_beat = Signal(range(max(2, nbm)))  # the beat's accumulator word
         v_row = Signal(range(max(2, self.max_keys)))
-        start = (v_row == 0) & (v_beat == 0)
-        row_start = v_beat == 0
-        v_last = Mux(start, self.head_dim <= L, v_beat + 1 == r_nb)
-        row_last = Mux(start, self.n_keys == 1, v_row + 1 == r_nk)
+        first_row = Signal(init=1)  # v_row == 0
+        row_start = Signal(init=1)  # v_beat == 0
+        beat_last = Signal()  # v_beat + 1 == r_nb (valid after the job's first beat)
+        rows_last = Signal()  # v_row + 1 == r_nk (valid after the job's first beat)
+        start = first_row & row_start
+        v_last = Mux(start, self.head_dim <= L, beat_last)
+        row_last = Mux(start, self.n_keys == 1, rows_last)
         final = v_last & row_last
         accum = ~halted & ~draining
         m.d.comb += [sv.tready.eq(accum & (~row_start | sp.tvalid)), sp.tready.eq(accum & row_start & sv.tvalid)]
@@ -209,10 +226,19 @@ class AttnContext(wiring.Component):
 
         p_row = reg(PROB_BITS, "p_row")  # the probability of the row in progress
         p_use = Mux(row_start, sp.tdata, p_row)
+        # the configuration follows the ports until the job's first beat is taken, and holds from
+        # then to the end of its read-out (an enable without the handshake in it)
+        port_nb = (self.head_dim + (L - 1)) >> lg
+        with m.If(start & ~draining):
+            m.d.sync += [r_hd.eq(self.head_dim), r_nk.eq(self.n_keys), r_nb.eq(port_nb),
+                         r_mult.eq(self.ctx_mult), r_shift.eq(self.ctx_shift)]
+        nb, nk = Mux(start, port_nb, r_nb), Mux(start, self.n_keys, r_nk)
         with m.If(ok):
-            with m.If(start):
-                m.d.sync += [r_hd.eq(self.head_dim), r_nk.eq(self.n_keys), r_nb.eq((self.head_dim + (L - 1)) >> lg),
-                             r_mult.eq(self.ctx_mult), r_shift.eq(self.ctx_shift)]
+            m.d.sync += [row_start.eq(v_last), first_row.eq(Mux(v_last, final, first_row))]
+            with m.If(v_last):  # the next beat starts row v_row + 1
+                m.d.sync += [beat_last.eq(nb == 1), rows_last.eq(v_row + 2 == nk)]
+            with m.Else():
+                m.d.sync += [beat_last.eq(v_beat + 2 == nb), rows_last.eq(Mux(start, self.n_keys == 1, rows_last))]
             with m.If(row_start):
                 m.d.sync += p_row.eq(sp.tdata)
             with m.If(v_last):
@@ -233,7 +259,7 @@ class AttnContext(wiring.Component):
 
         # ---- S1: the beat and its probability. Control (valid, last beat of the job, first row,
         # accumulator word) travels with the data: ctl[k] holds stage k + 1's.
-        ctl = [dict(valid=ok, final=ok & final, first=v_row == 0, addr=v_beat)]
+        ctl = [dict(valid=ok, final=ok & final, first=first_row, addr=v_beat)]
         for k in range(1, 5):
             stage = {}
             for key, sig in ctl[-1].items():
@@ -275,9 +301,14 @@ class AttnContext(wiring.Component):
 
         # ---- read-out: starts the cycle after the last beat's write; stalled as a whole by m_ctx
         adv = ~mo.tvalid | mo.tready
-        d_go = Signal()  # the last write is done: issue reads
+        d_go = Signal()  # the last write is done and the lanes have the job's parameters: issue reads
         d_cnt = Signal(range(nbm + 1))
-        with m.If(s4["final"]):
+        go = s4["final"]
+        for k in range(self.copy_wait):
+            delayed = Signal(name=f"go_wait{k}")
+            m.d.sync += delayed.eq(go)
+            go = delayed
+        with m.If(go):
             m.d.sync += [d_go.eq(1), d_cnt.eq(0)]
         issue = d_go & (d_cnt != r_nb) & adv
         with m.If(issue):
@@ -298,10 +329,20 @@ class AttnContext(wiring.Component):
             d_last.append(last)
         with m.If(adv):
             m.d.sync += [mo.tvalid.eq(d_valid[-1]), mo.tlast.eq(d_last[-1])]
-        fine_bits = r_shift[:3]
-        coarse_bits = Cat(C(0, 3), r_shift[3:])
+        # Each lane has its own copy of the requantization parameters, next to its two multipliers
+        # and its shifters: one register driving all 2 * L multipliers costs 5 ns of routing on the
+        # ECP5. Lane i's copy is lane i - 1's one cycle later (lane 0 uses r_mult, r_shift): copies
+        # of one register would be merged by synthesis, a chain keeps them apart.
+        lane_cfg = [Cat(r_mult, r_shift)]
+        for i in range(1, L):
+            copy = reg(len(lane_cfg[0]), f"rq_cfg{i}")
+            m.d.sync += copy.eq(lane_cfg[-1])
+            lane_cfg.append(copy)
         outs = []
         for i in range(L):
+            mult, shift = lane_cfg[i][:numerics.MULT_BITS], lane_cfg[i][numerics.MULT_BITS:]
+            fine_bits = shift[:3]
+            coarse_bits = Cat(C(0, 3), shift[3:])
             acc = reg(signed(ACC_BITS), f"rq_acc{i}")
             p_lo = reg(unsigned(16 + numerics.MULT_BITS), f"p_lo{i}")
             p_hi = reg(signed(16 + numerics.MULT_BITS + 1), f"p_hi{i}")
@@ -313,7 +354,7 @@ class AttnContext(wiring.Component):
             with m.If(adv):
                 m.d.sync += [
                     acc.eq(acc_rd.data.word_select(i, ACC_BITS)),
-                    p_lo.eq(acc[:16] * r_mult), p_hi.eq(acc[16:].as_signed() * r_mult),
+                    p_lo.eq(acc[:16] * mult), p_hi.eq(acc[16:].as_signed() * mult),
                     prod.eq((p_hi << 16) + p_lo),
                     coarse.eq((prod << 1) >> coarse_bits),
                     fine.eq(coarse >> fine_bits),
