@@ -13,8 +13,7 @@ Rows are independent, so a chunk of rows is done at once, BLOCK columns at a tim
 the updates are recursive halves (a matrix product from each first half to its second half,
 rank-1 below 4 columns), and the rest of the matrix is updated once per block by a float32
 product. A group's scale is chosen when its first column is reached, from the weights as updated
-so far, with the same rule as nearest rounding, among a few peaks: the one whose compensated
-rounding of the group adds the least loss. The integers returned are in the same ranges and
+so far, with the same rule as nearest rounding. The integers returned are in the same ranges and
 formats as nearest rounding; only which integers are stored differs.
 
 Shapes: o = output rows, n = input columns (d_in), g = group size.
@@ -108,8 +107,7 @@ def round_compensated(w, u, group: int, step_for: Callable, lo: int, hi: int) ->
     step_for(w_group [r, g], col_weight [g], rows) is called at each group's first column with the
     group's weights (rows `rows` of w, a slice) as updated so far, and the weight of each column's
     squared rounding error in the loss (1 / U[j, j]^2), and returns the rounding step of those
-    weights (the contract's scale rule), [r], or candidate steps [c, r], of which each row keeps
-    the one that :func:`least_loss_step` finds best. Each weight becomes clip(floor(w / step + 0.5), lo,
+    weights (the contract's scale rule), [r]. Each weight becomes clip(floor(w / step + 0.5), lo,
     hi), exactly as nearest rounding does, so U = I gives nearest rounding bit for bit: the weights
     stay float64 and only the updates carried across blocks are float32 (zero when U = I). Rows
     are independent and go in chunks (:func:`row_chunks`). Returns (integers [o, n] int8,
@@ -131,11 +129,7 @@ def round_compensated(w, u, group: int, step_for: Callable, lo: int, hi: int) ->
             b1 = min(b0 + BLOCK, n)
             if b0 % group == 0:
                 cols = slice(b0, min(b0 + group, n))
-                group_w = wt[cols] - carried[cols]  # [g, r]
-                step = np.asarray(step_for(group_w.T, col_weight[cols], rows), np.float64)
-                if step.ndim == 2:  # candidates [c, r]: keep the one whose compensated rounding costs least
-                    step = step[0] if len(step) == 1 else \
-                        step[least_loss_step(group_w, step, u64[cols, cols], lo, hi), np.arange(step.shape[1])]
+                step = np.asarray(step_for((wt[cols] - carried[cols]).T, col_weight[cols], rows), np.float64)
                 steps[b0 // group][rows] = step
             blk = wt[b0:b1] - carried[b0:b1]  # [b, r] the block's weights as updated so far
             err = np.empty(blk.shape)  # [b, r] scaled errors err_j / U[j, j]
@@ -166,17 +160,6 @@ def _round_block(blk, err, out, u, step, lo: int, hi: int) -> None:  # [b, r], [
         err[j] = (blk[j] - q * step) / u[j, j]
         if j + 1 < b:
             blk[j + 1:] -= u[j, j + 1:, None] * err[j][None, :]
-
-
-def least_loss_step(w_group, candidates, u, lo: int, hi: int) -> np.ndarray:  # [g, r], [c, r], [g, g] -> [r]
-    """Index of the candidate step whose rounding of the group, with compensation inside it, adds the
-    least loss: sum_j (err_j / U[j, j])^2, the increase of e^T H e (Frantar et al., eq. 3) that the
-    group's columns cause. Ties keep the earlier candidate."""
-    c, r = candidates.shape
-    tried = np.tile(w_group, (1, c))  # [g, c * r]: every candidate side by side, one pass
-    err = np.empty(tried.shape)
-    _round_block(tried, err, np.empty(tried.shape, np.int8), u, candidates.reshape(-1), lo, hi)
-    return np.argmin(np.einsum("gr,gr->r", err, err).reshape(c, r), axis=0)
 
 
 def row_chunks(o: int, n: int) -> list[slice]:

