@@ -250,7 +250,8 @@ def _summary_fixed(r: dict) -> str:
     return (f"fixed: decode {r['fixed']['decode_ms_per_token']:.2f} ms/tok vs float "
             f"{r['float']['decode_ms_per_token']:.2f} ms/tok ({r['fixed_to_float_speed']:.2f}x float speed); "
             f"quantize GPT-2 124M {r['quantize_gpt2_124m_seconds']:.1f} s (int8), int4 "
-            f"g{r['quantize_gpt2_124m_int4_group']} nearest {q4['nearest']:.1f} s, gptq {q4['gptq']:.1f} s")
+            f"g{r['quantize_gpt2_124m_int4_group']} nearest {q4['nearest']:.1f} s, gptq {q4['gptq']:.1f} s "
+            f"(load average {r['load_average']['before_int4'][0]:.1f} on {r['load_average']['cpus']} CPUs)")
 
 
 def _lazy(module: str, name: str):

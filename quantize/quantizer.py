@@ -25,7 +25,7 @@ from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_BETA_B
                                       HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix,
                                       unpack_embed_scale)
 from gpt_fpga.contract import numerics as nx
-from gpt_fpga.quantize.gptq import DEFAULT_DAMPING, compensation_factor, hessian, round_compensated
+from gpt_fpga.quantize.gptq import DEFAULT_DAMPING, compensation_factor, hessian, round_compensated, row_chunks
 from gpt_fpga.sim.fixed_model import FixedModel, LayerNormQ, Matrix, load_layer
 from gpt_fpga.sim.float_model import FloatModel
 
@@ -35,7 +35,8 @@ DEFAULT_CALIB_TOKENS = 2048
 DEFAULT_SELF_CALIB_TOKENS = 512
 DEFAULT_ROUNDING = {"int8": "nearest", "int4": "gptq"}  # chosen by measurement: docs/numerics.md
 DEFAULT_HEAD_ROUNDING = "gptq"
-# The head's damping also keeps its rows near the float ones, which the embedding (the same rows) needs
+# The head's damping also keeps its rows near the float ones, which the embedding (the same rows) needs;
+# tuned on held-out text, and validation text did not give a better choice (docs/numerics.md)
 DEFAULT_HEAD_DAMPING = 0.3
 MAX_DAMPING = 100.0  # lm_head (and the embedding, its rows) under gptq: docs/numerics.md
 ACT_SCALE_FLOOR = 1e-6  # smallest calibrated peak an activation scale is made from
@@ -162,9 +163,17 @@ def calibrate(model: FloatModel, ids: list[int], progress: bool = True) -> dict[
 
 
 # ---- weights ----------------------------------------------------------------------------------
+def row_absmax(w):  # [o, i] -> [o], without a temporary the size of w
+    return np.maximum(w.max(axis=1), -w.min(axis=1))
+
+
 def quantize_rows_int8(w):  # [o, i] float -> (int8 [o, i], scale [o])
-    scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
-    return np.clip(np.floor(w / scale[:, None] + 0.5), -127, 127).astype(np.int64), scale
+    scale = np.maximum(row_absmax(w), 1e-12) / 127.0
+    return np.clip(np.floor(w / scale[:, None] + 0.5), -127, 127).astype(np.int8), scale
+
+
+SCALE_SEARCH = True
+SCALE_SHRINK = (0.95, 0.9)  # group peaks tried below the absmax: clipping can cost less
 
 
 def quantize_rows_int4(w, group: int, scale_search: bool | None = None):
@@ -175,23 +184,26 @@ def quantize_rows_int4(w, group: int, scale_search: bool | None = None):
     """
     o, i = w.shape
     n_groups = ceil_div(i, group)
-    padded = np.zeros((o, n_groups * group), np.float64)
-    padded[:, :i] = w
-    gmax = np.abs(padded.reshape(o, n_groups, group)).max(axis=2)  # [o, g]
     base = int4_row_base(w)
-    # q <= 255 and |w4| <= 7 by construction (the np.clip calls only absorb float rounding): no clip to count
-    q = int4_group_scale(gmax, base)
-    if SCALE_SEARCH if scale_search is None else scale_search:
-        for g in range(n_groups):
-            cols = slice(g * group, min((g + 1) * group, i))
-            q[:, g] = search_group_scale(w[:, cols], gmax[:, g], base, q[:, g], np.ones(cols.stop - cols.start))
-    step = (q * base[:, None])[:, np.arange(i) // group]
-    w4 = np.clip(np.floor(w / step + 0.5), -nx.INT4_MAX, nx.INT4_MAX).astype(np.int64)
+    w4 = np.empty((o, i), np.int8)
+    q = np.empty((o, n_groups), np.int64)
+    search = SCALE_SEARCH if scale_search is None else scale_search
+    for rows in row_chunks(o, i):  # bounded temporaries for a 50257-row lm_head
+        padded = np.zeros((rows.stop - rows.start, n_groups * group), np.float64)
+        padded[:, :i] = w[rows]
+        grouped = padded.reshape(-1, n_groups, group)  # [r, G, g]
+        gmax = np.abs(grouped).max(axis=2)  # [r, G]
+        # q <= 255 and |w4| <= 7 by construction (the np.clip calls only absorb float rounding): no clip to count
+        q[rows] = int4_group_scale(gmax, base[rows])
+        if search:
+            q[rows] = search_group_scale(grouped, gmax, base[rows], q[rows], np.ones(group))
+        step = (q[rows] * base[rows, None])[:, :, None]  # [r, G, 1]
+        w4[rows] = np.clip(np.floor(grouped / step + 0.5), -nx.INT4_MAX, nx.INT4_MAX).reshape(-1, n_groups * group)[:, :i]
     return w4, q, base
 
 
 def int4_row_base(w):  # [o, i] float -> [o]: the row's largest weight is 7 * 255 base steps
-    return np.maximum(np.abs(w).max(axis=1), 1e-12) / (nx.INT4_MAX * nx.GROUP_SCALE_MAX)
+    return np.maximum(row_absmax(w), 1e-12) / (nx.INT4_MAX * nx.GROUP_SCALE_MAX)
 
 
 def int4_group_scale(gmax, base):  # [o, ...] group absmax, [o] base -> uint8 q, rounded up so nothing clips
@@ -199,14 +211,10 @@ def int4_group_scale(gmax, base):  # [o, ...] group absmax, [o] base -> uint8 q,
     return np.clip(np.ceil(gmax / (nx.INT4_MAX * base) - 1e-9), 1, nx.GROUP_SCALE_MAX).astype(np.int64)
 
 
-SCALE_SEARCH = True
-SCALE_SHRINK = (0.95, 0.9)  # group peaks tried below the absmax: clipping can cost less
-
-
-def search_group_scale(w_group, gmax, base, q, col_weight):  # [o, g], [o], [o], [o], [g] -> [o]
+def search_group_scale(w_group, gmax, base, q, col_weight):  # [o, ..., g], [o, ...], [o], [o, ...], [g] -> [o, ...]
     """The group scale among absmax and SCALE_SHRINK of it with the least weighted squared rounding error."""
     def cost(qc):
-        step = (qc * base)[:, None]
+        step = (qc * base.reshape(base.shape + (1,) * (qc.ndim - 1)))[..., None]
         err = w_group - np.clip(np.floor(w_group / step + 0.5), -nx.INT4_MAX, nx.INT4_MAX) * step
         return (err * err) @ col_weight
 
@@ -220,8 +228,8 @@ def search_group_scale(w_group, gmax, base, q, col_weight):  # [o, g], [o], [o],
 
 
 def gptq_rows_int8(w, u):  # [o, i] float, U [i, i] -> (int8 [o, i], scale [o]); scales as quantize_rows_int8
-    scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
-    w8, _ = round_compensated(w, u, w.shape[1], lambda *_: scale, -127, 127)
+    scale = np.maximum(row_absmax(w), 1e-12) / 127.0
+    w8, _ = round_compensated(w, u, w.shape[1], lambda _w, _c, rows: scale[rows], -127, 127)
     return w8, scale
 
 
@@ -233,18 +241,19 @@ def gptq_rows_int4(w, group: int, u, scale_search: bool | None = None):
     weight at +-7, which stays within the contract).
     """
     base = int4_row_base(w)
-    q_groups = []
+    q = np.empty((w.shape[0], ceil_div(w.shape[1], group)), np.int64)
+    search = SCALE_SEARCH if scale_search is None else scale_search
 
-    def step_for(w_group, col_weight):  # [o, g], [g] -> [o]
+    def step_for(w_group, col_weight, rows):  # [r, g], [g], rows of w -> [r]
         gmax = np.abs(w_group).max(axis=1)
-        q = int4_group_scale(gmax, base)
-        if SCALE_SEARCH if scale_search is None else scale_search:
-            q = search_group_scale(w_group, gmax, base, q, col_weight)
-        q_groups.append(q)
-        return q * base
+        qg = int4_group_scale(gmax, base[rows])
+        if search:
+            qg = search_group_scale(w_group, gmax, base[rows], qg, col_weight)
+        return qg * base[rows]
 
-    w4, _ = round_compensated(w, u, group, step_for, -nx.INT4_MAX, nx.INT4_MAX)
-    return w4, np.stack(q_groups, axis=1), base
+    w4, steps = round_compensated(w, u, group, step_for, -nx.INT4_MAX, nx.INT4_MAX)
+    q = np.stack([np.rint(s / base) for s in steps], axis=1).astype(np.int64)
+    return w4, q, base
 
 
 def requant_params(ratios, what: str = "a matrix", clips: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -490,6 +499,21 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
 def quantize_checkpoint(model_dir, out_path, weights="int8", group=32, bus_bits=64, calib=None,
                         calib_tokens=None, progress=True, rounding=None, damping=DEFAULT_DAMPING,
                         head_rounding=DEFAULT_HEAD_ROUNDING, head_damping=None) -> dict:
+    """Quantize a checkpoint into an image at out_path; returns the image header.
+
+    BLAS runs on one thread: the calibration text is sampled one token at a time, and on a shared
+    2-core machine a second BLAS thread made those single-token products 5 to 8 times slower
+    (docs/numerics.md, 'Speed'); one thread also makes every float sum independent of the core count.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _quantize_checkpoint(model_dir, out_path, weights, group, bus_bits, calib, calib_tokens, progress,
+                                    rounding, damping, head_rounding, head_damping)
+
+
+def _quantize_checkpoint(model_dir, out_path, weights, group, bus_bits, calib, calib_tokens, progress, rounding,
+                         damping, head_rounding, head_damping) -> dict:
     calib_text = None if calib is None else read_text_file(calib, "--calib")  # before any work
     ckpt = load_checkpoint(model_dir)
     opts = QuantOptions(weights, group, bus_bits, calib_tokens, rounding=rounding, damping=damping,

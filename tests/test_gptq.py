@@ -52,6 +52,7 @@ def test_identity_hessian_without_damping_is_nearest_rounding_int4(group):
     got, ref = gptq_rows_int4(w, group, u), quantize_rows_int4(w, group)
     for a, b in zip(got, ref):
         assert np.array_equal(a, b)
+    assert not np.array_equal(got[1], quantize_rows_int4(w, group, scale_search=False)[1])  # the peaks were tried
 
 
 def test_identity_hessian_without_damping_is_nearest_rounding_int8():
@@ -60,13 +61,25 @@ def test_identity_hessian_without_damping_is_nearest_rounding_int8():
     assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
 
 
-def test_inverse_cholesky_factors_the_inverse():
+@pytest.mark.parametrize("dtype,atol", [(np.float64, 1e-6), (np.float32, 1e-3)])
+def test_inverse_cholesky_factors_the_inverse(dtype, atol):
     x = correlated_acts(600, 300)
     h = hessian(x) + 0.01 * np.eye(300) * np.mean(np.diag(hessian(x)))
-    u = inverse_cholesky(h)
-    assert np.allclose(np.tril(u, -1), 0)
+    u = inverse_cholesky(h, dtype)
+    assert u.dtype == dtype and not np.tril(u, -1).any()
     assert np.all(np.diag(u) > 0)
-    assert np.allclose(u.T @ u @ h, np.eye(300), atol=1e-6)
+    assert np.allclose(u.astype(np.float64).T @ u @ h, np.eye(300), atol=atol)
+
+
+def test_hessian_is_exact_over_many_tokens():
+    """int8 extremes over more tokens than one float32 partial sum holds exactly: H is still exact."""
+    x = np.full((3000, 3), -128)
+    x[:, 1] = 127
+    x[:, 2] = 0
+    x[::2, 2] = 1
+    h = hessian(x)
+    assert h[0, 0] == 3000 * 128 ** 2 and h[0, 1] == -3000 * 128 * 127 and h[2, 2] == 1500
+    assert h[1, 2] == 1500 * 127
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
