@@ -65,8 +65,9 @@ class Engine(wiring.Component):
 
     Throughput: every matvec takes one weight beat per cycle from the read DMA (several bursts in
     flight), so a command's time is about its weight beats plus the LayerNorm passes (~3 d cycles
-    each) and per head ~3 n cycles of softmax plus the K and V beats. CYCLES, BEATS_READ and
-    BEATS_WRITTEN count every command.
+    each) and the heads' K and V beats: the reads go K0, K1, V0, K2, V1, ..., V(H-1), and Softmax
+    (two row banks) sums head h while K(h + 1) streams, so the bus stays busy. CYCLES, BEATS_READ
+    and BEATS_WRITTEN count every command.
 
     Errors (ERROR register): an AXI error response, a stream whose length or tlast disagrees
     (flagged by a core or the write DMA), a descriptor field out of range, or a bad command end the
@@ -324,7 +325,7 @@ class Engine(wiring.Component):
         m.d.comb += [rd_cmd.s.tvalid.eq(rq_valid & tags.w_rdy), tags.w_en.eq(rq_valid & rd_cmd.s.tready),
                      rq_taken.eq(rq_valid & rd_cmd.s.tready & tags.w_rdy)]
         m.d.comb += rd_issued.eq(rd_go & ~rq_valid)
-        with m.If(~rq_valid):  # the request is taken
+        with m.If(rd_issued):  # the request is taken
             m.d.sync += [rq_valid.eq(1), rq_addr.eq(rd_addr), rq_n.eq(rd_n[:CMD_BEATS_BITS]), rq_tag.eq(1 << rd_tag)]
         with m.Elif(rq_taken):
             m.d.sync += rq_valid.eq(0)
@@ -345,6 +346,10 @@ class Engine(wiring.Component):
 
         d_valid = src.tvalid & tags.r_rdy
         d_ready = Signal()
+        # Each destination's readiness, whatever the tag (a register or one LUT each); the tag selects
+        # with one AND-OR (the tags are one-hot), not a priority chain: this path ends in the enable
+        # of rd_slice's wide output register.
+        ready_for = {}
         m.d.comb += [src.tready.eq(d_ready & tags.r_rdy), tags.r_en.eq(src.tvalid & src.tready & src.tlast)]
         m.d.sync += rd_out.eq(rd_out + rq_taken - tags.r_en)
         m.d.comb += rd_quiet.eq((rd_out == 0) & ~rq_valid)
@@ -365,8 +370,8 @@ class Engine(wiring.Component):
         # descriptor capture
         rec_sel = Signal()  # 0: model record, 1: command record
         rec_addr = Signal(32)  # the command's record: registered from the model record (sequencer, FETCH)
+        ready_for[T_DESC] = Const(1, 1)
         with m.If(to(T_DESC) & d_valid):
-            m.d.comb += d_ready.eq(1)
             with m.If(rec_sel):
                 m.d.sync += rec_cmd.eq(Cat(rec_cmd[8 * B:], src.tdata))
             with m.Else():
@@ -383,7 +388,7 @@ class Engine(wiring.Component):
             m.d.sync += eps_i.eq(eps_i + 1)
             if per8 > 1:
                 m.d.sync += lane8.eq(lane8 + 1)
-            m.d.comb += d_ready.eq(lane8 == per8 - 1)
+        ready_for[T_EPS] = lane8 == per8 - 1
         lnp_left = Signal(range(self.max_d + 1))  # real parameters not yet offered to LayerNorm
         lnp_real = Signal()  # lnp_left != 0, as a register
         if per8 > 1:
@@ -403,8 +408,9 @@ class Engine(wiring.Component):
                      feeds["lnp"].tlast.eq(src.tlast & (lane8 == per8 - 1))]
         for tag, name in ((T_W, "w"), (T_K, "k"), (T_V, "v")):
             m.d.comb += [feeds[name].tdata.eq(src.tdata), feeds[name].tlast.eq(src.tlast)]
+            ready_for[tag] = feeds[name].tready
             with m.If(to(tag)):
-                m.d.comb += [feeds[name].tvalid.eq(d_valid), d_ready.eq(feeds[name].tready)]
+                m.d.comb += feeds[name].tvalid.eq(d_valid)
         with m.If(to(T_LNP)):
             real = lnp_real  # padding entries of the last beat are dropped
             m.d.comb += feeds["lnp"].tvalid.eq(d_valid & real)
@@ -414,7 +420,7 @@ class Engine(wiring.Component):
             with m.If(take):
                 if per8 > 1:
                     m.d.sync += lane8.eq(lane8 + 1)
-                m.d.comb += d_ready.eq(lane8 == per8 - 1)
+        ready_for[T_LNP] = (feeds["lnp"].tready | ~lnp_real) & (lane8 == per8 - 1)
 
         # residual load: one beat -> B/4 int32 values, one per cycle
         res_i = Signal(range(self.max_d + B))  # next x index
@@ -423,8 +429,7 @@ class Engine(wiring.Component):
             m.d.comb += [x_wp.addr.eq(res_i), x_wp.data.eq(src.tdata.word_select(res_lane, 32)),
                          x_wp.en.eq(res_i < d_model)]
             m.d.sync += [res_i.eq(res_i + 1), res_lane.eq(res_lane + 1)]
-            with m.If(res_lane == B // 4 - 1):
-                m.d.comb += d_ready.eq(1)
+        ready_for[T_RESID] = res_lane == B // 4 - 1
 
         # GELU table: one beat -> B table entries, one per cycle
         gt_i = Signal(range(GELU_TABLE_BYTES + 1))
@@ -432,8 +437,9 @@ class Engine(wiring.Component):
             m.d.comb += [gelu.table_we.eq(1), gelu.table_addr.eq(gt_i),
                          gelu.table_data.eq(src.tdata.word_select(gt_i[:lgB], 8))]
             m.d.sync += gt_i.eq(gt_i + 1)
-            with m.If(gt_i[:lgB] == B - 1):
-                m.d.comb += d_ready.eq(1)
+        ready_for[T_GELU] = gt_i[:lgB] == B - 1
+        assert sorted(ready_for) == list(range(T_COUNT))
+        m.d.comb += d_ready.eq(Cat(dest[t] & ready_for[t] for t in range(T_COUNT)).any())
 
         # ---- vector streamers (memory -> stream, one word per cycle, stalls hold the read) ---------
         def streamer(name, rp, port):
@@ -623,14 +629,19 @@ class Engine(wiring.Component):
         ctx_have = Signal()
         ctx_lane = Signal(range(B))
         ctx_e = Signal(range(self.max_head_dim + 1))  # element of this head written so far
-        ctx_base = Signal(range(self.max_d + 1))  # h * head_dim
+        ctx_base = Signal(range(self.max_d + 1))  # ctx_head * head_dim
+        ctx_head = Signal(16)  # the head whose context comes next (AttnContext's jobs are in head order)
+        ctx_all = Signal()  # the last head's context is in a (cleared when scores_softmax starts)
         m.d.comb += pv.m_ctx.tready.eq(~ctx_have)
         with m.If(pv.m_ctx.tvalid & ~ctx_have):
             m.d.sync += [ctx_beat.eq(pv.m_ctx.tdata), ctx_have.eq(1), ctx_lane.eq(0)]
         with m.If(ctx_have):
             write_byte(a_wp, ctx_base + ctx_e, ctx_beat.word_select(ctx_lane, 8), ctx_e < head_dim)
             m.d.sync += [ctx_lane.eq(ctx_lane + 1), ctx_e.eq(ctx_e + 1)]
-            with m.If((ctx_lane == B - 1) | (ctx_e + 1 == head_dim)):
+            with m.If(ctx_e == hd_last):  # the head's last byte: the next head's context follows
+                m.d.sync += [ctx_have.eq(0), ctx_e.eq(0), ctx_base.eq(ctx_base + head_dim),
+                             ctx_head.eq(ctx_head + 1), ctx_all.eq(ctx_head == last_head)]
+            with m.Elif(ctx_lane == B - 1):
                 m.d.sync += ctx_have.eq(0)
 
         m.d.comb += [qk.head_dim.eq(head_dim), qk.n_keys.eq(n_keys), pv.head_dim.eq(head_dim), pv.n_keys.eq(n_keys),
@@ -851,27 +862,46 @@ class Engine(wiring.Component):
                                              v_rd_addr.eq(lf("v_cache_addr") + lo_off), h_base.eq(0), ctx_base.eq(0)]
                                 begin(STEP["scores_softmax"])
                         with m.Case(STEP["scores_softmax"]):
-                            # per head: K and V reads queued back to back, then the q row; done when the
-                            # head's head_dim context bytes are in a
-                            # The query goes out with the K read: the read DMA may hold the V command back until
-                            # the K transfer is split into bursts, which needs AttnScores to drain K, which
-                            # needs the query. h_base, ctx_base and the K/V addresses step by one head (no multiplier).
-                            with m.If(sub == 0):
-                                read(k_rd_addr, kv_beats, T_K)
-                                with m.If(~rq_valid):  # the request is taken
-                                    m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
-                                    m.d.sync += [ctx_e.eq(0), sub.eq(1)]
-                            with m.Elif(sub == 1):
-                                read(v_rd_addr, kv_beats, T_V)
-                                with m.If(~rq_valid):  # the request is taken
-                                    m.d.sync += sub.eq(2)
-                            with m.Elif((ctx_e == head_dim) & ~ctx_have):
-                                with m.If(head == last_head):
-                                    begin(STEP["attn_out"])
-                                with m.Else():
-                                    m.d.sync += [head.eq(head + 1), sub.eq(0), h_base.eq(h_base + row_beats_kv),
-                                                 ctx_base.eq(ctx_base + head_dim), k_rd_addr.eq(k_rd_addr + ctx_stride),
-                                                 v_rd_addr.eq(v_rd_addr + ctx_stride)]
+                            # Reads K0, K1, V0, K2, V1, ..., K(H-1), V(H-2), V(H-1) (one head: K0, V0), so that
+                            # Softmax's exp-and-sum of head h runs while K(h + 1) streams. Each consumer drains
+                            # its stream in command order: AttnScores gets q(h) with the K(h) read (the read
+                            # DMA may hold a command back until the one before it is split into bursts, which
+                            # needs AttnScores to drain K, which needs the query); Softmax takes row h + 1
+                            # into its second bank while row h waits for V(h); row h + 2 (after V(h)) needs
+                            # the bank row h has left. The h streamer holds one q row: a K read is issued only
+                            # once the previous q row is in AttnScores (it takes q(h + 1) after K(h)'s last
+                            # beat). `head` is the head whose V read comes next; h_base and k_rd_addr step
+                            # with the K reads, v_rd_addr with the V reads (no multiplier). The context
+                            # bytes go to a in head order (ctx_head below); the step ends when the last
+                            # head's are in.
+                            with m.Switch(sub):
+                                with m.Case(0):  # K0 and q0
+                                    read(k_rd_addr, kv_beats, T_K)
+                                    with m.If(rd_issued):
+                                        m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
+                                        m.d.sync += [ctx_e.eq(0), ctx_head.eq(0), ctx_all.eq(0),
+                                                     h_base.eq(h_base + row_beats_kv),
+                                                     k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(1)]
+                                with m.Case(1):  # K(head + 1) and its q row, unless head is the last
+                                    with m.If(head == last_head):
+                                        m.d.sync += sub.eq(2)
+                                    with m.Elif(~h_active):
+                                        read(k_rd_addr, kv_beats, T_K)
+                                        with m.If(rd_issued):
+                                            m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
+                                            m.d.sync += [h_base.eq(h_base + row_beats_kv),
+                                                         k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(2)]
+                                with m.Case(2):  # V(head)
+                                    read(v_rd_addr, kv_beats, T_V)
+                                    with m.If(rd_issued):
+                                        m.d.sync += v_rd_addr.eq(v_rd_addr + ctx_stride)
+                                        with m.If(head == last_head):
+                                            m.d.sync += sub.eq(3)
+                                        with m.Else():
+                                            m.d.sync += [head.eq(head + 1), sub.eq(1)]
+                                with m.Default():  # every head's context is in a
+                                    with m.If(ctx_all):
+                                        begin(STEP["attn_out"])
                         with m.Case(STEP["attn_out"]):
                             with m.If(matvec(lf("attn_out_addr")) & ~add_pending):
                                 begin(STEP["ln2"])

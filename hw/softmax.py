@@ -32,32 +32,47 @@ class Softmax(wiring.Component):
     ``S = sum(e)``; ``r = RECIP_TABLE[...]`` after normalising ``max(S, 2**15)`` to its top 16 bits;
     ``p = round_shift(e * r, k)``. A row with no visible position gives all zeros.
 
-    The row is buffered in one ``max_len`` x 33-bit memory (z and the visibility bit; 2 BRAM36 at
-    2048). Four phases per row:
+    Rows are buffered in one ``2 x 2**ceil(log2(max_len))`` x 33-bit simple dual-port memory (z and the
+    visibility bit), two banks of a row each (4 BRAM36 at ``max_len`` = 2048; the receiver writes
+    one bank while the processor reads the other, the bank being the top address bit). A row passes
+    four phases:
 
-    1. receive: one score per cycle; z is computed by a 5-stage pipeline, written to the buffer, and
-       ``zmax`` tracked;
-    2. exp and sum: the buffer is read once, ``S`` accumulated (``n + 6`` cycles);
+    1. receive (the receiver): one score per cycle; z is computed by a 5-stage pipeline, written to
+       the row's bank, and ``zmax`` tracked; the row's length and ``zmax`` are kept with its bank;
+    2. exp and sum (the processor): the bank is read once, ``S`` accumulated (``n + 6`` cycles);
     3. reciprocal: ``max(S, 2**15)`` is normalised by a binary search (one step per cycle) and
        ``RECIP_TABLE`` read;
-    4. send: the buffer is read again, e recomputed, multiplied by ``r`` and rounded; one
+    4. send: the bank is read again, e recomputed, multiplied by ``r`` and rounded; one
        probability per cycle unless ``m_probs`` stalls.
 
-    ``s_scores.tready`` is high only in phase 1, so rows are processed one at a time.
-    With no stalls the first probability is valid ``latency(n)`` cycles after the transfer of the
-    row's last score and the row occupies the core for ``cycles_per_row(n)`` cycles
-    (:meth:`latency`, :meth:`cycles_per_row`; both linear in ``n``, e.g. ~3n for long rows).
+    The receiver and the processor work on different rows at once (ping-pong): while the processor
+    runs row h's phases 2-4, the receiver takes row h + 1 into the other bank. Rows leave in the
+    order they arrived. ``s_scores.tready`` is high whenever the next bank is free (its previous row
+    has been sent), so a row is taken while the row before it waits for ``m_probs`` (the engine
+    streams head h + 1's scores while head h's probabilities wait for its V rows). The processor
+    starts a row the cycle after the row's bank is complete and it has sent the row before; it sees
+    only registers the receiver sets (``ready``, the bank's ``n`` and ``zmax``), and
+    ``s_scores.tready`` is a function of registers only.
+
+    With no stalls and the core idle, the first probability is valid ``latency(n)`` cycles after
+    the transfer of the row's last score (``n + 29`` at ``max_len`` = 2048); rows offered back to
+    back are taken without a gap between the first two, and in the steady state a row leaves every
+    ``cycles_per_row(n)`` cycles (``2 n + 23`` at 2048: the processor's phases 2-4 and one cycle to
+    take the next row; the receiver's ``n`` cycles are hidden) (:meth:`latency`,
+    :meth:`cycles_per_row`; both linear in ``n``).
     Multipliers: 32x15 split into two 16x15 products, and one 16x16 (3 DSP48E1). Tables
     ``EXP2_TABLE`` (256 x 16) and ``RECIP_TABLE`` (1024 x 16) are ROMs initialised from
     ``numerics.exp2_table()`` and ``recip_table()``.
 
     ``mult`` and ``shift`` must be stable from the first score of a row until its last one has
-    been received. A synchronous reset abandons the row in progress; the next row is exact.
+    been received. A synchronous reset abandons every row in the core (being received, waiting or
+    being sent); the next row is exact.
 
     Errors (``error``, sticky until reset, bit names in :attr:`ERROR_BITS`): bit 0
     ``row_too_long`` rises when a row's ``max_len + 1``-th score is offered (``s_scores.tvalid``
     with ``max_len`` scores of the row taken and no ``tlast`` yet). That score is not taken: the
-    buffer never wraps, and from then on the core takes nothing (``s_scores.tready`` low) until a
+    bank never wraps, the row is never processed (a row before it is still sent), and from then on
+    the core takes nothing (``s_scores.tready`` low) until a
     synchronous reset of the domain (the engine's soft reset, e.g. through ``ResetInserter``),
     after which the next row is exact.
 
@@ -104,21 +119,25 @@ class Softmax(wiring.Component):
 
     def latency(self, n: int) -> int:
         """Cycles from the transfer of the last score of an ``n``-element row to the first
-        probability's ``tvalid``, when nothing stalls: z pipeline, exp pass, reciprocal
-        (SAFE, normalisation steps, ROM address, ROM data), then the e and output pipelines."""
-        return _Z_STAGES + (n + _E_STAGES) + (1 + len(self._norm_steps) + 2) + (1 + _E_STAGES + _P_STAGES)
+        probability's ``tvalid``, when nothing stalls and the processor is idle: z pipeline, the
+        processor taking the row, exp pass, reciprocal (SAFE, normalisation steps, ROM address,
+        ROM data), then the e and output pipelines."""
+        return _Z_STAGES + 1 + (n + _E_STAGES) + (1 + len(self._norm_steps) + 2) + (1 + _E_STAGES + _P_STAGES)
 
     def cycles_per_row(self, n: int) -> int:
-        """Cycles between the first-score transfers of two back-to-back ``n``-element rows when
-        nothing stalls: receive, latency, send (``3 n + 27`` at ``max_len`` = 2048)."""
-        return (n - 1) + self.latency(n) + n
+        """Cycles between the first probabilities of two back-to-back ``n``-element rows in the
+        steady state (the next row's scores in before the processor is free, nothing stalling): the
+        processor's exp pass, reciprocal and send, and one cycle to take the next row
+        (``2 n + 23`` at ``max_len`` = 2048)."""
+        return 1 + (n + _E_STAGES) + (1 + len(self._norm_steps) + 2) + (1 + _E_STAGES + _P_STAGES) + (n - 1)
 
     def elaborate(self, platform):
         m = Module()
         sw, aw = self._sum_width, max(1, ceil_log2(self.max_len))
         nw = bits_for(self.max_len)
 
-        m.submodules.buf = buf = Memory(shape=unsigned(33), depth=self.max_len, init=[])
+        # two banks (bit aw of the address): the receiver writes one while the processor reads the other
+        m.submodules.buf = buf = Memory(shape=unsigned(33), depth=2 << aw, init=[])
         wp, rp = buf.write_port(), buf.read_port()
         m.submodules.exp_rom = exp_rom = Memory(shape=unsigned(16), depth=256,
                                                 init=[int(v) for v in numerics.exp2_table()])
@@ -127,16 +146,21 @@ class Softmax(wiring.Component):
         exp_rp, recip_rp = exp_rom.read_port(), recip_rom.read_port()
 
         s_in, out = self.s_scores, self.m_probs
-        receiving = Signal()
+        # ---- receiver: rows go into the two banks of `buf` in turn ----
+        # owned[b]: bank b holds a row whose last score has been taken and that has not been sent yet
+        # (set by the receiver, cleared by the processor). Every input of s_scores.tready is a register.
+        owned0, owned1 = Signal(), Signal()
+        in_bank = Signal()  # the bank the row being offered goes into
         rcnt = Signal(range(self.max_len + 1))  # scores of this row taken so far
+        full = Signal()  # rcnt == max_len, as a register
         too_long = Signal()  # sticky: a row offered more than max_len scores
-        full = rcnt == self.max_len
-        m.d.comb += [s_in.tready.eq(receiving & ~full & ~too_long), self.error.eq(too_long)]
-        with m.If(receiving & s_in.tvalid & full):
+        in_free = Mux(in_bank, ~owned1, ~owned0)
+        m.d.comb += [s_in.tready.eq(in_free & ~full & ~too_long), self.error.eq(too_long)]
+        with m.If(s_in.tvalid & full):
             m.d.sync += too_long.eq(1)
         in_fire = s_in.tvalid & s_in.tready
         with m.If(in_fire):
-            m.d.sync += rcnt.eq(Mux(s_in.tlast, 0, rcnt + 1))
+            m.d.sync += [rcnt.eq(Mux(s_in.tlast, 0, rcnt + 1)), full.eq(~s_in.tlast & (rcnt == self.max_len - 1))]
 
         # ---- pass 1: z = saturate(round_shift(score * mult, shift), 32), free-running pipeline ----
         z1_v, z1_m, z1_l, z1_s = Signal(), Signal(), Signal(), Signal(signed(32))
@@ -161,21 +185,35 @@ class Softmax(wiring.Component):
         with m.Else():
             m.d.sync += z5_z.eq((z4_q[0:34].as_signed() + 1) >> 1)
 
-        wcnt = Signal(nw)            # scores written so far
-        n = Signal(nw)               # row length
+        wcnt = Signal(nw)            # scores of this row written so far
+        wbank = Signal()             # the bank the z pipeline writes
         zmax = Signal(signed(32), init=-(1 << 31))
-        m.d.comb += [wp.addr.eq(wcnt[:aw]), wp.data.eq(Cat(z5_z, z5_m)), wp.en.eq(z5_v)]
+        zmax_next = Signal(signed(32))
+        m.d.comb += zmax_next.eq(Mux(z5_m & (z5_z > zmax), z5_z, zmax))
+        # per bank: the row's length and zmax, and `ready` (the row is in the buffer, not yet started)
+        n_b = [Signal(nw, name=f"n_bank{b}") for b in range(2)]
+        zmax_b = [Signal(signed(32), name=f"zmax_bank{b}") for b in range(2)]
+        ready = [Signal(name=f"ready_bank{b}") for b in range(2)]
+        m.d.comb += [wp.addr.eq(Cat(wcnt[:aw], wbank)), wp.data.eq(Cat(z5_z, z5_m)), wp.en.eq(z5_v)]
         with m.If(z5_v):
-            m.d.sync += wcnt.eq(wcnt + 1)
-            with m.If(z5_m & (z5_z > zmax)):
-                m.d.sync += zmax.eq(z5_z)
+            with m.If(z5_l):
+                m.d.sync += [wcnt.eq(0), zmax.eq(-(1 << 31)), wbank.eq(~wbank)]
+                for b in range(2):
+                    with m.If(wbank == b):
+                        m.d.sync += [n_b[b].eq(wcnt + 1), zmax_b[b].eq(zmax_next), ready[b].eq(1)]
+            with m.Else():
+                m.d.sync += [wcnt.eq(wcnt + 1), zmax.eq(zmax_next)]
 
+        # ---- processor: the rows' banks in turn (psel); its own copies of n and zmax ----
+        psel = Signal()
+        n = Signal(nw)               # row length
+        zmax_p = Signal(signed(32))
         # ---- passes 2 and 4: e from the buffer, shared pipeline, stalled as a whole by `adv` ----
         adv = ~out.tvalid | out.tready
         in_pass, sending = Signal(), Signal()
         raddr = Signal(nw)
         issue = in_pass & (raddr != n) & adv
-        m.d.comb += [rp.addr.eq(raddr[:aw]), rp.en.eq(adv)]
+        m.d.comb += [rp.addr.eq(Cat(raddr[:aw], psel)), rp.en.eq(adv)]
         with m.If(issue):
             m.d.sync += raddr.eq(raddr + 1)
 
@@ -187,7 +225,7 @@ class Softmax(wiring.Component):
         e5_v, e5_l, e5_m, e5_sh, e5_x = Signal(), Signal(), Signal(), Signal(5), Signal(16)
         e6_v, e6_l, e6_e = Signal(), Signal(), Signal(16)
         diff = Signal(signed(34))
-        m.d.comb += [diff.eq(zmax - e2_z), exp_rp.addr.eq(e3_lo), exp_rp.en.eq(adv)]
+        m.d.comb += [diff.eq(zmax_p - e2_z), exp_rp.addr.eq(e3_lo), exp_rp.en.eq(adv)]
         with m.If(adv):
             m.d.sync += [
                 e1_v.eq(issue), e1_l.eq(raddr == n - 1),
@@ -218,16 +256,17 @@ class Softmax(wiring.Component):
         # ---- reciprocal: normalise max(S, 2**15) so its top bit is bit sw-1 ----
         norm = Signal(sw)
         lz = Signal(range(sw))
+        sent = Signal()  # the row's last probability is transferred
         m.d.comb += recip_rp.addr.eq(norm[sw - 11: sw - 1])
 
         with m.FSM():
-            with m.State("RECV"):
-                m.d.comb += receiving.eq(1)
-                with m.If(in_fire & s_in.tlast):
-                    m.next = "FLUSH"
-            with m.State("FLUSH"):  # the z pipeline drains into the buffer
-                with m.If(z5_v & z5_l):
-                    m.d.sync += [n.eq(wcnt + 1), raddr.eq(0), total.eq(0)]
+            with m.State("IDLE"):  # the next row in order (bank psel) is in: take its n and zmax
+                with m.If(Mux(psel, ready[1], ready[0])):
+                    m.d.sync += [n.eq(Mux(psel, n_b[1], n_b[0])), zmax_p.eq(Mux(psel, zmax_b[1], zmax_b[0])),
+                                 raddr.eq(0), total.eq(0)]
+                    for b in range(2):
+                        with m.If(psel == b):
+                            m.d.sync += ready[b].eq(0)
                     m.next = "EXP"
             with m.State("EXP"):
                 m.d.comb += in_pass.eq(1)
@@ -255,6 +294,20 @@ class Softmax(wiring.Component):
             with m.State("SEND"):
                 m.d.comb += [in_pass.eq(1), sending.eq(1)]
                 with m.If(out.tvalid & out.tready & out.tlast):
-                    m.d.sync += [wcnt.eq(0), zmax.eq(-(1 << 31))]
-                    m.next = "RECV"
+                    m.d.sync += psel.eq(~psel)
+                    m.d.comb += sent.eq(1)
+                    m.next = "IDLE"
+
+        # the bank's row is out: the receiver may fill it again (a set wins, but the receiver never
+        # sets the bank the processor is sending from)
+        with m.If(sent & ~psel):
+            m.d.sync += owned0.eq(0)
+        with m.If(sent & psel):
+            m.d.sync += owned1.eq(0)
+        with m.If(in_fire & s_in.tlast):
+            m.d.sync += in_bank.eq(~in_bank)
+            with m.If(in_bank):
+                m.d.sync += owned1.eq(1)
+            with m.Else():
+                m.d.sync += owned0.eq(1)
         return m

@@ -4,8 +4,9 @@ to the fixed model (sim/fixed_model.py), in cocotb (sim/tb/engine.py) on Icarus 
 Random-weight checkpoints with odd shapes (sim/random_checkpoint.py), quantized by the real
 quantizer: d_model not a power of two, 3 and 5 heads (head_dim not a multiple of the beat),
 a GPT-Neo local window shorter than the prompt, d_ff not 4 d, a vocabulary that does not fill whole
-beats, int8 and int4 weights, 64- and 128-bit buses. Each case also runs the error, abort and reset
-tests of sim/tb/engine.py. The 128-bit image also runs on the two-port engine (two 64-bit read
+beats, int8 and int4 weights, 64- and 128-bit buses, and one head (the attention step's reads with
+no next head's keys in between). Each case also runs the error, abort and reset tests of
+sim/tb/engine.py. The 128-bit image also runs on the two-port engine (two 64-bit read
 managers over the same DDR, with different latencies and stalls, and an error on either port alone).
 """
 
@@ -30,6 +31,9 @@ CASES = {
     "neo3h-int4-128": ("gpt_neo", "int4", 32, 128, dict(vocab=45, d=36, heads=3, layers=2, n_ctx=16, d_ff=52,
                                                         attention_types=[[["local", "global"], 1]], window_size=2),
                        [44, 0, 9]),
+    # one head: the attention step reads K0, V0 only (no next head's K in between)
+    "gpt2-1h-int8-128": ("gpt2", "int8", 32, 128, dict(vocab=37, d=40, heads=1, layers=1, n_ctx=16, d_ff=64),
+                         [5, 30, 2]),
 }
 # small on-chip sizes keep the simulation model small; the real engine uses the contract's maxima
 ENGINE_KW = dict(max_d=128, max_context=32, max_head_dim=64, max_heads=8)

@@ -4,7 +4,9 @@
 drains ``m_probs`` into a sink, both with random valid/ready stalls; the model computes expected
 rows only by calling numerics.softmax; a monitor coroutine passes every received row to the
 scoreboard, which checks it by equality; ``drain`` also checks that the sticky ``error`` output
-stayed 0, and test_row_too_long provokes its one cause. TB_PARAMS (JSON): max_len, and the
+stayed 0, and test_row_too_long provokes its one cause. The core holds two rows (ping-pong banks):
+test_back_to_back has the next row arrive while the one before it is still being sent, and the
+reset and row_too_long tests also run with a row ahead in the core. TB_PARAMS (JSON): max_len, and the
 latency / cycles-per-row formulas of the component as (constant, per-element) pairs.
 """
 
@@ -180,21 +182,29 @@ async def test_config_extremes(dut):
         await tb.row(edge, [1] * len(edge), f"z at the int32 limits, mult={mult}", mult, 0)
 
 
+async def wait_last_in(dut, rows: int = 1):
+    """Wait until `rows` more rows' last scores have been taken."""
+    while rows:
+        await RisingEdge(dut.clk)
+        if dut.s_scores__tvalid.value and dut.s_scores__tready.value and dut.s_scores__tlast.value:
+            rows -= 1
+
+
 @cocotb.test()
 async def test_reset_mid_stream(dut):
-    """Reset while receiving, summing, and sending: the abandoned row is dropped, the next is exact."""
+    """Reset while receiving, summing, and sending, with one row or two in the core (the second in
+    the other bank, or still arriving): every abandoned row is dropped, the next row is exact."""
     tb = SoftmaxTB(dut, seed=14)
     await tb.reset()
     tb.config(*realistic_config())
     n = min(MAX_LEN, 200)
-    for when in ("receive", "exp", "send"):
+    for rows, when in ((1, "receive"), (1, "exp"), (1, "send"), (2, "receive"), (2, "exp"), (2, "send")):
         tb.set_stalls(0.2, 0.2)
-        # the abandoned row's scores are far above the next row's: a stale zmax would show
-        await tb.source.send(AxiStreamFrame([int(s) & M32 for s in tb.scores(n) + (1 << 28)], tuser=[1] * n))
-        if when == "exp":
-            await RisingEdge(dut.clk)
-            while dut.s_scores__tready.value:  # low once the row's last score is in
-                await RisingEdge(dut.clk)
+        # the abandoned rows' scores are far above the next row's: a stale zmax would show
+        for _ in range(rows):
+            await tb.source.send(AxiStreamFrame([int(s) & M32 for s in tb.scores(n) + (1 << 28)], tuser=[1] * n))
+        if when == "exp":  # every row in; the first one's exp pass is running
+            await wait_last_in(dut, rows)
         if when == "send":
             while not dut.m_probs__tvalid.value:
                 await RisingEdge(dut.clk)
@@ -202,26 +212,32 @@ async def test_reset_mid_stream(dut):
         tb.source.clear()
         await tb.reset()
         assert tb.sink.empty() and not tb.scoreboard.expected
-        await tb.send(tb.scores(n), tb.causal_mask(n), f"after a reset mid-{when}")
+        await tb.send(tb.scores(n), tb.causal_mask(n), f"after a reset mid-{when} ({rows} rows in the core)")
         await tb.drain()
 
 
 @cocotb.test()
 async def test_row_too_long(dut):
     """A row of max_len + 1 (or + 5) scores: ``row_too_long`` rises and stays, the core takes
-    exactly max_len scores and no more (the buffer does not wrap) and sends nothing; after a reset
-    the next row is exact. (A row of exactly max_len is a normal row: test_random_rows.)"""
+    exactly max_len scores and no more (the bank does not wrap) and sends nothing of that row; a row
+    taken before it (in the other bank, its output stalled) is still sent, exact; after a reset the
+    next row is exact. (A row of exactly max_len is a normal row: test_random_rows.)"""
     tb = SoftmaxTB(dut, seed=16)
     await tb.reset()
     tb.config(*realistic_config())
-    for extra, stall in ((1, 0.0), (5, 0.3)):
-        tb.set_stalls(stall, stall)
+    for extra, stall, ahead in ((1, 0.0, 0), (5, 0.3, 0), (1, 0.0, min(MAX_LEN, 40)), (3, 0.3, MAX_LEN)):
+        tb.set_stalls(stall, 0.9 if ahead else stall)
         n = MAX_LEN + extra
         mon = CycleMonitor(dut, "s_scores").start()
+        if ahead:
+            await tb.send(tb.scores(ahead), tb.causal_mask(ahead), f"row ahead of a too long row ({ahead})")
         await tb.source.send(AxiStreamFrame([int(s) & M32 for s in tb.scores(n)], tuser=[1] * n))
-        await tb.expect_error("row_too_long", timeout=4 * n + 100, stopped=("s_scores",))
+        await tb.expect_error("row_too_long", timeout=4 * (n + ahead) + 100, stopped=("s_scores",))
+        await tb.scoreboard.wait_empty(dut.clk, 50 * (ahead + 100))
         mon.stop()
-        assert mon.count("s_scores") == MAX_LEN, f"took {mon.count('s_scores')} scores of a row longer than {MAX_LEN}"
+        taken = mon.count("s_scores") - ahead
+        assert taken == MAX_LEN, f"took {taken} scores of a row longer than {MAX_LEN}"
+        await ClockCycles(dut.clk, 4 * MAX_LEN + 100)  # the too long row is never processed
         assert tb.sink.empty() and not dut.m_probs__tvalid.value
         tb.source.clear()
         await tb.reset()
@@ -232,22 +248,61 @@ async def test_row_too_long(dut):
 
 
 @cocotb.test()
+async def test_back_to_back(dut):
+    """Rows of random lengths sent back to back with random valid / ready stalls: the next row is
+    taken into the other bank while the row before it is still being sent (checked: it happens),
+    and every row is exact."""
+    tb = SoftmaxTB(dut, seed=17)
+    await tb.reset()
+    tb.config(*realistic_config())
+    edges, w = watch_rows(dut, "s_scores", "m_probs")
+    lengths = [1, 1, 2, 3, 17, 1, 64, 5, 200, 2, 100, 33, 7, min(MAX_LEN, 400), 1, min(MAX_LEN, 300), 9]
+    lengths = [min(n, MAX_LEN) for n in lengths]
+    rows = 0
+    for stalls in ((0.0, 0.0), (0.0, 0.5), (0.3, 0.3), (0.6, 0.1), (0.1, 0.8)):
+        tb.set_stalls(*stalls)
+        for k, n in enumerate(lengths):
+            if k % 3 == 2:
+                m = tb.np_rng.random(n) < 0.7
+                await tb.send(tb.scores(n, 1 << 14), m, f"stalls {stalls} row {k} n={n} random mask")
+            else:
+                await tb.send(tb.scores(n), tb.causal_mask(n), f"stalls {stalls} row {k} n={n}")
+        rows += len(lengths)
+        await tb.drain(timeout=400000)
+    w.cancel()
+    assert tb.scoreboard.checked == rows
+    first_in, last_out = edges["first_in"], edges["last_out"]
+    assert len(first_in) == len(last_out) == rows
+    overlapped = sum(first_in[i + 1] < last_out[i] for i in range(rows - 1))
+    assert overlapped >= rows // 2, f"only {overlapped} of {rows - 1} rows were taken while the row before was being sent"
+
+
+@cocotb.test()
 async def test_latency_throughput(dut):
-    """No stalls: rows back to back; check the documented latency and cycles per row."""
+    """No stalls, three rows back to back per length: the documented latency of a row into an idle
+    core, the second row taken right after the first (no gap), and the documented steady-state
+    cycles per row between first probabilities."""
     tb = SoftmaxTB(dut, seed=15)
     await tb.reset()
     tb.config(*realistic_config())
     edges, w = watch_rows(dut, "s_scores", "m_probs")
-    lengths = [1, 5, min(64, MAX_LEN)]
+    lengths = [1, 5, min(64, MAX_LEN), MAX_LEN]
+    per_group = 3
     for n in lengths:
-        await tb.send(tb.scores(n), np.ones(n, dtype=bool), f"timing n={n}")
-    await tb.drain()
+        for k in range(per_group):
+            await tb.send(tb.scores(n), np.ones(n, dtype=bool), f"timing n={n} row {k}")
+        await tb.drain()  # the core is idle before the next group
     w.cancel()
-    for i, n in enumerate(lengths):
-        assert edges["last_in"][i] - edges["first_in"][i] == n - 1, "scores not accepted one per cycle"
+    for g, n in enumerate(lengths):
+        rows = range(g * per_group, (g + 1) * per_group)
+        for i in rows:
+            assert edges["last_in"][i] - edges["first_in"][i] == n - 1, "scores not accepted one per cycle"
+            assert edges["last_out"][i] - edges["first_out"][i] == n - 1, "probabilities not sent one per cycle"
+        i = rows[0]
         lat = edges["first_out"][i] - edges["last_in"][i]
         assert lat == linear("latency", n), f"latency n={n}: {lat} cycles, documented {linear('latency', n)}"
-        assert edges["last_out"][i] - edges["first_out"][i] == n - 1, "probabilities not sent one per cycle"
-        if i + 1 < len(lengths):
-            cyc = edges["first_in"][i + 1] - edges["first_in"][i]
-            assert cyc == linear("cycles_per_row", n), f"n={n}: {cyc} cycles per row, documented {linear('cycles_per_row', n)}"
+        assert edges["first_in"][i + 1] == edges["last_in"][i] + 1, f"n={n}: the second row was not taken at once"
+        for i in rows[:-1]:
+            cyc = edges["first_out"][i + 1] - edges["first_out"][i]
+            assert cyc == linear("cycles_per_row", n), \
+                f"n={n}: {cyc} cycles per row, documented {linear('cycles_per_row', n)}"
