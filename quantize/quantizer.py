@@ -35,8 +35,9 @@ DEFAULT_CALIB_TOKENS = 2048
 DEFAULT_SELF_CALIB_TOKENS = 512
 DEFAULT_ROUNDING = {"int8": "nearest", "int4": "gptq"}  # chosen by measurement: docs/numerics.md
 DEFAULT_HEAD_ROUNDING = "gptq"
-# The head's H carries the embedding's own error (tied_head_hessian), so it takes the layers' damping
-DEFAULT_HEAD_DAMPING = DEFAULT_DAMPING
+# The head's damping also keeps its rows near the float ones, which the embedding (the same rows) needs;
+# tuned on held-out text, and validation text did not give a better choice (docs/numerics.md)
+DEFAULT_HEAD_DAMPING = 0.3
 MAX_DAMPING = 100.0  # lm_head (and the embedding, its rows) under gptq: docs/numerics.md
 ACT_SCALE_FLOOR = 1e-6  # smallest calibrated peak an activation scale is made from
 
@@ -373,50 +374,9 @@ class CalibrationRun(FixedModel):
         self.x = [self.block(x, layer, 0) for x in self.x]
         self.layers[layer] = None  # only one layer's matrices are held at a time
 
-    def head_hessian(self, lnf_blob: bytes, lnf_shift: int, wte, lnf_gamma, lnf_scale: float) -> np.ndarray:
-        """H of the tied lm_head rows, in the units of the final LayerNorm's int8 output: the rows' logit
-        error and their error as token embeddings, both as expected logit error (tied_head_hessian).
-
-        The logits and their probabilities come from this run (the head as first rounded, to nearest),
-        the residual's spread at each position from the run's final residual.
-        """
+    def head_hessian(self, lnf_blob: bytes, lnf_shift: int) -> np.ndarray:
         lnf = LayerNormQ.from_stream(lnf_blob, self.cfg.d_model, lnf_shift)
-        h, weight = 0, np.zeros(self.cfg.vocab_size)
-        for x in self.x:
-            a = lnf(x, self.eps_table)
-            h = h + hessian(a)
-            for t0 in range(0, len(a), 64):  # [64, vocab] logits at a time: no vocab-sized temporaries per window
-                z = self.head(a[t0:t0 + 64], nx.RESID_BITS) * 2.0 ** -nx.LOGIT_FRAC
-                z -= z.max(axis=1, keepdims=True)
-                prob = np.exp(z)
-                prob /= prob.sum(axis=1, keepdims=True)
-                var = np.var(x[t0:t0 + 64] * 2.0 ** -nx.RESID_FRAC, axis=1) + self.cfg.layer_norm_eps
-                weight += (prob / var[:, None]).sum(axis=0)
-        return tied_head_hessian(h, wte, lnf_gamma, weight, lnf_scale)
-
-
-def tied_head_hessian(h, wte, lnf_gamma, weight, lnf_scale: float) -> np.ndarray:
-    """H [d, d] for compensating the tied lm_head / embedding rows wte [v, d] (docs/numerics.md).
-
-    A row's error e costs in two places, both measured as the probability-weighted squared logit
-    error summed over the calibration tokens. As a head row (row r's logit moves by lnf_scale e . a
-    for the final LayerNorm's int8 output a): sum_t p_r(t) (lnf_scale e . a_t)^2, whose average over
-    the rows is exactly lnf_scale^2 e^T (H / v) e, as sum_r p_r(t) = 1. As an embedding (it moves
-    the residual wherever token r is the input, and through the residual's skip path the final
-    LayerNorm's output by gamma * (P e) / sigma_t, P removing the mean): all v logits move, by
-    W Gamma P e / sigma_t, costing e^T M e with M = P Gamma W^T diag(weight) W Gamma P and weight[j]
-    = sum_t p_j(t) / sigma_t^2 (the probabilities and the residual's variance at each position).
-    Both are per occurrence of the row's token, so they add without a free constant; the result is
-    in H's units (divided by lnf_scale^2). The embedding's effect through the layers is not counted.
-    """
-    v, d = wte.shape
-    m = np.zeros((d, d))
-    gamma = np.asarray(lnf_gamma, np.float64)
-    for rows in row_chunks(v, d):
-        a = np.asarray(wte[rows], np.float64) * gamma
-        a -= a.mean(axis=1, keepdims=True)  # rows of W Gamma P (P = I - 1 1^T / d is symmetric)
-        m += a.T @ (np.asarray(weight[rows], np.float64)[:, None] * a)
-    return np.asarray(h, np.float64) / v + m / lnf_scale ** 2
+        return sum(hessian(lnf(x, self.eps_table)) for x in self.x)
 
 
 def rounding_for(weights: str, rounding: str | None) -> str:
@@ -506,8 +466,7 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
     head_rounding = "nearest" if run is None else opts.head_rounding
     if head_rounding == "gptq":
         clips["lm_head"], clips["embed_scale"] = {}, {}
-        u = compensation(run.head_hessian(sections["lnf"], shf, p["wte"], p["lnf_g"], s_lnf), "lm_head",
-                         opts.head_damping)
+        u = compensation(run.head_hessian(sections["lnf"], shf), "lm_head", opts.head_damping)
         head_blob, head = quantize_matrix(*head_args, c("lm_head"), compensation=u)
         emb_mult, emb_shift = requant_params(head["row_scale"] / resid_scale, "the token embedding",
                                              c("embed_scale"))
