@@ -17,6 +17,7 @@ from gpt_fpga.hw.axi import BURST_INCR, MAX_BURST_BEATS, Axi4ReadSignature
 from gpt_fpga.hw.axi_read import ARCACHE, DEFAULT_MAX_OUTSTANDING, BurstSplitter, DmaCommandSignature, \
     check_dma_params
 from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.hw.register_slice import RegisterSlice
 
 __all__ = ["TwoPortReadDma", "PORTS"]
 
@@ -46,7 +47,9 @@ class TwoPortReadDma(wiring.Component):
     for a longest burst (8 stream beats) counting the beats in flight (credits) and the port has
     fewer than ``max_outstanding`` bursts in flight, so ``rready`` is always 1 on both ports. The
     room is a register computed from the next credit count: the credit comparison is not on the
-    loop from the issue decision back into the credits (timing).
+    loop from the issue decision back into the credits (timing). A beat's credit returns the cycle
+    after it leaves its FIFO, into a register slice: the FIFO's block RAM output feeds a register,
+    not the order mux.
 
     Parameters
     ----------
@@ -92,8 +95,8 @@ class TwoPortReadDma(wiring.Component):
 
     Latency (:attr:`latency`, no stalls): a command's first ``arvalid`` (on ``axi0``) comes
     :attr:`ar_latency` (3) cycles after ``cmd``; a stream beat reaches ``m_data.tvalid``
-    :attr:`r_latency` (3) cycles after the R handshake of its high half, which follows its low half
-    by one cycle. The first beat thus appears ``latency`` (7) cycles plus the memory's AR-to-R
+    :attr:`r_latency` (4) cycles after the R handshake of its high half, which follows its low half
+    by one cycle. The first beat thus appears ``latency`` (8) cycles plus the memory's AR-to-R
     latency after the command.
 
     A synchronous reset drops everything; bursts in flight on either port must be reset with it.
@@ -132,12 +135,12 @@ class TwoPortReadDma(wiring.Component):
 
     @property
     def r_latency(self) -> int:
-        """Cycles from the R handshake of a stream beat's high half to its ``m_data.tvalid``: 3."""
-        return 3
+        """Cycles from the R handshake of a stream beat's high half to its ``m_data.tvalid``: 4."""
+        return 4
 
     @property
     def latency(self) -> int:
-        """Cycles the DMA adds to a command's first beat: ``ar_latency + 1 + r_latency`` (7), the 1
+        """Cycles the DMA adds to a command's first beat: ``ar_latency + 1 + r_latency`` (8), the 1
         being the high half's R beat after the low half's."""
         return self.ar_latency + 1 + self.r_latency
 
@@ -166,7 +169,7 @@ class TwoPortReadDma(wiring.Component):
         m.d.comb += sel.eq(Mux(self.only == 1, 0, Mux(self.only == 2, 1, turn)))
         dropping = Signal()  # a flush is draining: R beats owed are dropped
         issue = Signal()
-        fifos, owed_all, can = [], [], []
+        fifos, owed_all, can, outs = [], [], [], []
         for p, ax in enumerate(axis):
             # data FIFO: stream beat, command end; a flush empties it at once
             fifo = SyncFIFOBuffered(width=self.data_bits + 1, depth=depth)
@@ -214,16 +217,28 @@ class TwoPortReadDma(wiring.Component):
                 bursts.r_en.eq(r_valid & r_last),
             ]
             m.d.sync += owed.eq(owed + Mux(go, blen, 0) - pair)
-            pop = fifo.r_en & fifo.r_rdy
+            # the FIFO's block RAM output goes straight into a register slice (no mux behind its clock-to-out)
+            out = RegisterSlice(self.data_bits + 1)
+            m.submodules[f"out{p}"] = ResetInserter(flush)(out)
+            m.d.comb += [out.s.tdata.eq(fifo.r_data[:self.data_bits + 1]), out.s.tlast.eq(0),
+                         out.s.tvalid.eq(fifo.r_rdy), fifo.r_en.eq(out.s.tready)]
+            outs.append(out)
+            # a beat that left the FIFO returns its credit a cycle later (the pop stays off the credit sum)
+            pop = Signal(name=f"pop{p}")
+            m.d.sync += pop.eq(fifo.r_en & fifo.r_rdy & ~flush)
             with m.If(flush):  # the FIFO empties; no burst is issued
                 m.d.comb += free_next.eq(depth - owed + pair)
-            with m.Else():  # a dropped beat frees its credit on arrival, a delivered one when it leaves
+            with m.Else():  # a dropped beat frees its credit on arrival, a delivered one after it leaves
                 m.d.comb += free_next.eq(free - Mux(go, blen, 0) + (pair & dropping) + pop)
             with m.If(r_valid & r_resp[1]):  # SLVERR (2) or DECERR (3)
                 m.d.sync += self.error.eq(1)
 
-        # --- issue: in address order, alternating ports; a port without room holds both back
-        m.d.comb += issue.eq(split.burst_valid & Mux(sel, can[1], can[0]) & order.w_rdy & ~flush)
+        # --- issue: in address order, alternating ports; a port without room holds both back. The order
+        # queue's room is a register: at most one entry is added per cycle, so "two free entries a cycle
+        # ago" means one is free now (its level compare stays off the issue decision).
+        order_room = Signal()
+        m.d.sync += order_room.eq(order.w_level < order.depth - 1)
+        m.d.comb += issue.eq(split.burst_valid & Mux(sel, can[1], can[0]) & order_room & ~flush)
         m.d.comb += [
             split.flush.eq(flush), split.burst_ready.eq(issue),
             split.cmd.addr.eq(cmd.addr), split.cmd.beats.eq(cmd.beats), split.cmd.valid.eq(cmd.valid & ~dropping),
@@ -244,8 +259,8 @@ class TwoPortReadDma(wiring.Component):
         # --- m_data: from the FIFO of the port the order queue names
         head, head_last = order.r_data[0], order.r_data[1:]
         served = Signal(3)  # beats of the head burst already delivered
-        entry = Mux(head, fifos[1].r_data, fifos[0].r_data)
-        valid = order.r_rdy & Mux(head, fifos[1].r_rdy, fifos[0].r_rdy)
+        entry = Mux(head, outs[1].m.tdata, outs[0].m.tdata)
+        valid = order.r_rdy & Mux(head, outs[1].m.tvalid, outs[0].m.tvalid)
         take = order.r_rdy & self.m_data.tready
         burst_done = valid & self.m_data.tready & (served == head_last)
         with m.If(flush | burst_done):
@@ -256,9 +271,10 @@ class TwoPortReadDma(wiring.Component):
             self.m_data.tvalid.eq(valid),
             self.m_data.tdata.eq(entry[:self.data_bits]),
             self.m_data.tlast.eq(entry[self.data_bits]),
-            fifos[0].r_en.eq(take & ~head),
-            fifos[1].r_en.eq(take & head),
+            outs[0].m.tready.eq(take & ~head),
+            outs[1].m.tready.eq(take & head),
             order.r_en.eq(burst_done),
-            self.idle.eq(~split.busy & owed_none & (fifos[0].level == 0) & (fifos[1].level == 0) & ~flush),
+            self.idle.eq(~split.busy & owed_none & (fifos[0].level == 0) & (fifos[1].level == 0) & ~outs[0].m.tvalid
+                          & ~outs[1].m.tvalid & ~flush),
         ]
         return m

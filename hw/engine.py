@@ -38,6 +38,7 @@ __all__ = ["Engine"]
 
 # read-stream destinations (the tag queued with each read command)
 T_DESC, T_EPS, T_RESID, T_LNP, T_W, T_GELU, T_K, T_V = range(8)
+T_COUNT = 8
 STEP = {name: i for i, name in enumerate(rm.STEPS)}
 EPS_ENTRIES = nx.LN_MAX_SHIFT + 1
 GELU_TABLE_BYTES = 256
@@ -246,8 +247,10 @@ class Engine(wiring.Component):
         # from a register, not from an adder
         m.d.sync += row_beats_kv.eq((head_dim + (B - 1)) >> lgB)
         # bounds of the head loops, registered (no adder in front of their comparisons)
-        last_head, kv_rows = Signal(16), Signal(17)  # n_head - 1; 2 * n_head K/V row writes
-        m.d.sync += [last_head.eq(n_head - 1), kv_rows.eq(n_head << 1)]
+        last_head = Signal(16)  # n_head - 1
+        kv_last_row = Signal(17)  # 2 * n_head - 1: the last of the K/V row writes
+        m.d.sync += [last_head.eq(n_head - 1), kv_last_row.eq((n_head << 1) - 1)]
+        kv_more = Signal()  # write_kv: row writes left (a register: no head comparison before the issue)
         m.d.comb += kv_row_bytes.eq(row_beats_kv << lgB)
 
         # ---- on-chip vectors -------------------------------------------------------------------
@@ -299,20 +302,35 @@ class Engine(wiring.Component):
             m.d.sync += beats_written.eq(beats_written + 1)
 
         # ---- read commands and the destination of their data -----------------------------------
-        tags = SyncFIFOBuffered(width=3, depth=4)
+        # the destination of each command's data, one-hot (a bit per tag: no decoder in the dispatch)
+        tags = SyncFIFOBuffered(width=T_COUNT, depth=4)
         m.submodules.tags = ResetInserter(core_rst)(tags)
         rd_out = Signal(3)  # read commands issued whose last beat has not been consumed yet
         rd_addr, rd_n, rd_tag, rd_go = Signal(32), Signal(32), Signal(3), Signal()
-        rd_issued = Signal()  # the command presented by the sequencer this cycle was accepted
+        rd_issued = Signal()  # the sequencer's request this cycle was taken (into the request register)
+        # The sequencer's read request is a register: it is taken when the register is empty (one
+        # flag), so neither the command slice's ready nor the tag FIFO's level reaches the sequencer's
+        # decode, and the decode reaches only these registers.
+        rq_valid, rq_addr = Signal(), Signal(32)
+        rq_n, rq_tag = Signal(CMD_BEATS_BITS), Signal(T_COUNT)
         # Read commands pass through a register slice: the DMA's cmd.ready (which may follow arready and
-        # its data FIFO within the cycle) does not reach the sequencer, nor the sequencer's decode the DMA.
+        # its data FIFO within the cycle) does not reach the request register.
         rd_cmd = RegisterSlice(32 + CMD_BEATS_BITS)
         m.submodules.rd_cmd = ResetInserter(core_rst)(rd_cmd)
-        m.d.comb += [rd_cmd.s.tdata.eq(Cat(rd_addr, rd_n[:CMD_BEATS_BITS])), tags.w_data.eq(rd_tag),
+        m.d.comb += [rd_cmd.s.tdata.eq(Cat(rq_addr, rq_n)), tags.w_data.eq(rq_tag),
                      rd.cmd.addr.eq(rd_cmd.m.tdata[:32]), rd.cmd.beats.eq(rd_cmd.m.tdata[32:]),
                      rd.cmd.valid.eq(rd_cmd.m.tvalid), rd_cmd.m.tready.eq(rd.cmd.ready)]
-        m.d.comb += [rd_cmd.s.tvalid.eq(rd_go & tags.w_rdy), tags.w_en.eq(rd_go & rd_cmd.s.tready)]
-        m.d.comb += rd_issued.eq(rd_go & rd_cmd.s.tready & tags.w_rdy)
+        rq_taken = Signal()
+        m.d.comb += [rd_cmd.s.tvalid.eq(rq_valid & tags.w_rdy), tags.w_en.eq(rq_valid & rd_cmd.s.tready),
+                     rq_taken.eq(rq_valid & rd_cmd.s.tready & tags.w_rdy)]
+        m.d.comb += rd_issued.eq(rd_go & ~rq_valid)
+        with m.If(~rq_valid):  # the request is taken
+            m.d.sync += [rq_valid.eq(1), rq_addr.eq(rd_addr), rq_n.eq(rd_n[:CMD_BEATS_BITS]), rq_tag.eq(1 << rd_tag)]
+        with m.Elif(rq_taken):
+            m.d.sync += rq_valid.eq(0)
+        with m.If(core_rst):
+            m.d.sync += rq_valid.eq(0)
+        rd_quiet = Signal()  # no read requested, in flight or unconsumed
 
         # The read DMA's FIFO is a block RAM without an output register: a register slice keeps its
         # clock-to-out (and the cores' tready logic) off the tag decode and the cores' stream checks.
@@ -320,16 +338,20 @@ class Engine(wiring.Component):
         m.submodules.rd_slice = ResetInserter(core_rst)(rd_slice)
         wiring.connect(m, rd.m_data, rd_slice.s)
         src = rd_slice.m
-        dest = tags.r_data
+        dest = tags.r_data  # one-hot
+
+        def to(tag):
+            return dest[tag]
+
         d_valid = src.tvalid & tags.r_rdy
         d_ready = Signal()
         m.d.comb += [src.tready.eq(d_ready & tags.r_rdy), tags.r_en.eq(src.tvalid & src.tready & src.tlast)]
-        m.d.sync += rd_out.eq(rd_out + rd_issued - tags.r_en)
+        m.d.sync += rd_out.eq(rd_out + rq_taken - tags.r_en)
+        m.d.comb += rd_quiet.eq((rd_out == 0) & ~rq_valid)
         with m.If(core_rst):
             m.d.sync += rd_out.eq(0)
 
         wr_addr, wr_n, wr_go = Signal(32), Signal(32), Signal()
-        wr_issued = Signal()
         # write commands pass a register slice too (the write DMA's queues stay off the sequencer's decode)
         wr_cmd = RegisterSlice(32 + CMD_BEATS_BITS)
         m.submodules.wr_cmd = ResetInserter(core_rst)(wr_cmd)
@@ -337,14 +359,13 @@ class Engine(wiring.Component):
                      wr_cmd.s.tvalid.eq(wr_go),
                      wr.cmd.addr.eq(wr_cmd.m.tdata[:32]), wr.cmd.beats.eq(wr_cmd.m.tdata[32:]),
                      wr.cmd.valid.eq(wr_cmd.m.tvalid), wr_cmd.m.tready.eq(wr.cmd.ready)]
-        m.d.comb += wr_issued.eq(wr_go & wr_cmd.s.tready)
         wr_idle = Signal()  # every write command and beat has left the slices and the DMA is idle
         m.d.comb += wr_idle.eq(wr.idle & ~wr_cmd.m.tvalid & ~wr_slice.m.tvalid)
 
         # descriptor capture
         rec_sel = Signal()  # 0: model record, 1: command record
         rec_addr = Signal(32)  # the command's record: registered from the model record (sequencer, FETCH)
-        with m.If((dest == T_DESC) & d_valid):
+        with m.If(to(T_DESC) & d_valid):
             m.d.comb += d_ready.eq(1)
             with m.If(rec_sel):
                 m.d.sync += rec_cmd.eq(Cat(rec_cmd[8 * B:], src.tdata))
@@ -356,7 +377,7 @@ class Engine(wiring.Component):
         per8 = B // 8
         eps_i = Signal(range(EPS_ENTRIES + per8 + 1))
         lane8 = Signal(range(per8)) if per8 > 1 else Const(0, 1)
-        with m.If((dest == T_EPS) & d_valid):
+        with m.If(to(T_EPS) & d_valid):
             m.d.comb += [ln.eps_we.eq(eps_i < EPS_ENTRIES), ln.eps_addr.eq(eps_i),
                          ln.eps_data.eq(src.tdata.word_select(lane8, 64))]
             m.d.sync += eps_i.eq(eps_i + 1)
@@ -382,9 +403,9 @@ class Engine(wiring.Component):
                      feeds["lnp"].tlast.eq(src.tlast & (lane8 == per8 - 1))]
         for tag, name in ((T_W, "w"), (T_K, "k"), (T_V, "v")):
             m.d.comb += [feeds[name].tdata.eq(src.tdata), feeds[name].tlast.eq(src.tlast)]
-            with m.If(dest == tag):
+            with m.If(to(tag)):
                 m.d.comb += [feeds[name].tvalid.eq(d_valid), d_ready.eq(feeds[name].tready)]
-        with m.If(dest == T_LNP):
+        with m.If(to(T_LNP)):
             real = lnp_real  # padding entries of the last beat are dropped
             m.d.comb += feeds["lnp"].tvalid.eq(d_valid & real)
             take = d_valid & (feeds["lnp"].tready | ~real)
@@ -398,7 +419,7 @@ class Engine(wiring.Component):
         # residual load: one beat -> B/4 int32 values, one per cycle
         res_i = Signal(range(self.max_d + B))  # next x index
         res_lane = Signal(range(B // 4))
-        with m.If((dest == T_RESID) & d_valid):
+        with m.If(to(T_RESID) & d_valid):
             m.d.comb += [x_wp.addr.eq(res_i), x_wp.data.eq(src.tdata.word_select(res_lane, 32)),
                          x_wp.en.eq(res_i < d_model)]
             m.d.sync += [res_i.eq(res_i + 1), res_lane.eq(res_lane + 1)]
@@ -407,7 +428,7 @@ class Engine(wiring.Component):
 
         # GELU table: one beat -> B table entries, one per cycle
         gt_i = Signal(range(GELU_TABLE_BYTES + 1))
-        with m.If((dest == T_GELU) & d_valid):
+        with m.If(to(T_GELU) & d_valid):
             m.d.comb += [gelu.table_we.eq(1), gelu.table_addr.eq(gt_i),
                          gelu.table_data.eq(src.tdata.word_select(gt_i[:lgB], 8))]
             m.d.sync += gt_i.eq(gt_i + 1)
@@ -452,7 +473,10 @@ class Engine(wiring.Component):
         m.d.comb += act_port.tdata.eq(a_rp.data)
 
         # h -> AttnScores query, or -> write DMA (K and V rows)
-        h_to_wr = Signal()  # step write_kv: h rows go to the write DMA
+        # step write_kv: h rows go to the write DMA. A register, a cycle behind the step (the rows start
+        # later than that): the step decode stays off the write path's muxes.
+        h_to_wr = Signal()
+        m.d.sync += h_to_wr.eq(step == STEP["write_kv"])
         # each vector streamer feeds a register slice: its block RAM's output (no output register on the
         # ECP5) goes straight into a register, not through the consumers' muxes
         h_slice = RegisterSlice(8 * B)
@@ -475,7 +499,8 @@ class Engine(wiring.Component):
                          qk.s_q.tlast.eq(hq.tlast)]
 
         # x -> LayerNorm input (one int32 per cycle), or -> write DMA (residual store, B/4 per beat)
-        x_to_wr = Signal()
+        x_to_wr = Signal()  # step store_residual, registered as h_to_wr is
+        m.d.sync += x_to_wr.eq(step == STEP["store_residual"])
         x_slice = RegisterSlice(32)
         m.submodules.x_slice = ResetInserter(core_rst)(x_slice)
         x_go, x_first, x_count, x_streaming = streamer("xvec", x_rp, x_slice.s)
@@ -528,6 +553,9 @@ class Engine(wiring.Component):
         sink_last = Signal.like(sink_target)  # sink_target - 1, registered two cycles behind the step
         m.d.sync += sink_last.eq(sink_target - 1)
 
+        # GELU's table is a block RAM without an output register: its value goes straight into a register
+        gelu_y, gelu_valid = Signal(8), Signal()
+        m.d.sync += [gelu_y.eq(gelu.m_y.tdata), gelu_valid.eq(0)]
         # one parallel case per step: each step's sink
         with m.Switch(step):
             with m.Case(STEP["ln1"], STEP["ln2"], STEP["lnf"]):  # LayerNorm out -> a
@@ -559,12 +587,13 @@ class Engine(wiring.Component):
                     sat = Mux(total.as_signed() > hi, hi, Mux(total.as_signed() < lo_, lo_, total))
                     m.d.comb += [x_wp.addr.eq(sink_i), x_wp.data.eq(sat), x_wp.en.eq(1)]
                     m.d.sync += [add_phase.eq(0), sink_i.eq(sink_i + 1)]
-            with m.Case(STEP["fc_gelu"]):  # fc matvec out -> GELU -> a
+            with m.Case(STEP["fc_gelu"]):  # fc matvec out -> GELU -> (register) -> a
                 m.d.comb += [gelu.s_x.tdata.eq(mv.m_out.tdata[:8]), gelu.s_x.tvalid.eq(mv.m_out.tvalid),
                              mv.m_out.tready.eq(gelu.s_x.tready), gelu.s_x.tlast.eq(mv.m_out.tlast),
                              gelu.m_y.tready.eq(1)]
-                write_byte(a_wp, sink_i, gelu.m_y.tdata, gelu.m_y.tvalid)
-                with m.If(gelu.m_y.tvalid):
+                m.d.sync += gelu_valid.eq(gelu.m_y.tvalid)
+                write_byte(a_wp, sink_i, gelu_y, gelu_valid)
+                with m.If(gelu_valid):
                     m.d.sync += sink_i.eq(sink_i + 1)
             with m.Case(STEP["lm_head"]):
                 with m.If(lg_n == B // 4):
@@ -578,7 +607,7 @@ class Engine(wiring.Component):
                         m.d.sync += [lg_pack.word_select(lg_n, 32).eq(mv.m_out.tdata), lg_last.eq(is_last),
                                      lg_n.eq(Mux(is_last, B // 4, lg_n + 1)), sink_i.eq(sink_i + 1)]
         with m.If(core_rst):
-            m.d.sync += add_phase.eq(0)
+            m.d.sync += [add_phase.eq(0), gelu_valid.eq(0)]
         # a step begins with its sink empty: cleared from a register set by begin() (the conditions
         # that end a step stay off these counters' inputs)
         with m.If(fresh):
@@ -674,7 +703,7 @@ class Engine(wiring.Component):
                     m.d.sync += [mat_beats.eq(mv_rows_r * row_beats_r), sub.eq(first_sub + 3)]
                 with m.Case(first_sub + 3):
                     read(addr, mat_beats, T_W)
-                    with m.If(rd_issued):
+                    with m.If(~rq_valid):  # the request is taken
                         m.d.comb += act_go.eq(1)
                         m.d.sync += sub.eq(first_sub + 4)
             return (sub == first_sub + 4) & sink_done
@@ -683,7 +712,7 @@ class Engine(wiring.Component):
             with m.If(sub == 0):
                 m.d.sync += ln_shift.eq(shift)
                 read(addr, (d_model + (per8 - 1)) >> _lg(per8), T_LNP)
-                with m.If(rd_issued):
+                with m.If(~rq_valid):  # the request is taken
                     m.d.comb += x_go.eq(1)
                     m.d.sync += [lnp_left.eq(d_model), lnp_real.eq(1), sub.eq(1)]
             with m.Elif(sink_done):
@@ -716,32 +745,32 @@ class Engine(wiring.Component):
                 with m.Elif(sub == 0):
                     m.d.sync += rec_sel.eq(0)
                     read(regs.desc_addr, rec_beats, T_DESC)
-                    with m.If(rd_issued):
+                    with m.If(~rq_valid):  # the request is taken
                         m.d.sync += sub.eq(1)
                 with m.Elif(sub == 1):  # the model record gives n_layer, needed to find the HEAD record
                     index = Mux(is_head, n_layer, layer)
                     m.d.sync += rec_addr.eq(regs.desc_addr + ((index + 1) << _lg(dsc.RECORD_BYTES)))
-                    with m.If(rd_out == 0):
+                    with m.If(rd_quiet):
                         m.d.sync += [rec_sel.eq(1), sub.eq(2)]
                 with m.Elif(sub == 2):
                     read(rec_addr, rec_beats, T_DESC)
-                    with m.If(rd_issued):
+                    with m.If(~rq_valid):  # the request is taken
                         m.d.sync += sub.eq(3)
                 with m.Elif(sub == 3):
                     read(dfield(rec_model, "model", "eps_addr"), -(-EPS_ENTRIES // per8), T_EPS)
-                    with m.If(rd_issued):
+                    with m.If(~rq_valid):  # the request is taken
                         m.d.sync += [eps_i.eq(0), sub.eq(4)]
                 with m.Elif(sub == 4):
-                    with m.If(rd_out == 0):
+                    with m.If(rd_quiet):
                         m.d.sync += sub.eq(5)
                 with m.Elif(sub == 5):  # the layer's GELU table (the HEAD has none)
                     with m.If(is_head | (layer >= n_layer)):
                         m.next = "CHECK"
                     with m.Else():
                         read(lf("gelu_addr"), GELU_TABLE_BYTES // B, T_GELU)
-                        with m.If(rd_issued):
+                        with m.If(~rq_valid):  # the request is taken
                             m.d.sync += [gt_i.eq(0), sub.eq(6)]
-                with m.Elif(rd_out == 0):
+                with m.Elif(rd_quiet):
                     m.next = "CHECK"
             with m.State("CHECK"):
                 # products of descriptor fields, registered before anything compares or uses them
@@ -792,9 +821,9 @@ class Engine(wiring.Component):
                             with m.If(sub == 0):
                                 read(dfield(rec_model, "model", "resid_addr"), (d_model + (B // 4 - 1)) >> _lg(B // 4),
                                      T_RESID)
-                                with m.If(rd_issued):
+                                with m.If(~rq_valid):  # the request is taken
                                     m.d.sync += [res_i.eq(0), res_lane.eq(0), sub.eq(1)]
-                            with m.Elif(rd_out == 0):
+                            with m.Elif(rd_quiet):
                                 begin(Mux(is_head, STEP["lnf"], STEP["ln1"]))
                         with m.Case(STEP["ln1"]):
                             layernorm(lf("ln1_addr"), lf("ln1_shift"), "qkv")
@@ -805,18 +834,17 @@ class Engine(wiring.Component):
                                 begin(STEP["write_kv"])
                         with m.Case(STEP["write_kv"]):
                             # 2 * n_head row writes (all k rows, then all v rows) fed by one linear read of h
-                            m.d.comb += h_to_wr.eq(1)
                             with m.If(sub == 0):
                                 m.d.sync += [kvrow_i.eq(0), head.eq(0), kv_wr_addr.eq(lf("k_cache_addr") + pos_off),
-                                             sub.eq(1)]
+                                             kv_more.eq(1), sub.eq(1)]
                                 m.d.comb += [h_go.eq(1), h_first.eq(nh_rb), h_count.eq(nh_rb << 1)]
                             with m.Elif(sub == 1):
-                                m.d.comb += [wr_addr.eq(kv_wr_addr), wr_n.eq(row_beats_kv), wr_go.eq(head != kv_rows)]
-                                with m.If(wr_issued):
-                                    m.d.sync += [head.eq(head + 1),
+                                m.d.comb += [wr_addr.eq(kv_wr_addr), wr_n.eq(row_beats_kv), wr_go.eq(kv_more)]
+                                with m.If(kv_more & wr_cmd.s.tready):  # this row's write command is taken
+                                    m.d.sync += [head.eq(head + 1), kv_more.eq(head != kv_last_row),
                                                  kv_wr_addr.eq(Mux(head == last_head, lf("v_cache_addr") + pos_off,
                                                                    kv_wr_addr + ctx_stride))]
-                                with m.If((head == kv_rows) & ~h_active):
+                                with m.If(~kv_more & ~h_active):
                                     m.d.sync += sub.eq(2)
                             with m.Elif(wr_idle):
                                 m.d.sync += [head.eq(0), k_rd_addr.eq(lf("k_cache_addr") + lo_off),
@@ -830,12 +858,12 @@ class Engine(wiring.Component):
                             # needs the query. h_base, ctx_base and the K/V addresses step by one head (no multiplier).
                             with m.If(sub == 0):
                                 read(k_rd_addr, kv_beats, T_K)
-                                with m.If(rd_issued):
+                                with m.If(~rq_valid):  # the request is taken
                                     m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
                                     m.d.sync += [ctx_e.eq(0), sub.eq(1)]
                             with m.Elif(sub == 1):
                                 read(v_rd_addr, kv_beats, T_V)
-                                with m.If(rd_issued):
+                                with m.If(~rq_valid):  # the request is taken
                                     m.d.sync += sub.eq(2)
                             with m.Elif((ctx_e == head_dim) & ~ctx_have):
                                 with m.If(head == last_head):
@@ -856,11 +884,10 @@ class Engine(wiring.Component):
                             with m.If(matvec(lf("proj_addr")) & ~add_pending):
                                 begin(STEP["store_residual"])
                         with m.Case(STEP["store_residual"]):
-                            m.d.comb += x_to_wr.eq(1)
                             with m.If(sub == 0):
                                 m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "resid_addr")),
                                              wr_n.eq((d_model + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
-                                with m.If(wr_issued):
+                                with m.If(wr_cmd.s.tready):  # the write command is taken
                                     m.d.comb += x_go.eq(1)
                                     m.d.sync += [pack_n.eq(0), pack.eq(0), sub.eq(1)]
                             with m.Elif(~x_active & (pack_n == 0) & wr_idle):
@@ -872,7 +899,7 @@ class Engine(wiring.Component):
                             with m.If(sub == 0):  # the logits' write command first, then the matvec
                                 m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
                                              wr_n.eq((vocab + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
-                                with m.If(wr_issued):
+                                with m.If(wr_cmd.s.tready):  # the write command is taken
                                     m.d.sync += [lg_n.eq(0), lg_pack.eq(0), sub.eq(1)]
                             with m.Elif(lm_done & (lg_n == 0) & wr_idle):
                                 m.next = "END"
