@@ -21,7 +21,7 @@ from gpt_fpga.quantize.checkpoint import Checkpoint, load_checkpoint
 from gpt_fpga.quantize.text_input import read_text_file
 from gpt_fpga.contract.errors import InputError
 from gpt_fpga.contract.image import ROUNDING_METHODS, write_image
-from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_BETA_BITS, LN_GAMMA_BITS, WEIGHT_FORMATS,
+from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, DEFAULT_GROUP, GROUP_CHOICES, LN_BETA_BITS, LN_GAMMA_BITS, WEIGHT_FORMATS,
                                       HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix,
                                       unpack_embed_scale)
 from gpt_fpga.contract import numerics as nx
@@ -497,7 +497,7 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
     return header
 
 
-def quantize_checkpoint(model_dir, out_path, weights="int8", group=32, bus_bits=64, calib=None,
+def quantize_checkpoint(model_dir, out_path, weights="int8", group=DEFAULT_GROUP, bus_bits=64, calib=None,
                         calib_tokens=None, progress=True, rounding=None, damping=DEFAULT_DAMPING,
                         head_rounding=DEFAULT_HEAD_ROUNDING, head_damping=None) -> dict:
     """Quantize a checkpoint into an image at out_path; returns the image header.
