@@ -49,7 +49,7 @@ synth: $(VENV)/.dev ## yosys xc7 utilization + nextpnr-ecp5 Fmax per core and wh
 
 .PHONY: bitstream
 bitstream: $(VENV)/.dev ## PYNQ-Z2 overlay with Vivado -> build/overlay/gpt_fpga.{bit,hwh,json} (WEIGHTS= GROUP= PORTS= CLOCK_MHZ= STRATEGY=)
-	@$(PY) -m gpt_fpga.hw.bitstream --weights $(or $(WEIGHTS),int8) --group $(or $(GROUP),32) \
+	@$(PY) -m gpt_fpga.hw.bitstream --weights $(or $(WEIGHTS),int8) --group $(or $(GROUP),128) \
 		--ports $(or $(PORTS),2) --clock-mhz $(or $(CLOCK_MHZ),142.857) --strategy "$(or $(STRATEGY),auto)"
 
 bench: $(VENV)/.dev ## benchmarks -> build/bench/*.json; README's measured tables <- bench/records/*.json

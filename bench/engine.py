@@ -46,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt_fpga.bench.readme import machine
+from gpt_fpga.contract.layout import DEFAULT_GROUP
 from gpt_fpga.quantize.progress import progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ RTL_BACKEND_GOAL_TOK_S = 2.0
 ENGINES = {"two_port": {"bus_bits": 128, "ports": 2, "ddr_bytes_per_cycle": PYNQ_DDR_BYTES_PER_CYCLE},
            "one_port": {"bus_bits": 64, "ports": 1, "ddr_bytes_per_cycle": 8.0}}
 DEFAULT_ENGINE = "two_port"
-GROUP = 32
+GROUP = DEFAULT_GROUP  # the quantizer's and the bitstream's int4 default
 CALIB_TOKENS = 32  # self-generated calibration text: the scales do not change the timing
 SEED = 0
 TOKEN = 464  # the token decoded in every run (any id; the timing does not depend on it)

@@ -34,6 +34,9 @@ def header_bits(name: str) -> tuple[int, int]:
 BUS_BITS_CHOICES = (64, 128)
 WEIGHT_FORMATS = ("int8", "int4")
 GROUP_CHOICES = (32, 64, 128)
+# int4's default group: the one with the fewest DDR bytes per token whose held-out cost stays
+# within +0.6 % on both bundled models (bench/accuracy.py pick_int4_group; docs/numerics.md).
+DEFAULT_GROUP = 128
 SECTION_ALIGN = 4096  # page alignment: PYNQ's contiguous buffers and DMA bursts start on pages
 
 
@@ -47,7 +50,7 @@ class HwLayout:
 
     bus_bits: int = 64
     weights: str = "int8"
-    group: int = 32  # int4 only: inputs per group scale
+    group: int = DEFAULT_GROUP  # int4 only: inputs per group scale
 
     @property
     def bus_bytes(self) -> int:

@@ -141,7 +141,7 @@ def model_info(model: str) -> dict:
         layouts = {image.hw.weights: image.hw}
     elif path.is_dir():
         cfg = load_config(path)
-        layouts = {fmt: HwLayout(bus_bits=64, weights=fmt, group=32) for fmt in ("int8", "int4")}
+        layouts = {fmt: HwLayout(bus_bits=64, weights=fmt) for fmt in ("int8", "int4")}
     else:
         raise InputError(f"{path}: no such model directory or weight image")
     info = {"family": cfg.family, "layers": cfg.n_layer, "d_model": cfg.d_model, "heads": cfg.n_head,
@@ -266,7 +266,7 @@ def cmd_board_check(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from gpt_fpga.host.backends import BACKENDS
-    from gpt_fpga.contract.layout import BUS_BITS_CHOICES, GROUP_CHOICES, WEIGHT_FORMATS
+    from gpt_fpga.contract.layout import BUS_BITS_CHOICES, DEFAULT_GROUP, GROUP_CHOICES, WEIGHT_FORMATS
     from gpt_fpga.contract.image import ROUNDING_METHODS
 
     from importlib.metadata import PackageNotFoundError, version
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("-o", "--out", required=True, help="output image file")
     qz.add_argument("--weights", default="int8", choices=list(WEIGHT_FORMATS),
                     help="weight format (default %(default)s)")
-    qz.add_argument("--group", type=int, choices=list(GROUP_CHOICES), help="int4 group size (default 32)")
+    qz.add_argument("--group", type=int, choices=list(GROUP_CHOICES), help=f"int4 group size (default {DEFAULT_GROUP})")
     qz.add_argument("--bus-bits", type=int, default=128, choices=list(BUS_BITS_CHOICES),
                     help="the engine's datapath width it is tiled for: 128 for the default two-port overlay, "
                          "64 for the one-port overlay (make bitstream PORTS=1) (default %(default)s)")

@@ -45,6 +45,7 @@ import numpy as np
 
 from gpt_fpga.contract import registers as rm
 from gpt_fpga.contract.errors import GptFpgaError
+from gpt_fpga.contract.layout import DEFAULT_GROUP
 
 __all__ = ["RtlDevice", "RtlBuffer", "build_library", "INSTALL_HW"]
 
@@ -362,7 +363,7 @@ class RtlDevice:
     The engine is reset once when the device opens.
     """
 
-    def __init__(self, weights: str = "int8", group: int = 32, bus_bits: int = 64, ddr_bytes: int = 512 << 20,
+    def __init__(self, weights: str = "int8", group: int = DEFAULT_GROUP, bus_bits: int = 64, ddr_bytes: int = 512 << 20,
                  read_latency: int = 85, bytes_per_cycle: float | None = None, clock_hz: float = 100e6, *,
                  ports: int | None = None,
                  write_latency: int = 16, max_reads: int = 16, max_writes: int = 16,

@@ -37,6 +37,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gpt_fpga.contract.layout import DEFAULT_GROUP
+
 REPO = Path(__file__).resolve().parent.parent
 VIVADO_DIR = Path(__file__).resolve().parent / "vivado"
 PROG = "python -m gpt_fpga.hw.bitstream"
@@ -231,7 +233,7 @@ def params_tcl(engine, clock_mhz: float, jobs: int, strategy: str = DEFAULT_STRA
     return "\n".join(lines) + "\n"
 
 
-def prepare(out_dir: Path, weights: str = "int8", group: int = 32, clock_mhz: float = float(DEFAULT_CLOCK_MHZ),
+def prepare(out_dir: Path, weights: str = "int8", group: int = DEFAULT_GROUP, clock_mhz: float = float(DEFAULT_CLOCK_MHZ),
             jobs: int | None = None, ports: int = DEFAULT_PORTS, strategy: str = DEFAULT_STRATEGY) -> dict:
     """Write the Verilog, the Tcl and the json into `out_dir`; return the json's content."""
     from gpt_fpga.hw.top import verilog
@@ -297,7 +299,8 @@ def run_vivado(vivado: str, out_dir: Path, ident: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description="Build the PYNQ-Z2 overlay with Vivado (batch mode).")
     ap.add_argument("--weights", default="int8", help="int8 (default) or int4")
-    ap.add_argument("--group", type=int, default=32, help="int4 group size: 32 (default), 64 or 128")
+    ap.add_argument("--group", type=int, default=DEFAULT_GROUP,
+                    help=f"int4 group size: 32, 64 or 128 (default {DEFAULT_GROUP})")
     ap.add_argument("--clock-mhz", default=DEFAULT_CLOCK_MHZ,
                     help=f"FCLK0 / engine clock in MHz: {CLOCKS_TEXT} (default {DEFAULT_CLOCK_MHZ})")
     ap.add_argument("--ports", type=int, default=DEFAULT_PORTS,

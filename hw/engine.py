@@ -31,7 +31,7 @@ from gpt_fpga.contract import descriptors as dsc
 from gpt_fpga.contract import numerics as nx
 from gpt_fpga.contract import registers as rm
 from gpt_fpga.contract.image import FORMAT_VERSION
-from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_PARAM_BYTES, ROW_HEADER_FIXED_BYTES,
+from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, DEFAULT_GROUP, GROUP_CHOICES, LN_PARAM_BYTES, ROW_HEADER_FIXED_BYTES,
                                       WEIGHT_FORMATS)
 
 __all__ = ["Engine"]
@@ -106,7 +106,7 @@ class Engine(wiring.Component):
         Level: IRQ_STATUS & IRQ_ENABLE.
     """
 
-    def __init__(self, *, weights: str = "int8", group: int = 32, bus_bits: int = 64, ports: int = 1,
+    def __init__(self, *, weights: str = "int8", group: int = DEFAULT_GROUP, bus_bits: int = 64, ports: int = 1,
                  max_d: int = nx.MAX_D_IN, max_context: int = nx.MAX_CONTEXT, max_head_dim: int = nx.MAX_HEAD_DIM,
                  max_heads: int = 64):
         if weights not in WEIGHT_FORMATS or group not in GROUP_CHOICES or bus_bits not in BUS_BITS_CHOICES:

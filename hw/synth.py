@@ -34,6 +34,8 @@ from itertools import product
 import time
 from pathlib import Path
 
+from gpt_fpga.contract.layout import DEFAULT_GROUP
+
 REPO = Path(__file__).resolve().parent.parent
 XC7Z020 = {"lut": 53200, "ff": 106400, "dsp": 220, "bram36": 140}
 # The whole engine must fit the xc7z020 with room for the PS interconnect and Vivado's placement.
@@ -45,7 +47,7 @@ CORE_FMAX_TARGET_MHZ = 110.0
 # The engine as the default bitstream configures it. The one parameter to change when the engine's
 # default changes (for example to the two-port read DMA): every core and the whole engine follow it.
 ENGINE_CONFIG = {"bus_bits": 128, "ports": 2}  # the default bitstream's engine
-WEIGHT_FORMATS = {"int8": {"weights": "int8"}, "int4": {"weights": "int4", "group": 32}}
+WEIGHT_FORMATS = {"int8": {"weights": "int8"}, "int4": {"weights": "int4", "group": DEFAULT_GROUP}}
 ENGINE_DEVICES, CORE_DEVICES = ("85k",), ("25k", "45k", "85k")
 
 
@@ -67,7 +69,7 @@ def pynq_z2_cores() -> dict:
     bus = ENGINE_CONFIG["bus_bits"]
     return {
         "matvec_int8": lambda: MatVec(bus_bits=bus, weights="int8"),
-        "matvec_int4": lambda: MatVec(bus_bits=bus, weights="int4", group=32),
+        "matvec_int4": lambda: MatVec(bus_bits=bus, weights="int4", group=DEFAULT_GROUP),
         "softmax": lambda: Softmax(max_len=MAX_CONTEXT),
         "layernorm": lambda: LayerNorm(max_d=MAX_D_IN),
         "gelu": lambda: Gelu(lanes=1),
@@ -81,14 +83,14 @@ def pynq_z2_cores() -> dict:
     }
 
 
-def make_engine(weights: str = "int4", group: int = 32, **config):
+def make_engine(weights: str = "int4", group: int = DEFAULT_GROUP, **config):
     """The engine at :data:`ENGINE_CONFIG`, overridden by ``config``."""
     from gpt_fpga.hw.engine import Engine
 
     return Engine(weights=weights, group=group, **{**ENGINE_CONFIG, **config})
 
 
-def engine_verilog(weights: str = "int4", group: int = 32, bus_bits: int = 64, ports: int = 1) -> str:
+def engine_verilog(weights: str = "int4", group: int = DEFAULT_GROUP, bus_bits: int = 64, ports: int = 1) -> str:
     """The engine under its Vivado-facing wrapper (hw/top.py), PYNQ-Z2 default sizes."""
     from gpt_fpga.hw.engine import Engine
     from gpt_fpga.hw.top import verilog

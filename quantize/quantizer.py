@@ -21,7 +21,7 @@ from gpt_fpga.quantize.checkpoint import Checkpoint, load_checkpoint
 from gpt_fpga.quantize.text_input import read_text_file
 from gpt_fpga.contract.errors import InputError
 from gpt_fpga.contract.image import ROUNDING_METHODS, write_image
-from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, LN_BETA_BITS, LN_GAMMA_BITS, WEIGHT_FORMATS,
+from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, DEFAULT_GROUP, GROUP_CHOICES, LN_BETA_BITS, LN_GAMMA_BITS, WEIGHT_FORMATS,
                                       HwLayout, ceil_div, pack_embed_scale, pack_ln_params, pack_matrix,
                                       unpack_embed_scale)
 from gpt_fpga.contract import numerics as nx
@@ -354,13 +354,14 @@ class CalibrationRun(FixedModel):
         self.windows = [ids[b:b + cfg.n_ctx] for b in range(0, len(ids), cfg.n_ctx)]
         self.x = [self.embed(w, 0) for w in self.windows]  # [n, d] int32 residual per window
 
-    def hessians(self, layer: int, lh: dict, sections: dict) -> dict[str, np.ndarray]:
-        """H of each matrix input of `layer` (MATRIX_INPUTS), with the layer as in lh and `sections`."""
+    def hessians(self, layer: int, lh: dict, sections: dict, inputs=tuple(MATRIX_INPUTS.values())) -> dict:
+        """H of the matrix inputs `inputs` of `layer` (names as in MATRIX_INPUTS), with the layer as in
+        lh and `sections`: {input: H}."""
         self.layers[layer] = load_layer(sections.__getitem__, layer, lh, self.cfg, self.hw)
         h = {}
 
         def observe(name, _layer, value):
-            if name in MATRIX_INPUTS.values():
+            if name in inputs:
                 h[name] = h.get(name, 0) + hessian(value)
 
         for x in self.x:
@@ -450,11 +451,11 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
         layers.append({"scales": s, "ln1_shift": sh1, "ln2_shift": sh2, "score_mult": att_mult,
                        "score_shift": att_shift, "ctx_mult": ctx_mult, "ctx_shift": ctx_shift,
                        "window": cfg.window_size if cfg.local_layers[i] else 0})
-        if run is not None:  # inputs observed with the layer rounded to nearest, then the layer re-rounded
-            h = run.hessians(i, layers[i], sections)
-            for name, args in matrices.items():
+        if run is not None:  # the layer's matrices re-rounded in stream order, each from its input as stored
+            for name, args in matrices.items():  # (earlier matrices as rounded, this and later ones nearest)
+                h = run.hessians(i, layers[i], sections, (MATRIX_INPUTS[name],))[MATRIX_INPUTS[name]]
                 layer_clips[name] = {}
-                u = compensation(h[MATRIX_INPUTS[name]], f"L{i}.{name}")
+                u = compensation(h, f"L{i}.{name}")
                 sections[f"L{i}.{name}"], _ = quantize_matrix(*args, hw, f"layer {i} {name}", layer_clips[name],
                                                               compensation=u)
             run.advance(i, layers[i], sections)
@@ -496,7 +497,7 @@ def build_image(ckpt: Checkpoint, opts: QuantOptions, calib_ids: list[int], cali
     return header
 
 
-def quantize_checkpoint(model_dir, out_path, weights="int8", group=32, bus_bits=64, calib=None,
+def quantize_checkpoint(model_dir, out_path, weights="int8", group=DEFAULT_GROUP, bus_bits=64, calib=None,
                         calib_tokens=None, progress=True, rounding=None, damping=DEFAULT_DAMPING,
                         head_rounding=DEFAULT_HEAD_ROUNDING, head_damping=None) -> dict:
     """Quantize a checkpoint into an image at out_path; returns the image header.

@@ -590,7 +590,7 @@ def test_makefile_passes_the_variables():
     assert "-m gpt_fpga.hw.bitstream --weights int4 --group 64 --ports 1 --clock-mhz 100" in cmd
     r = subprocess.run(["make", "-n", "bitstream"], cwd=REPO, capture_output=True, text=True, timeout=60)
     cmd = " ".join(r.stdout.replace("\\\n", " ").split())
-    assert '--weights int8 --group 32 --ports 2 --clock-mhz 142.857 --strategy "auto"' in cmd
+    assert '--weights int8 --group 128 --ports 2 --clock-mhz 142.857 --strategy "auto"' in cmd
     r = subprocess.run(["make", "-n", "bitstream", "STRATEGY=Vivado Implementation Defaults"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert '--strategy "Vivado Implementation Defaults"' in r.stdout

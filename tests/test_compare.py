@@ -40,7 +40,7 @@ def test_compare_json(report, gpt2_int8):
     n_layer = json.loads((GPT2 / "config.json").read_text())["n_layer"]
     assert summary["tokens"] == 256  # default --tokens, = the model's context
     assert summary["model"] == str(GPT2) and summary["image"] == str(gpt2_int8) and summary["text"] == str(TEXT)
-    assert summary["hardware"] == {"bus_bits": 64, "weights": "int8", "group": 32}
+    assert summary["hardware"] == {"bus_bits": 64, "weights": "int8", "group": 128}  # the defaults
     assert len(summary["layers"]) == n_layer
     for i, row in enumerate(summary["layers"]):
         assert list(row) == list(LAYER_OPS), i

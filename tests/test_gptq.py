@@ -255,6 +255,36 @@ def test_gptq_image_changes_only_the_integers(tiny_model, tmp_path):
     assert np.all(np.isfinite(logits))
 
 
+def test_each_matrix_input_observed_with_earlier_matrices_as_stored(tiny_model, tmp_path, monkeypatch):
+    """H of a layer's matrix comes from its integer input with the layer's earlier matrices as finally
+    stored (gptq-rounded), not as first rounded to nearest: ctx after the stored qkv, the LN2 output
+    after the stored attn_out, the GELU output after the stored fc."""
+    from gpt_fpga.quantize import quantizer
+
+    seen = []  # (layer, inputs, {matrix: section bytes at the time H was observed})
+    original = quantizer.CalibrationRun.hessians
+
+    def spy(self, layer, lh, sections, inputs=tuple(quantizer.MATRIX_INPUTS.values())):
+        seen.append((layer, tuple(inputs), {m: sections[f"L{layer}.{m}"] for m in quantizer.MATRIX_INPUTS}))
+        return original(self, layer, lh, sections, inputs)
+
+    monkeypatch.setattr(quantizer.CalibrationRun, "hessians", spy)
+    near, comp = tmp_path / "near.img", tmp_path / "comp.img"
+    for path, rounding in ((near, "nearest"), (comp, "gptq")):
+        quantize_checkpoint(tiny_model, path, weights="int4", group=32, calib_tokens=64, rounding=rounding,
+                            progress=False)
+    a, b = read_image(near), read_image(comp)
+    assert [(layer, inputs) for layer, inputs, _ in seen] == [
+        (layer, (x,)) for layer in range(2) for x in ("ln1", "ctx", "ln2", "gelu")]
+    order = list(quantizer.MATRIX_INPUTS)  # qkv, attn_out, fc, proj: the stream order
+    for layer, (x,), sections in seen:
+        k = order.index(next(m for m, v in quantizer.MATRIX_INPUTS.items() if v == x))
+        for j, m in enumerate(order):  # earlier matrices as stored in the gptq image, the rest nearest
+            want = b if j < k else a
+            assert sections[m] == want.section(f"L{layer}.{m}"), (layer, x, m)
+        assert all(a.section(f"L{layer}.{m}") != b.section(f"L{layer}.{m}") for m in order)
+
+
 def test_malformed_rounding_field_refused(tiny_model, tmp_path):
     img = tmp_path / "x.img"
     quantize_checkpoint(tiny_model, img, weights="int4", calib_tokens=32, progress=False)

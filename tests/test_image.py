@@ -207,7 +207,7 @@ def test_trailing_bytes(img):
 @pytest.mark.parametrize("other", [HwLayout(bus_bits=128), HwLayout(weights="int4"),
                                    HwLayout(weights="int8", group=64)])
 def test_hardware_layout_mismatch(img, other):
-    # the tiny image is int8, 64-bit beats, group 32 (the defaults); group differs only in the last case,
+    # the tiny image is int8, 64-bit beats, group 128 (the defaults); group differs only in the last case,
     # which counts as a different layout too (the HwLayout dataclasses differ)
     expect_image_error(img, "made for hardware", "re-quantize", expect_hw=other)
     read_image(img, expect_hw=HwLayout())

@@ -59,3 +59,13 @@ def test_a_section_without_readme_tables_is_skipped(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape("engine.json: missing")):
         readme.tables(tmp_path, sections)
 
+
+
+def test_the_int4_default_group_is_the_one_the_accuracy_record_picks():
+    """The quantizer's and the overlay's default group follows the measured rule (fewest bytes per
+    token within +0.6 % on both bundled models); a new accuracy record that picks another group
+    must change DEFAULT_GROUP (and the docs) with it."""
+    from gpt_fpga.contract.layout import DEFAULT_GROUP
+
+    record = json.loads((readme.RECORDS / "accuracy.json").read_text())
+    assert record["int4_default_group"]["picked"] == DEFAULT_GROUP

@@ -1,8 +1,8 @@
 """`--backend rtl`: the engine's RTL (Verilator, host/rtl_device.py) through the board's driver
 (host/driver.py) equals `--backend fixed`, token for token and logit for logit.
 
-* both bundled models, int8 and int4 (group 32): 64 greedy tokens; every step's int32 logits
-  identical; then reset() and a second prompt, identical again;
+* both bundled models, int8 and int4 (the default group, 128; the odd shapes below use group 32):
+  64 greedy tokens; every step's int32 logits identical; then reset() and a second prompt, identical again;
 * random-weight checkpoints with odd shapes (rows that are not a multiple of 16 bytes);
 * each on the one-port 64-bit engine and on the board's default two-port engine (a 128-bit image:
   two 64-bit ports with different latencies, sharing the DDR model's bandwidth);
@@ -32,7 +32,7 @@ def images(tmp_path_factory):
         for weights in ("int8", "int4"):
             for bus in (64, 128):
                 img = out / f"{model}-{weights}-{bus}.img"
-                quantize_checkpoint(MODELS / model, img, weights=weights, group=32, bus_bits=bus, progress=False)
+                quantize_checkpoint(MODELS / model, img, weights=weights, bus_bits=bus, progress=False)  # default group
                 made[(model, weights, bus)] = img
     odd = [("neo-odd", "gpt_neo", "int4", dict(vocab=301, d=60, heads=5, layers=3, n_ctx=40, d_ff=100,
                                                 attention_types=[[["local", "global", "local"], 1]], window_size=7)),
