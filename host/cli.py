@@ -384,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and the "
                     "page (default: $GPT_FPGA_API_KEY, else none)", default=os.environ.get("GPT_FPGA_API_KEY"))
-    sv.add_argument("--queue", type=int, default=DEFAULT_QUEUE, help="requests that may wait behind the running one; more "
-                    "get 503 with Retry-After (default %(default)s)")
+    sv.add_argument("--queue", type=int, default=DEFAULT_QUEUE, help="requests that may wait behind the running "
+                    "one; more get 503 with Retry-After (default %(default)s)")
     sv.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes "
                     "(default %(default)s)")
     sv.set_defaults(func=cmd_serve)

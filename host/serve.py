@@ -29,9 +29,9 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from gpt_fpga.host.backends import Backend
-from gpt_fpga.host.serve_api import (DEFAULT_MAX_BODY, DEFAULT_QUEUE, SSE_DONE, ApiError, CompletionRequest, ModelFacts, chunk_body, choice,
-                                     completion_body, completion_id, error_body, models_body, parse_completion_request,
-                                     parse_json_object, sse_event, usage)
+from gpt_fpga.host.serve_api import (DEFAULT_MAX_BODY, DEFAULT_QUEUE, SSE_DONE, ApiError, CompletionRequest,
+                                     ModelFacts, chunk_body, choice, completion_body, completion_id, error_body,
+                                     models_body, parse_completion_request, parse_json_object, sse_event, usage)
 from gpt_fpga.host.serve_worker import DeviceWorker, DoneEvent, ErrorEvent, Job, QueueFull, TokenEvent
 
 log = logging.getLogger("gpt_fpga.serve")

@@ -187,8 +187,8 @@ class DeviceWorker:
             job.emit(ErrorEvent(CLIENT_GONE))  # ends the request's wait; nobody reads the answer
         except Exception as e:  # noqa: BLE001 - a device error answers 500; the next request is served
             log.error("generation failed: %s", one_line(e))
+            self._recover()  # first: once the client has its 500, the device is ready for the next request
             job.emit(ErrorEvent(one_line(e)))
-            self._recover()
         self.served += 1
         self.mean_seconds = 0.7 * self.mean_seconds + 0.3 * (time.monotonic() - start)
 

@@ -139,7 +139,8 @@ def test_streaming_gives_the_same_text(server, reference):
 
 
 def test_stream_ends_with_done(server):
-    req = urllib.request.Request(server + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
+    req = urllib.request.Request(server + "/v1/completions", method="POST",
+                                 headers={"Content-Type": "application/json"},
                                  data=json.dumps({"prompt": PROMPT, "max_tokens": 3, "stream": True}).encode())
     with urllib.request.urlopen(req, timeout=60) as r:
         status, ctype, raw = r.status, r.headers["Content-Type"], r.read().decode()
@@ -308,7 +309,8 @@ def test_past_the_queue_503_with_retry_after(image, reference):
         running.join(60), waiting.join(60)
         want, _ = generated_text(reference, reference.codec.encode(PROMPT), 3)
         assert results == {"running": want, "waiting": want}
-        assert health(url)["queue"] == {"running": False, "waiting": 0, "limit": 1, "served": 2}
+        wait_for(lambda: health(url)["queue"] == {"running": False, "waiting": 0, "limit": 1, "served": 2},
+                 what="the queue to empty")
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -390,7 +392,7 @@ def test_16_concurrent_clients(image, reference):
         assert all(r == want or r == 503 for r in results), results
         served = results.count(want)
         assert served >= 5 and served + results.count(503) == 16
-        assert health(url)["queue"]["served"] == served
+        wait_for(lambda: health(url)["queue"]["served"] == served, what=f"{served} requests counted as served")
         assert client(url).completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=4,
                                               temperature=0).choices[0].text == want
 

@@ -22,8 +22,9 @@ from gpt_fpga.host.generate import Sampling
 from gpt_fpga.host.serve import create_app
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = [getattr(pytest.mark, MISSING_TOOL_MARK)(what, "apt-get install chromium chromium-driver / make chromium")
-              for what, found in (("chromium", CHROMIUM), ("chromedriver (chromium-driver)", CHROMEDRIVER)) if not found]
+INSTALL = "apt-get install chromium chromium-driver / make chromium"
+TOOLS = (("chromium", CHROMIUM), ("chromedriver (chromium-driver)", CHROMEDRIVER))
+pytestmark = [getattr(pytest.mark, MISSING_TOOL_MARK)(what, INSTALL) for what, found in TOOLS if not found]
 
 
 @pytest.fixture
