@@ -82,6 +82,8 @@ body = json.dumps({"prompt": "And God said", "max_tokens": 24, "temperature": 0}
 req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
 got = json.loads(urllib.request.urlopen(req, timeout=60).read())["choices"][0]["text"]
 assert "And God said" + got + "\n" == want, (got, want)
+page = urllib.request.urlopen(url + "/", timeout=10).read().decode()
+assert "<textarea" in page, "the page (host/serve_page.html) is missing from the installed package"
 print("board-python: gpt-fpga serve answers generate's text", file=sys.stderr)
 EOF
 kill "$SERVE_PID"
