@@ -8,7 +8,7 @@ DEMO_MODEL ?= models/gpt2-kjv
 DEMO_PROMPT ?= And God said
 export XDG_CACHE_HOME ?= $(CURDIR)/build/cache
 
-.PHONY: help demo test sim verilog synth bench install install-dev iverilog clean
+.PHONY: help demo test sim verilog synth bench install install-dev iverilog chromium serve clean
 
 help: ## list every target
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,7 +35,17 @@ iverilog: ## install Icarus Verilog (Debian package) if it is missing
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iverilog >/dev/null) || \
 		{ echo "error: Icarus Verilog is needed: apt-get install iverilog (as root)"; exit 1; }; }
 
-test: $(VENV)/.dev iverilog ## run the whole test suite (includes make sim)
+chromium: ## install Debian's Chromium and ChromeDriver (the page's browser test) if missing
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "installing chromium (apt-get)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+		{ echo "error: Chromium is needed: apt-get install chromium chromium-driver (as root)"; exit 1; }; }
+
+serve: $(VENV)/.runtime ## serve the demo model (fixed backend) on http://127.0.0.1:8000/ (docs/serve.md)
+	@mkdir -p build/serve
+	@test -f build/serve/demo.img || $(BIN)/gpt-fpga quantize $(DEMO_MODEL) -o build/serve/demo.img
+	$(BIN)/gpt-fpga serve build/serve/demo.img --backend fixed
+
+test: $(VENV)/.dev iverilog chromium ## run the whole test suite (includes make sim)
 	$(BIN)/pytest -q
 
 sim: $(VENV)/.dev iverilog ## cocotb: every core against the golden model, Icarus and Verilator

@@ -9,7 +9,9 @@
 #      interrupts through pynq's own Interrupt, axi_intc driver and interrupt mocks;
 #   2. the golden model a board user checks against: quantize the bundled gpt2-kjv, generate with
 #      --backend fixed, and (when the main venv exists) compare its int32 logits with the main venv's
-#      (Python 3.11, numpy 2): the integer model must give the same integers on both.
+#      (Python 3.11, numpy 2): the integer model must give the same integers on both;
+#   3. gpt-fpga serve (Starlette, uvicorn) on that Python: a greedy completion over loopback is
+#      generate's text.
 # pyenv or its 3.10 missing: a failure under CI=true (the check must run there), else a skip.
 # About 1.5 minutes with a cold pip cache, 30 s warm.
 set -euo pipefail
@@ -59,7 +61,33 @@ IMG=$OUT/gpt2-kjv-int8.img
 "$VENV/bin/gpt-fpga" quantize models/gpt2-kjv -o "$IMG" --weights int8 2>"$OUT/quantize.log" || {
   cat "$OUT/quantize.log" >&2; exit 1; }
 tail -n 1 "$OUT/quantize.log" >&2
-"$VENV/bin/gpt-fpga" generate "$IMG" --backend fixed --prompt "And God said" --max-new-tokens 24
+"$VENV/bin/gpt-fpga" generate "$IMG" --backend fixed --prompt "And God said" --max-new-tokens 24 \
+  | tee "$OUT/generate.txt"
+
+say "gpt-fpga serve on Python 3.10: a greedy completion over loopback equals generate's text"
+PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+"$VENV/bin/gpt-fpga" serve "$IMG" --backend fixed --port "$PORT" >"$OUT/serve.log" 2>&1 &
+SERVE_PID=$!
+trap 'kill $SERVE_PID 2>/dev/null || true' EXIT
+"$PY" - "$PORT" "$OUT/generate.txt" <<'EOF'
+import json, sys, time, urllib.request
+url, want = f"http://127.0.0.1:{sys.argv[1]}", open(sys.argv[2], encoding="utf-8").read()
+for _ in range(300):
+    try:
+        urllib.request.urlopen(url + "/health", timeout=5).read()
+        break
+    except OSError:
+        time.sleep(0.1)
+body = json.dumps({"prompt": "And God said", "max_tokens": 24, "temperature": 0}).encode()
+req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+got = json.loads(urllib.request.urlopen(req, timeout=60).read())["choices"][0]["text"]
+assert "And God said" + got + "\n" == want, (got, want)
+page = urllib.request.urlopen(url + "/", timeout=10).read().decode()
+assert "<textarea" in page, "the page (host/serve_page.html) is missing from the installed package"
+print("board-python: gpt-fpga serve answers generate's text", file=sys.stderr)
+EOF
+kill "$SERVE_PID"
+trap - EXIT
 IDS=1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16
 "$VENV/bin/gpt-fpga" logits "$IMG" --backend fixed --ids $IDS --int32 --out "$OUT/logits-py310.npy"
 if [[ -x .venv/bin/gpt-fpga ]]; then

@@ -32,6 +32,13 @@ class Backend:
     def reset(self) -> None:
         self.model.reset()
 
+    def recover(self) -> None:
+        """After a failed request (a device error): the device back to idle, and a new sequence."""
+        recover = getattr(self.model, "recover", None)  # the driver's; golden models have no device
+        if recover is not None:
+            recover()
+        self.reset()
+
     def forward(self, ids) -> np.ndarray:  # [n] ids -> [n, vocab] float32 logits; extends the cache
         return self.model.forward(self.check_ids(ids))
 

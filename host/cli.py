@@ -264,10 +264,25 @@ def cmd_board_check(args):
         raise SystemExit(1)
 
 
+def cmd_serve(args):
+    from gpt_fpga.host.serve import serve
+
+    if args.queue < 0:
+        raise InputError(f"--queue must be >= 0, got {args.queue}")
+    if args.max_body < 1024:
+        raise InputError(f"--max-body must be >= 1024 bytes, got {args.max_body}")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in 0..65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise InputError("--api-key is empty")
+    serve(args.model, args.backend, args.overlay, args.host, args.port, args.api_key, args.queue, args.max_body)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gpt_fpga.host.backends import BACKENDS
     from gpt_fpga.contract.layout import BUS_BITS_CHOICES, DEFAULT_GROUP, GROUP_CHOICES, WEIGHT_FORMATS
     from gpt_fpga.contract.image import ROUNDING_METHODS
+    from gpt_fpga.host.serve_api import DEFAULT_MAX_BODY, DEFAULT_QUEUE
 
     from importlib.metadata import PackageNotFoundError, version
 
@@ -355,6 +370,25 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("model", help="Hugging Face model directory or weight image")
     inf.add_argument("--json", action="store_true", help="print one JSON object")
     inf.set_defaults(func=cmd_info)
+
+    sv = sub.add_parser("serve", help="serve the model over HTTP: OpenAI-compatible /v1/completions and a page at / "
+                        "(docs/serve.md)")
+    sv.add_argument("model", help="weight image (made by 'gpt-fpga quantize')")
+    sv.add_argument("--backend", default="fixed", choices=["fixed", "rtl", "pynq"],
+                    help="fixed: the bit-exact integer model; rtl: the engine's RTL in Verilator; pynq: the engine "
+                         "on the board (default %(default)s)")
+    sv.add_argument("--overlay", help="--backend pynq: the overlay's .bit, its .hwh beside it (default "
+                    "$GPT_FPGA_OVERLAY, else build/overlay/gpt_fpga.bit)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine "
+                    "only; 0.0.0.0 exposes it to the network: set --api-key then)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health and the "
+                    "page (default: $GPT_FPGA_API_KEY, else none)", default=os.environ.get("GPT_FPGA_API_KEY"))
+    sv.add_argument("--queue", type=int, default=DEFAULT_QUEUE, help="requests that may wait behind the running "
+                    "one; more get 503 with Retry-After (default %(default)s)")
+    sv.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes "
+                    "(default %(default)s)")
+    sv.set_defaults(func=cmd_serve)
 
     bc = sub.add_parser("board-check", help="on the board: identity, DMA, bandwidth, interrupt and a LAYER "
                         "against the fixed model, as a table")

@@ -214,6 +214,18 @@ class Driver:
     def position(self) -> int:
         return self.length
 
+    def recover(self):
+        """After an error: end a command that still runs (CONTROL.abort, a soft reset of the datapath),
+        clear a pending interrupt, program the registers again and start a new sequence, so the next
+        command starts from idle with no stale interrupt."""
+        dev = self.device
+        if REG("STATUS").unpack(dev.read_reg(REG("STATUS").offset))["busy"]:
+            dev.write_reg(REG("CONTROL").offset, REG("CONTROL").pack(abort=1))
+            dev.wait_interrupt(1.0)
+        dev.write_reg(REG("IRQ_STATUS").offset, REG("IRQ_STATUS").pack(done=1))
+        self.program()
+        self.reset()
+
     def write_residual(self, x):
         self._put(self.state_layout.resid, np.asarray(x, dtype="<i4").tobytes())
 

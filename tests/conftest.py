@@ -13,9 +13,13 @@ green run must mean every test ran.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -206,3 +210,29 @@ def write_tiny_model(out: Path, family: str, seed: int = 0, window: int = 3) -> 
 def tiny_dir(tmp_path) -> Path:
     """A fresh, writable tiny GPT-2 directory with the KJV tokenizer (vocab 4096, n_ctx 32)."""
     return write_model_dir(tmp_path / "tiny", tiny_gpt2_config(), tiny_gpt2_tensors())
+
+
+# ---------------------------------------------------------------------------------------------
+# gpt-fpga serve on loopback (tests/test_serve*.py)
+
+@contextlib.contextmanager
+def running_server(app, timeout_s: float = 30.0):
+    """Serve the ASGI `app` with uvicorn in a thread on a free loopback port; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
