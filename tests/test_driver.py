@@ -138,11 +138,12 @@ def test_identity_ports_of_a_128_bit_image(images):
     def ident(**hw_config):
         return read_identity(RegisterDevice(identity_for(h, HW_CONFIG=REG("HW_CONFIG").pack(**hw_config))).read_reg)
 
-    check_identity(ident(bus_bits=128, weights=1, group=32, ports=2), h128)
-    check_identity(ident(bus_bits=128, weights=1, group=32, ports=1), h128)
+    group = h["hardware"]["group"]
+    check_identity(ident(bus_bits=128, weights=1, group=group, ports=2), h128)
+    check_identity(ident(bus_bits=128, weights=1, group=group, ports=1), h128)
     with pytest.raises(EngineError, match=r"the engine does not match the image: it has bus width 64 bits on 1 port "
                                           r"of 64 bits \(the image is tiled for 128: the two-port engine\)"):
-        check_identity(ident(bus_bits=64, weights=1, group=32, ports=1), h128)
+        check_identity(ident(bus_bits=64, weights=1, group=group, ports=1), h128)
 
 
 def test_driver_places_image_and_descriptors(images):

@@ -18,6 +18,7 @@ from gpt_fpga.hw.engine import Engine
 from gpt_fpga.hw.top import TOP_NAME, verilog
 from gpt_fpga.quantize.quantizer import quantize_checkpoint
 from gpt_fpga.contract.image import read_image
+from gpt_fpga.contract.layout import DEFAULT_GROUP
 from gpt_fpga.sim.random_checkpoint import make_config, random_tensors, write_checkpoint
 from gpt_fpga.sim.tb.runner import BUILD, run_cocotb, simulator_cases
 
@@ -97,5 +98,7 @@ def test_two_port_engine_signature_and_identity():
     assert "ASSOCIATED_BUSIF s_axi:m_axi:m_axi1," in wrapper_verilog(two)
     assert "ASSOCIATED_BUSIF s_axi:m_axi," in wrapper_verilog(one)
     hw = rm.register("HW_CONFIG")
-    assert hw.unpack(two.identity()["HW_CONFIG"]) == {"bus_bits": 128, "weights": 1, "group": 32, "ports": 2}
+    # int4 (code 1) at the default group, which the identity reports
+    assert hw.unpack(two.identity()["HW_CONFIG"]) == {"bus_bits": 128, "weights": 1, "group": DEFAULT_GROUP,
+                                                      "ports": 2}
     assert hw.unpack(one.identity()["HW_CONFIG"])["ports"] == 1

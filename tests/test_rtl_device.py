@@ -33,11 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "build" / "sim" / "rtl_device" / "images"
 REG = rm.register
 ENGINE_KW: dict = {}  # the Engine's defaults (the contract's maxima), as --backend rtl builds it
+GROUP = 32  # the int4 images here use group 32; tests/test_rtl_backend.py runs the default (128)
 # (family, weights, group, config kwargs, prompt ids)
 CASES = {
     # vocab 512 makes HEAD weight-bound (512 rows of 9 beats), for the bandwidth test
     "gpt2-int8": ("gpt2", "int8", 32, dict(vocab=512, d=64, heads=2, layers=2, n_ctx=16, d_ff=128), [5, 300, 17]),
-    "neo3h-int4": ("gpt_neo", "int4", 32, dict(vocab=75, d=48, heads=3, layers=2, n_ctx=16, d_ff=80,
+    "neo3h-int4": ("gpt_neo", "int4", GROUP, dict(vocab=75, d=48, heads=3, layers=2, n_ctx=16, d_ff=80,
                                                 attention_types=[[["global", "local"], 1]], window_size=2),
                    [3, 17, 42, 5]),
 }
@@ -179,7 +180,7 @@ def expect_ok(result: dict, what: str):
 def _device(weights: str, **kw):
     from gpt_fpga.host.rtl_device import RtlDevice
 
-    return RtlDevice(weights=weights, **ENGINE_KW, **kw)
+    return RtlDevice(weights=weights, group=GROUP, **ENGINE_KW, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +215,7 @@ def test_identity_registers(sim, weights, request):
     from gpt_fpga.hw.engine import Engine
 
     dev = request.getfixturevalue("dev8" if weights == "int8" else "dev4")
-    want = Engine(weights=weights, **ENGINE_KW).identity()
+    want = Engine(weights=weights, group=GROUP, **ENGINE_KW).identity()
     got = {name: dev.read_reg(REG(name).offset) for name in want}
     assert got == want
 
