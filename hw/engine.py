@@ -25,6 +25,7 @@ from gpt_fpga.hw.gelu import Gelu
 from gpt_fpga.hw.layernorm import LayerNorm
 from gpt_fpga.hw.matvec import MatVec
 from gpt_fpga.hw.regfile import RegisterFile
+from gpt_fpga.hw.ping_pong_slice import PingPongSlice
 from gpt_fpga.hw.register_slice import RegisterSlice
 from gpt_fpga.hw.softmax import Softmax
 from gpt_fpga.contract import descriptors as dsc
@@ -333,9 +334,11 @@ class Engine(wiring.Component):
             m.d.sync += rq_valid.eq(0)
         rd_quiet = Signal()  # no read requested, in flight or unconsumed
 
-        # The read DMA's FIFO is a block RAM without an output register: a register slice keeps its
+        # The read DMA's FIFO is a block RAM without an output register: a slice keeps its
         # clock-to-out (and the cores' tready logic) off the tag decode and the cores' stream checks.
-        rd_slice = RegisterSlice(self.bus_bits)
+        # A ping-pong slice: the dispatch's ready below (late: the destinations' readiness and the
+        # tag) moves only its read pointer, not the enable of 2 x bus_bits data flip-flops.
+        rd_slice = PingPongSlice(self.bus_bits)
         m.submodules.rd_slice = ResetInserter(core_rst)(rd_slice)
         wiring.connect(m, rd.m_data, rd_slice.s)
         src = rd_slice.m

@@ -1,4 +1,4 @@
-"""hw/register_slice.py: every beat through, in order, once, under random stalls on both sides; one beat
+"""hw/register_slice.py and hw/ping_pong_slice.py: every beat through, in order, once, under random stalls on both sides; one beat
 per cycle when nothing stalls; no combinational path from one side to the other (Amaranth simulator)."""
 
 import random
@@ -6,7 +6,10 @@ import random
 import pytest
 from amaranth.sim import Simulator
 
+from gpt_fpga.hw.ping_pong_slice import PingPongSlice
 from gpt_fpga.hw.register_slice import RegisterSlice
+
+SLICES = pytest.mark.parametrize("cls", [RegisterSlice, PingPongSlice])
 
 
 def _run(dut, bench):
@@ -16,11 +19,12 @@ def _run(dut, bench):
     sim.run()
 
 
+@SLICES
 @pytest.mark.parametrize("p_valid,p_ready", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.3), (0.6, 0.6)])
-def test_beats_pass_in_order_under_stalls(p_valid, p_ready):
+def test_beats_pass_in_order_under_stalls(cls, p_valid, p_ready):
     rng = random.Random(f"{p_valid}-{p_ready}")
     beats = [(rng.getrandbits(40), rng.random() < 0.1) for _ in range(400)]
-    dut = RegisterSlice(40)
+    dut = cls(40)
     got = []
 
     async def bench(ctx):
@@ -48,9 +52,10 @@ def test_beats_pass_in_order_under_stalls(p_valid, p_ready):
     assert got == beats
 
 
-def test_outputs_do_not_depend_combinationally_on_the_other_side():
+@SLICES
+def test_outputs_do_not_depend_combinationally_on_the_other_side(cls):
     """Changing s.tvalid / s.tdata or m.tready within a cycle moves none of the slice's outputs."""
-    dut = RegisterSlice(8)
+    dut = cls(8)
 
     async def bench(ctx):
         ctx.set(dut.m.tready, 0)
@@ -70,6 +75,7 @@ def test_outputs_do_not_depend_combinationally_on_the_other_side():
     _run(dut, bench)
 
 
-def test_bad_width_is_refused():
+@SLICES
+def test_bad_width_is_refused(cls):
     with pytest.raises(ValueError, match="data_bits must be a positive int, got 0"):
-        RegisterSlice(0)
+        cls(0)

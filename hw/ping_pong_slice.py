@@ -1,0 +1,75 @@
+"""A two-entry stream buffer whose consumer's ``tready`` drives two flip-flops, not the data registers."""
+
+from __future__ import annotations
+
+from amaranth import Cat, Module, Mux, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from gpt_fpga.hw.axis import AxiStreamSignature
+
+__all__ = ["PingPongSlice"]
+
+
+class PingPongSlice(wiring.Component):
+    """Cuts the path from a stream's source to its consumer like :class:`RegisterSlice`, for a wide
+    stream whose consumer decides ``m.tready`` late in the cycle.
+
+    A register slice's output register is enabled by ``m.tready``: on a wide stream that is one
+    late net fanning out to every data flip-flop. Here a beat is written into one of two entries
+    (alternately) when it is taken on ``s``, whatever the consumer does; ``m.tready`` only moves a
+    one-bit read pointer and clears the entry's valid flag. ``m.tdata`` is the read pointer's entry
+    (a 2:1 multiplexer after the registers). ``s.tready``, ``m.tvalid`` and ``m.tdata`` depend on
+    this component's registers only.
+
+    :attr:`latency` 1 (a beat taken on ``s`` is offered on ``m`` the next cycle), :attr:`throughput`
+    1 beat per cycle whatever the stall pattern; a synchronous reset empties both entries.
+
+    Parameters
+    ----------
+    data_bits : int
+        Width of ``tdata``.
+
+    Attributes
+    ----------
+    s : In(AxiStreamSignature(data_bits))
+        The stream in.
+    m : Out(AxiStreamSignature(data_bits))
+        The same beats, in order.
+    """
+
+    def __init__(self, data_bits: int):
+        if not isinstance(data_bits, int) or isinstance(data_bits, bool) or data_bits < 1:
+            raise ValueError(f"data_bits must be a positive int, got {data_bits!r}")
+        self.data_bits = data_bits
+        super().__init__({"s": In(AxiStreamSignature(data_bits)), "m": Out(AxiStreamSignature(data_bits))})
+
+    @property
+    def latency(self) -> int:
+        """Cycles from a beat's ``s`` handshake to its ``m.tvalid`` (no stall): 1."""
+        return 1
+
+    @property
+    def throughput(self) -> int:
+        """Beats per cycle while ``m`` takes them: 1."""
+        return 1
+
+    def elaborate(self, platform):
+        m = Module()
+        s, o = self.s, self.m
+        entry = [Signal(self.data_bits + 1, name=f"entry{i}") for i in range(2)]  # tdata, tlast
+        full = [Signal(name=f"full{i}") for i in range(2)]
+        wp, rp = Signal(), Signal()  # the entry the next beat goes into / comes out of
+        m.d.comb += [s.tready.eq(~Mux(wp, full[1], full[0])), o.tvalid.eq(Mux(rp, full[1], full[0])),
+                     Cat(o.tdata, o.tlast).eq(Mux(rp, entry[1], entry[0]))]
+        push, pop = s.tvalid & s.tready, o.tvalid & o.tready
+        for i in range(2):
+            with m.If(push & (wp == i)):  # the data registers' enable: the source side only
+                m.d.sync += [entry[i].eq(Cat(s.tdata, s.tlast)), full[i].eq(1)]
+            with m.Elif(pop & (rp == i)):
+                m.d.sync += full[i].eq(0)
+        with m.If(push):
+            m.d.sync += wp.eq(~wp)
+        with m.If(pop):
+            m.d.sync += rp.eq(~rp)
+        return m
