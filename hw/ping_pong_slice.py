@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from amaranth import Cat, Module, Mux, Signal
-from amaranth.lib import wiring
-from amaranth.lib.wiring import In, Out
 
-from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.hw.register_slice import RegisterSlice
 
 __all__ = ["PingPongSlice"]
 
 
-class PingPongSlice(wiring.Component):
+class PingPongSlice(RegisterSlice):
     """Cuts the path from a stream's source to its consumer like :class:`RegisterSlice`, for a wide
     stream whose consumer decides ``m.tready`` late in the cycle.
 
@@ -37,22 +35,6 @@ class PingPongSlice(wiring.Component):
     m : Out(AxiStreamSignature(data_bits))
         The same beats, in order.
     """
-
-    def __init__(self, data_bits: int):
-        if not isinstance(data_bits, int) or isinstance(data_bits, bool) or data_bits < 1:
-            raise ValueError(f"data_bits must be a positive int, got {data_bits!r}")
-        self.data_bits = data_bits
-        super().__init__({"s": In(AxiStreamSignature(data_bits)), "m": Out(AxiStreamSignature(data_bits))})
-
-    @property
-    def latency(self) -> int:
-        """Cycles from a beat's ``s`` handshake to its ``m.tvalid`` (no stall): 1."""
-        return 1
-
-    @property
-    def throughput(self) -> int:
-        """Beats per cycle while ``m`` takes them: 1."""
-        return 1
 
     def elaborate(self, platform):
         m = Module()
