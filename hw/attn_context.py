@@ -8,7 +8,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, exact_log2
 
-from gpt_fpga.hw.attn_scores import check_attention_params
+from gpt_fpga.hw.attn_scores import check_attention_params, mul_int8_pairs
 from gpt_fpga.hw.axis import AxiStreamSignature
 from gpt_fpga.contract import numerics
 from gpt_fpga.contract.layout import ceil_div
@@ -50,8 +50,8 @@ class AttnContext(wiring.Component):
     read out, requantized (per lane: ``acc * mult`` as two 16 x 15 partial products, round half up
     by ``((2p >> shift) + 1) >> 1``, saturate to int8) and sent on ``m_ctx``. Lanes past
     ``head_dim`` multiply by ``p = 0``, so their accumulators stay 0 and give the 0 padding.
-    Multipliers: ``bus_bits / 8`` of 17 x 8 bits (``p * v``) and ``2 * bus_bits / 8`` of 16 x 15
-    (requantization), 24 at 64 bits.
+    Multipliers: ``2 * bus_bits / 8`` of 16 x 15 (requantization), 16 at 64 bits; the ``bus_bits /
+    8`` products ``p * v`` (17 x 8 bits) are in LUTs.
 
     A row's first value beat and its probability are taken in the same cycle: ``s_v.tready``
     depends on ``s_p.tvalid`` there and ``s_p.tready`` on ``s_v.tvalid`` (never on the other's
@@ -221,7 +221,7 @@ class AttnContext(wiring.Component):
         e_v_early = v_take & sv.tlast & ~final
         e_v_missing = v_take & final & ~sv.tlast
         new_err = Cat(e_hd, e_nk, e_sh, e_p_early, e_p_missing, e_v_early, e_v_missing)
-        ok = take & ~new_err.any()
+        ok = take & ~new_err.any()  # the beat's valid flag
         m.d.sync += self.error.eq(self.error | new_err)
 
         p_row = reg(PROB_BITS, "p_row")  # the probability of the row in progress
@@ -233,7 +233,10 @@ class AttnContext(wiring.Component):
             m.d.sync += [r_hd.eq(self.head_dim), r_nk.eq(self.n_keys), r_nb.eq(port_nb),
                          r_mult.eq(self.ctx_mult), r_shift.eq(self.ctx_shift)]
         nb, nk = Mux(start, port_nb, r_nb), Mux(start, self.n_keys, r_nk)
-        with m.If(ok):
+        # The counters follow every beat taken, also one that raises an error: the core halts from
+        # the next cycle, so what such a beat does to them is never used, and their enables stay
+        # free of the error logic. Only the data's valid flags (ctl below) exclude it.
+        with m.If(take):
             m.d.sync += [row_start.eq(v_last), first_row.eq(Mux(v_last, final, first_row))]
             with m.If(v_last):  # the next beat starts row v_row + 1
                 m.d.sync += [beat_last.eq(nb == 1), rows_last.eq(v_row + 2 == nk)]
@@ -278,13 +281,17 @@ class AttnContext(wiring.Component):
         m.d.sync += [s2_p[i].eq(Mux(s1_keep[i], s1_p, 0)) for i in range(L)]
         m.d.sync += s2_v.eq(s1_v)
 
-        # ---- S3: products p * v (uint16 x int8), then registered again (S4) next to the
-        # accumulators; the accumulator word of the beat is read in S3
+        # ---- S3, S4: products p * v (uint16 x int8) in LUTs: pairs of partial products (S3), then
+        # their sum (S4), next to the accumulators; the accumulator word of the beat is read in S3.
+        # On multiplier blocks the products would sit wherever the placer finds free ones, far from
+        # the accumulators.
         prods = []
         for i in range(L):
-            p3 = reg(signed(PROB_BITS + 9), f"prod{i}")
-            p4 = reg(signed(PROB_BITS + 9), f"prod{i}_r")
-            m.d.sync += [p3.eq(s2_p[i] * s2_v.word_select(i, 8).as_signed()), p4.eq(p3)]
+            pairs = mul_int8_pairs(s2_p[i], s2_v.word_select(i, 8).as_signed())
+            p3 = [reg(signed(PROB_BITS + 9), f"prod{i}_pp{j}") for j in range(len(pairs))]
+            p4 = reg(signed(PROB_BITS + 9), f"prod{i}")
+            m.d.sync += [r.eq(t) for r, t in zip(p3, pairs)]
+            m.d.sync += p4.eq((p3[0] + p3[1]) + (p3[2] + p3[3]))
             prods.append(p4)
         s3, s4 = ctl[3], ctl[4]
 

@@ -13,7 +13,7 @@ from gpt_fpga.hw.axis import AxiStreamSignature
 from gpt_fpga.contract import numerics
 from gpt_fpga.contract.layout import BUS_BITS_CHOICES, ceil_div
 
-__all__ = ["AttnScores", "ERROR_BITS"]
+__all__ = ["AttnScores", "ERROR_BITS", "mul_int8_pairs"]
 
 # Names of the bits of the sticky `error` output, bit 0 first.
 ERROR_BITS = ("head_dim", "n_keys", "q_tlast_early", "q_tlast_missing", "k_tlast_early", "k_tlast_missing")
@@ -22,6 +22,14 @@ N_KEYS_BITS = bits_for(numerics.MAX_CONTEXT)  # 12
 SCORE_BITS = 32  # m_scores carries raw int32 scores (|s| <= 2**22), the Softmax core's input format
 OUT_FIFO_DEPTH = 16  # scores waiting for m_scores; also bounds the rows in flight (credits)
 TREE_LEVELS_PER_STAGE = 2  # adder-tree levels between pipeline registers
+
+
+def mul_int8_pairs(a, b):
+    """Four terms whose sum is ``a * b`` for a signed or unsigned ``a`` and an int8 ``b``: the
+    partial products ``b[j] * a << j`` (the sign bit's negated), added in pairs. A multiplier in
+    LUTs, for a register stage between the pairs and their sum."""
+    pp = [Mux(b[j], a, 0) << j for j in range(7)] + [-(Mux(b[7], a, 0) << 7)]
+    return [pp[0] + pp[1], pp[2] + pp[3], pp[4] + pp[5], pp[6] + pp[7]]
 
 
 def _check_int(name: str, value, lo: int, hi: int):
@@ -51,7 +59,7 @@ class AttnScores(wiring.Component):
     ``s_k`` row after row, each row multiplied by the query as it passes (``bus_bits / 8``
     int8 x int8 products per beat into a pipelined adder tree and a row accumulator), and one score
     per key leaves on ``m_scores``. Once the last key beat is accepted, ``s_q`` is ready for the next
-    job, whose query load overlaps this job's pipeline. Multipliers: ``bus_bits / 8`` of 8 x 8 bits.
+    job, whose query load overlaps this job's pipeline. Multipliers: none; ``bus_bits / 8`` products of 8 x 8 bits in LUTs.
 
     Throughput: one ``s_k`` beat per cycle, with no bubble between rows (also for ``head_dim <=
     bus_bits / 8``, one beat per row) or between a row and the next job's query, as long as
@@ -61,7 +69,7 @@ class AttnScores(wiring.Component):
     stops new rows (never a row in progress) once ``OUT_FIFO_DEPTH - 1`` scores are waiting or in
     flight.
 
-    Latency (:attr:`latency`): 8 cycles at ``bus_bits`` 64 and 128 from the transfer of a row's last
+    Latency (:attr:`latency`): 9 cycles at ``bus_bits`` 64 and 128 from the transfer of a row's last
     ``s_k`` beat to ``m_scores.tvalid`` for that row, when the output queue is empty.
 
     Errors: ``error`` bit ``i`` is set when the condition ``ERROR_BITS[i]`` is seen and stays set
@@ -134,9 +142,9 @@ class AttnScores(wiring.Component):
     @property
     def latency(self) -> int:
         """Cycles from the transfer of a row's last ``s_k`` beat to its ``m_scores.tvalid`` (queue empty)."""
-        # S1 (beat, query word read), S2 (multiplier inputs), S3 (products), tree, accumulator,
-        # 2 cycles through SyncFIFOBuffered.
-        return 3 + self._tree_stages + 1 + 2
+        # S1 (beat, query word read), S2 (multiplier inputs), S3 (partial products), S4 (products),
+        # tree, accumulator, 2 cycles through SyncFIFOBuffered.
+        return 4 + self._tree_stages + 1 + 2
 
     @property
     def throughput(self) -> int:
@@ -183,7 +191,8 @@ class AttnScores(wiring.Component):
         q_wr, q_rd = q_mem.write_port(), q_mem.read_port(domain="sync")
         q_cnt = Signal(range(max(2, nbm)))
         q_first = q_cnt == 0
-        q_last = Mux(q_first, self.head_dim <= L, q_cnt + 1 == r_nb)
+        q_last_next = Signal()  # the next beat is the query's last (a flag, not a comparison)
+        q_last = Mux(q_first, self.head_dim <= L, q_last_next)
         rem = Mux(q_first, self.head_dim[:lg], r_hd[:lg])
         q_ready = ~keys & ~halted
         m.d.comb += sq.tready.eq(q_ready)
@@ -193,9 +202,13 @@ class AttnScores(wiring.Component):
         cfg_bad = e_hd | e_nk
         e_q_early = q_take & ~cfg_bad & ~q_last & sq.tlast
         e_q_missing = q_take & ~cfg_bad & q_last & ~sq.tlast
-        q_ok = q_take & ~cfg_bad & ~e_q_early & ~e_q_missing
-        m.d.comb += [q_wr.addr.eq(q_cnt), q_wr.en.eq(q_ok), q_wr.data.eq(sq.tdata & lane_mask(q_last, rem))]
-        with m.If(q_ok):
+        # Counters and memories follow every beat taken, also one that raises an error: the core
+        # halts from the next cycle, so what such a beat does to them is never used, and their
+        # enables stay free of the error logic (which crosses the core, through tlast, in one cycle).
+        # Only the data's valid flags exclude it.
+        m.d.comb += [q_wr.addr.eq(q_cnt), q_wr.en.eq(q_take), q_wr.data.eq(sq.tdata & lane_mask(q_last, rem))]
+        with m.If(q_take):
+            m.d.sync += q_last_next.eq(Mux(q_first, (self.head_dim > L) & (self.head_dim <= 2 * L), q_cnt + 2 == r_nb))
             with m.If(q_first):
                 m.d.sync += [r_hd.eq(self.head_dim), r_nk.eq(self.n_keys), r_nb.eq((self.head_dim + (L - 1)) >> lg)]
             with m.If(q_last):
@@ -217,8 +230,8 @@ class AttnScores(wiring.Component):
         k_take = sk.tvalid & k_ready
         e_k_early = k_take & sk.tlast & ~final
         e_k_missing = k_take & final & ~sk.tlast
-        k_ok = k_take & ~e_k_early & ~e_k_missing
-        with m.If(k_ok):
+        k_ok = k_take & ~e_k_early & ~e_k_missing  # the beat's valid flag
+        with m.If(k_take):
             with m.If(k_last):
                 m.d.sync += k_beat.eq(0)
                 with m.If(row_last):
@@ -233,7 +246,7 @@ class AttnScores(wiring.Component):
         m.d.sync += self.error.eq(self.error | new_err)
 
         out_take = mo.tvalid & mo.tready
-        row_in = k_ok & row_start
+        row_in = k_take & row_start
         with m.If(row_in & ~out_take):
             m.d.sync += in_flight.eq(in_flight + 1)
         with m.Elif(out_take & ~row_in):
@@ -252,13 +265,18 @@ class AttnScores(wiring.Component):
         m.d.sync += [q_r.eq(q_rd.data), k_r.eq(s1_k)]
         ctl = [delay(s, 1, s.name) for s in (s1_valid, s1_first, s1_last, s1_lastrow)]
 
-        # ---- S3: int8 x int8 products
+        # ---- S3, S4: int8 x int8 products in LUTs, as pairs of partial products (S3), then their
+        # sum (S4). On multiplier blocks the products would sit wherever the placer finds free
+        # ones, far from the query registers and the adder tree (the engine's matrix cores use most).
         prods = []
         for i in range(L):
+            pairs = mul_int8_pairs(q_r.word_select(i, 8).as_signed(), k_r.word_select(i, 8).as_signed())
+            regs = [Signal(signed(16), name=f"prod{i}_pp{j}", reset_less=True) for j in range(len(pairs))]
+            m.d.sync += [r.eq(t) for r, t in zip(regs, pairs)]
             p = Signal(signed(16), name=f"prod{i}", reset_less=True)
-            m.d.sync += p.eq(q_r.word_select(i, 8).as_signed() * k_r.word_select(i, 8).as_signed())
+            m.d.sync += p.eq((regs[0] + regs[1]) + (regs[2] + regs[3]))
             prods.append(p)
-        ctl = [delay(s, 1, f"s3_{k}") for s, k in zip(ctl, ("valid", "first", "last", "lastrow"))]
+        ctl = [delay(s, 2, f"s3_{k}") for s, k in zip(ctl, ("valid", "first", "last", "lastrow"))]
 
         # ---- adder tree, a register every TREE_LEVELS_PER_STAGE levels
         terms, level, stage = prods, 0, 0

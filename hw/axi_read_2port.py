@@ -17,7 +17,7 @@ from gpt_fpga.hw.axi import BURST_INCR, MAX_BURST_BEATS, Axi4ReadSignature
 from gpt_fpga.hw.axi_read import ARCACHE, DEFAULT_MAX_OUTSTANDING, BurstSplitter, DmaCommandSignature, \
     check_dma_params
 from gpt_fpga.hw.axis import AxiStreamSignature
-from gpt_fpga.hw.register_slice import RegisterSlice
+from gpt_fpga.hw.ping_pong_slice import PingPongSlice
 
 __all__ = ["TwoPortReadDma", "PORTS"]
 
@@ -217,8 +217,9 @@ class TwoPortReadDma(wiring.Component):
                 bursts.r_en.eq(r_valid & r_last),
             ]
             m.d.sync += owed.eq(owed + Mux(go, blen, 0) - pair)
-            # the FIFO's block RAM output goes straight into a register slice (no mux behind its clock-to-out)
-            out = RegisterSlice(self.data_bits + 1)
+            # the FIFO's block RAM output goes straight into the data registers of a ping-pong slice
+            # (a register slice would put its skid multiplexer behind the block RAM's clock-to-out)
+            out = PingPongSlice(self.data_bits + 1)
             m.submodules[f"out{p}"] = ResetInserter(flush)(out)
             m.d.comb += [out.s.tdata.eq(fifo.r_data[:self.data_bits + 1]), out.s.tlast.eq(0),
                          out.s.tvalid.eq(fifo.r_rdy), fifo.r_en.eq(out.s.tready)]

@@ -27,6 +27,7 @@ from gpt_fpga.hw.matvec import MatVec
 from gpt_fpga.hw.regfile import RegisterFile
 from gpt_fpga.hw.ping_pong_slice import PingPongSlice
 from gpt_fpga.hw.register_slice import RegisterSlice
+from gpt_fpga.hw.shift_add_multiplier import ShiftAddMultiplier
 from gpt_fpga.hw.softmax import Softmax
 from gpt_fpga.contract import descriptors as dsc
 from gpt_fpga.contract import numerics as nx
@@ -157,7 +158,7 @@ class Engine(wiring.Component):
         wiring.connect(m, wiring.flipped(self.s_axi), regs.s_axi)
         # The DMAs are reset only at the end of a command, when nothing is in flight on the bus: that
         # clears their sticky error flags without abandoning an AXI transaction.
-        dma_rst = Signal()
+        dma_rst = Signal()  # registers, see enter_reset
         core_rst = Signal()  # soft reset of the datapath: abort and error recovery
         rd_ports = [self.m_axi_r] + ([self.m_axi1_r] if self.ports == 2 else [])
         if self.ports == 1:
@@ -248,6 +249,17 @@ class Engine(wiring.Component):
         # registered: head_dim is fixed once the model record is in (FETCH), so CHECK's products start
         # from a register, not from an adder
         m.d.sync += row_beats_kv.eq((head_dim + (B - 1)) >> lgB)
+        # The per-command products, by shift and add (at most 16 cycles, once per command): on
+        # multiplier blocks, placed wherever the placer finds free ones, their routes in and out
+        # took more than a cycle. Each product holds from CHECK to the next command's CHECK.
+        mul = {}
+        for key, a, b in (("hd_n", n_head, head_dim), ("nh_rb", n_head, row_beats_kv),
+                          ("ctx", n_ctx, row_beats_kv), ("pos", position, row_beats_kv),
+                          ("lo", lo, row_beats_kv), ("kv", n_keys, row_beats_kv)):
+            mul[key] = m.submodules[f"mul_{key}"] = ShiftAddMultiplier(len(a), len(b))
+            m.d.comb += [mul[key].a.eq(a), mul[key].b.eq(b)]
+        m.d.comb += [hd_n.eq(mul["hd_n"].p), nh_rb.eq(mul["nh_rb"].p), ctx_stride.eq(mul["ctx"].p << lgB),
+                     pos_off.eq(mul["pos"].p << lgB), lo_off.eq(mul["lo"].p << lgB), kv_beats.eq(mul["kv"].p)]
         # bounds of the head loops, registered (no adder in front of their comparisons)
         last_head = Signal(16)  # n_head - 1
         kv_last_row = Signal(17)  # 2 * n_head - 1: the last of the K/V row writes
@@ -741,6 +753,14 @@ class Engine(wiring.Component):
         m.d.sync += stop.eq(live_err.any() | abort)
         from_run = Signal()  # END comes straight from RUN (not from ABORT / DRAIN)
 
+        def enter_reset(state):
+            """Go to ABORT or END. The soft resets are registers, high from the state entered to END
+            (the DMAs': in END): decoded from the state, they crossed the die within one cycle."""
+            m.next = state
+            m.d.sync += core_rst.eq(1)
+            if state == "END":
+                m.d.sync += dma_rst.eq(1)
+
         with m.FSM(name="seq") as seq:
             with m.State("IDLE"):
                 with m.If(start):
@@ -749,13 +769,13 @@ class Engine(wiring.Component):
                     begin(STEP["fetch_descriptor"])
                     with m.If(op > rm.OP_HEAD):
                         m.d.sync += err[err_bit["command"]].eq(1)
-                        m.next = "END"
+                        enter_reset("END")
                     with m.Else():
                         m.next = "FETCH"
             with m.State("FETCH"):
                 with m.If(stop):
                     m.d.sync += err.eq(err | live_err_r)
-                    m.next = "ABORT"
+                    enter_reset("ABORT")
                 with m.Elif(sub == 0):
                     m.d.sync += rec_sel.eq(0)
                     read(regs.desc_addr, rec_beats, T_DESC)
@@ -787,17 +807,23 @@ class Engine(wiring.Component):
                 with m.Elif(rd_quiet):
                     m.next = "CHECK"
             with m.State("CHECK"):
-                # products of descriptor fields, registered before anything compares or uses them
+                # products of descriptor fields (shift and add, see above), ready before anything
+                # compares or uses them
                 window = lf("window")
-                m.d.sync += [hd_n.eq(head_dim * n_head), nh_rb.eq(n_head * row_beats_kv),
-                             ctx_stride.eq(n_ctx * kv_row_bytes), pos_off.eq(position * kv_row_bytes),
-                             lo.eq(Mux((window != 0) & (position >= window), position - window + 1, 0))]
+                m.d.comb += [mul[k].start.eq(1) for k in ("hd_n", "nh_rb", "ctx", "pos")]
+                m.d.sync += lo.eq(Mux((window != 0) & (position >= window), position - window + 1, 0))
                 m.next = "CHECK2"
             with m.State("CHECK2"):
-                m.d.sync += [n_keys.eq(position - lo + 1), lo_off.eq(lo * kv_row_bytes)]
-                m.next = "CHECK3"
+                m.d.comb += mul["lo"].start.eq(1)
+                m.d.sync += n_keys.eq(position - lo + 1)
+                m.next = "CHECK_KV"
+            with m.State("CHECK_KV"):
+                m.d.comb += mul["kv"].start.eq(1)
+                m.next = "CHECK_PRODUCTS"
+            with m.State("CHECK_PRODUCTS"):
+                with m.If(Cat(*[x.done for x in mul.values()]).all()):
+                    m.next = "CHECK3"
             with m.State("CHECK3"):
-                m.d.sync += kv_beats.eq(n_keys * row_beats_kv)
                 bad, bad_cmd = Signal(), Signal()
 
                 checks = [
@@ -818,17 +844,17 @@ class Engine(wiring.Component):
             with m.State("CHECK4"):  # the checks' verdict, registered in CHECK3
                 with m.If(bad_cmd):
                     m.d.sync += err[err_bit["command"]].eq(1)
-                    m.next = "ABORT"
+                    enter_reset("ABORT")
                 with m.Elif(bad):
                     m.d.sync += err[err_bit["descriptor"]].eq(1)
-                    m.next = "ABORT"
+                    enter_reset("ABORT")
                 with m.Else():
                     begin(STEP["load_residual"])
                     m.next = "RUN"
             with m.State("RUN"):
                 with m.If(stop):
                     m.d.sync += err.eq(err | live_err_r)
-                    m.next = "ABORT"
+                    enter_reset("ABORT")
                 with m.Else():  # one parallel case per step (a priority chain of 14 steps was deep)
                     with m.Switch(step):
                         with m.Case(STEP["load_residual"]):
@@ -924,7 +950,7 @@ class Engine(wiring.Component):
                                     m.d.comb += x_go.eq(1)
                                     m.d.sync += [pack_n.eq(0), pack.eq(0), sub.eq(1)]
                             with m.Elif(~x_active & (pack_n == 0) & wr_idle):
-                                m.next = "END"
+                                enter_reset("END")
                         with m.Case(STEP["lnf"]):
                             layernorm(hf("lnf_addr"), hf("lnf_shift"), "lm_head")
                         with m.Case(STEP["lm_head"]):
@@ -935,18 +961,18 @@ class Engine(wiring.Component):
                                 with m.If(wr_cmd.s.tready):  # the write command is taken
                                     m.d.sync += [lg_n.eq(0), lg_pack.eq(0), sub.eq(1)]
                             with m.Elif(lm_done & (lg_n == 0) & wr_idle):
-                                m.next = "END"
+                                enter_reset("END")
             with m.State("ABORT"):
-                # flush the DMAs (one cycle) and reset the cores
-                m.d.comb += [core_rst.eq(1), rd.flush.eq(1), wr.flush.eq(1)]
+                # flush the DMAs (one cycle); the cores are in reset (core_rst) from here to END
+                m.d.comb += [rd.flush.eq(1), wr.flush.eq(1)]
                 m.next = "DRAIN"
             with m.State("DRAIN"):
                 # reads cannot be cancelled: their beats are dropped; owed write beats go out unstrobed
-                m.d.comb += core_rst.eq(1)
                 with m.If(rd.idle & wr.idle):
-                    m.next = "END"
+                    enter_reset("END")
             with m.State("END"):
-                m.d.comb += [core_rst.eq(1), dma_rst.eq(1), regs.irq_status_set.eq(1 << rm.register("IRQ_STATUS").field("done").lsb)]
+                m.d.sync += [core_rst.eq(0), dma_rst.eq(0)]
+                m.d.comb += regs.irq_status_set.eq(1 << rm.register("IRQ_STATUS").field("done").lsb)
                 end_err = err | Mux(from_run, live_err_r, 0)
                 m.d.sync += [busy.eq(0), done.eq(1), err.eq(end_err)]
                 with m.If(end_err == 0):

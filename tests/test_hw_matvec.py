@@ -78,7 +78,7 @@ def test_matvec_elaborates(name):
     params = CONFIGS[name][0]
     dut = MatVec(**params, max_d_in=3072)
     Fragment.get(dut, None)
-    expect = {"int8": 14, "int4": 15 if params["bus_bits"] == 64 else 16}[params["weights"]]
+    expect = {"int8": 15, "int4": 15 if params["bus_bits"] == 64 else 16}[params["weights"]]
     assert dut.latency == expect
     assert len(dut.s_weights.tdata) == len(dut.s_act.tdata) == params["bus_bits"]
     assert len(dut.m_out.tdata) == 32
