@@ -8,8 +8,9 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, exact_log2
 
-from gpt_fpga.hw.attn_scores import check_attention_params, mul_int8_pairs
+from gpt_fpga.hw.attn_scores import check_attention_params
 from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.hw.lut_products import mul_int8_pairs
 from gpt_fpga.contract import numerics
 from gpt_fpga.contract.layout import ceil_div
 

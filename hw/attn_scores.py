@@ -10,10 +10,11 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, exact_log2
 
 from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.hw.lut_products import mul_int8_pairs
 from gpt_fpga.contract import numerics
 from gpt_fpga.contract.layout import BUS_BITS_CHOICES, ceil_div
 
-__all__ = ["AttnScores", "ERROR_BITS", "mul_int8_pairs"]
+__all__ = ["AttnScores", "ERROR_BITS"]
 
 # Names of the bits of the sticky `error` output, bit 0 first.
 ERROR_BITS = ("head_dim", "n_keys", "q_tlast_early", "q_tlast_missing", "k_tlast_early", "k_tlast_missing")
@@ -22,14 +23,6 @@ N_KEYS_BITS = bits_for(numerics.MAX_CONTEXT)  # 12
 SCORE_BITS = 32  # m_scores carries raw int32 scores (|s| <= 2**22), the Softmax core's input format
 OUT_FIFO_DEPTH = 16  # scores waiting for m_scores; also bounds the rows in flight (credits)
 TREE_LEVELS_PER_STAGE = 2  # adder-tree levels between pipeline registers
-
-
-def mul_int8_pairs(a, b):
-    """Four terms whose sum is ``a * b`` for a signed or unsigned ``a`` and an int8 ``b``: the
-    partial products ``b[j] * a << j`` (the sign bit's negated), added in pairs. A multiplier in
-    LUTs, for a register stage between the pairs and their sum."""
-    pp = [Mux(b[j], a, 0) << j for j in range(7)] + [-(Mux(b[7], a, 0) << 7)]
-    return [pp[0] + pp[1], pp[2] + pp[3], pp[4] + pp[5], pp[6] + pp[7]]
 
 
 def _check_int(name: str, value, lo: int, hi: int):

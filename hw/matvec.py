@@ -12,8 +12,8 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from gpt_fpga.hw.attn_scores import mul_int8_pairs
 from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.hw.lut_products import mul_int4, mul_int8_pairs
 from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div,
                                       header_bits)
 from gpt_fpga.contract.numerics import ACC_BITS, MAX_D_IN, MAX_ROWS, MAX_SHIFT
@@ -23,12 +23,6 @@ __all__ = ["MatVec"]
 ROWS_BITS = MAX_ROWS.bit_length()  # n_rows: up to numerics.MAX_ROWS (the largest matrix is an lm_head)
 OUT_FIFO_DEPTH = 16  # results waiting for m_out; also bounds the rows in flight (credits)
 TREE_LEVELS_PER_STAGE = 2  # adder-tree levels between pipeline registers
-
-
-def _mul_int4(a, w):
-    """a * w for int8 a and int4 w (two's complement) as a sum of shifted partial products."""
-    pp = [Mux(w[k], a, 0) << k for k in range(3)]
-    return (pp[0] + pp[1]) + (pp[2] - (Mux(w[3], a, 0) << 3))
 
 
 def _fits(value, bits: int):
@@ -361,7 +355,7 @@ class MatVec(wiring.Component):
         for i in range(P):
             if int4:
                 p = reg(signed(12), f"prod{i}")
-                m.d.sync += p.eq(_mul_int4(acts[i], wts[i]))
+                m.d.sync += p.eq(mul_int4(acts[i], wts[i]))
             else:
                 pairs = [reg(signed(16), f"prod{i}_pp{j}") for j in range(4)]
                 m.d.sync += [r.eq(t) for r, t in zip(pairs, mul_int8_pairs(acts[i], wts[i]))]

@@ -22,18 +22,7 @@ class PingPongSlice(RegisterSlice):
 
     :attr:`latency` 1 (a beat taken on ``s`` is offered on ``m`` the next cycle), :attr:`throughput`
     1 beat per cycle whatever the stall pattern; a synchronous reset empties both entries.
-
-    Parameters
-    ----------
-    data_bits : int
-        Width of ``tdata``.
-
-    Attributes
-    ----------
-    s : In(AxiStreamSignature(data_bits))
-        The stream in.
-    m : Out(AxiStreamSignature(data_bits))
-        The same beats, in order.
+    Parameters and ports: those of :class:`RegisterSlice`.
     """
 
     def elaborate(self, platform):
