@@ -48,11 +48,15 @@ class AttnContext(wiring.Component):
     is forwarded from the write of the beat before it when both hit the same word, so rows of a
     single beat, ``head_dim <= bus_bits / 8``, stream without a hazard). The first row overwrites
     the accumulators, so nothing is cleared between jobs. After the last beat the accumulators are
-    read out, requantized (per lane: ``acc * mult`` as two 16 x 15 partial products, round half up
-    by ``((2p >> shift) + 1) >> 1``, saturate to int8) and sent on ``m_ctx``. Lanes past
+    read out one word at a time into a shift register and requantized ``requant_lanes`` values
+    per cycle (``acc * mult`` as two 16 x 15 partial products, round half up by ``((2p >> shift) +
+    1) >> 1``, saturate to int8); the bytes gather into one ``m_ctx`` beat per word. Lanes past
     ``head_dim`` multiply by ``p = 0``, so their accumulators stay 0 and give the 0 padding.
-    Multipliers: ``2 * bus_bits / 8`` of 16 x 15 (requantization), 16 at 64 bits; the ``bus_bits /
-    8`` products ``p * v`` (17 x 8 bits) are in LUTs.
+    Multipliers: ``2 * requant_lanes`` of 16 x 15 (requantization), 2 by default; the ``bus_bits /
+    8`` products ``p * v`` (17 x 8 bits) are in LUTs. One requantization lane is the default
+    because the engine writes the context into its activation buffer one byte per cycle: a beat
+    every ``bus_bits / 8`` cycles is what it takes, and 16 multiplier blocks per lane group placed
+    far from their registers limited the clock.
 
     A row's first value beat and its probability are taken in the same cycle: ``s_v.tready``
     depends on ``s_p.tvalid`` there and ``s_p.tready`` on ``s_v.tvalid`` (never on the other's
@@ -64,21 +68,23 @@ class AttnContext(wiring.Component):
 
     Throughput: one ``s_v`` beat per cycle, with no bubble between rows, as long as ``s_p`` has a
     probability ready at each row's first beat. The end of a job (accumulator read-out,
-    requantization, output) takes :attr:`latency` ``+ ceil(head_dim / (bus_bits / 8)) - 1`` cycles
-    when ``m_ctx`` does not stall, and the next job's first beat is taken the cycle after the last
+    requantization, output) takes :attr:`latency` ``+ (ceil(head_dim / (bus_bits / 8)) - 1) *``
+    :attr:`out_interval` cycles when ``m_ctx`` does not stall, and the next job's first beat is taken the cycle after the last
     ``m_ctx`` transfer: ``cycles_per_job(n_keys, head_dim)`` cycles per job in all.
 
-    Latency (:attr:`latency`): ``12 + max(0, bus_bits / 8 - 7)`` cycles (13 at 64 bits, 21 at 128)
-    from the transfer of the job's last ``s_v`` beat to the first ``m_ctx.tvalid``; then one output
-    beat per cycle unless ``m_ctx`` stalls (the read-out pipeline stalls with it). Each lane keeps
-    its own copy of ``ctx_mult`` / ``ctx_shift`` next to its multipliers, passed along a chain one
-    lane per cycle from the job's first beat; the read-out waits :attr:`copy_wait` cycles after the
-    last write (9 at 128 bits, 1 at 64) so that the last lane has the job's values.
+    Latency (:attr:`latency`): ``12 + copy_wait + out_interval - 1`` cycles (19 at 64 bits and 27
+    at 128 with one requantization lane) from the transfer of the job's last ``s_v`` beat to the
+    first ``m_ctx.tvalid``; then one output beat every :attr:`out_interval` (``bus_bits / 8 /
+    requant_lanes``) cycles unless ``m_ctx`` stalls (the read-out pipeline stalls with it). Each
+    requantization lane keeps its own copy of ``ctx_mult`` / ``ctx_shift`` next to its
+    multipliers, passed along a chain one lane per cycle from the job's first beat; the read-out
+    waits :attr:`copy_wait` cycles after the last write (``max(0, requant_lanes - 7)``, 0 by
+    default) so that the last lane has the job's values.
 
     Errors: ``error`` bit ``i`` is set when the condition ``ERROR_BITS[i]`` is seen and stays set
     until a reset. ``head_dim`` / ``n_keys`` / ``ctx_shift``: the value on the port is 0 or above
-    the maximum (a shift above ``numerics.MAX_SHIFT``) when a job's first beat is offered
-    (``s_p.tvalid`` or ``s_v.tvalid`` high at a job start); ``p_tlast_*``: ``tlast`` on a
+    the maximum (a shift above ``numerics.MAX_SHIFT``) in the cycle before a job's first beat is
+    offered (``s_p.tvalid`` or ``s_v.tvalid`` high at a job start); ``p_tlast_*``: ``tlast`` on a
     probability before the job's last, or missing on the last; ``v_tlast_*``: the same for the last
     beat of the last value row. The beat that raises an error is taken and dropped, and from the
     next cycle the core takes no more beats on ``s_p`` or ``s_v`` (``tready`` low) and produces no
@@ -97,6 +103,8 @@ class AttnContext(wiring.Component):
         Largest ``head_dim``, 1..``numerics.MAX_HEAD_DIM`` (256); sizes the accumulator memory.
     max_keys : int
         Largest ``n_keys``, 1..``numerics.MAX_CONTEXT`` (2048).
+    requant_lanes : int
+        Values requantized per cycle in the read-out, a divisor of ``bus_bits / 8`` (default 1).
 
     Attributes
     ----------
@@ -119,18 +127,22 @@ class AttnContext(wiring.Component):
     error : Out(7)
         Sticky error bits, named by :attr:`ERROR_BITS`.
 
-    ``head_dim``, ``n_keys``, ``ctx_mult`` and ``ctx_shift`` are sampled on the job's first beat
-    (its first ``s_v`` transfer, which also takes the first probability); they may change for the
-    next job from the cycle after.
+    ``head_dim``, ``n_keys``, ``ctx_mult`` and ``ctx_shift`` pass a register: they must hold the
+    job's values from the cycle before its first beat (its first ``s_v`` transfer, which also
+    takes the first probability), and may change for the next job from that beat's cycle on.
     """
 
     ERROR_BITS = ERROR_BITS  #: names of ``error``'s bits, bit 0 first
 
     def __init__(self, *, bus_bits: int = 64, max_head_dim: int = numerics.MAX_HEAD_DIM,
-                 max_keys: int = numerics.MAX_CONTEXT):
+                 max_keys: int = numerics.MAX_CONTEXT, requant_lanes: int = 1):
         check_attention_params(bus_bits, max_head_dim, max_keys)
         self.bus_bits, self.max_head_dim, self.max_keys = bus_bits, max_head_dim, max_keys
         self.lanes = bus_bits // 8
+        if (isinstance(requant_lanes, bool) or not isinstance(requant_lanes, int) or requant_lanes < 1
+                or requant_lanes > self.lanes or self.lanes % requant_lanes):
+            raise ValueError(f"requant_lanes must divide bus_bits / 8 = {self.lanes}, got {requant_lanes!r}")
+        self.requant_lanes = requant_lanes
         self.max_beats = ceil_div(max_head_dim, self.lanes)
         super().__init__({
             "s_p": In(AxiStreamSignature(PROB_BITS)),
@@ -149,13 +161,18 @@ class AttnContext(wiring.Component):
         # S1 (beat), S2 (multiplier inputs), S3 (products, accumulator read), S4 (accumulate and
         # write back), the wait for the parameter copies, the switch to the read-out, then the
         # read-out pipeline.
-        return 4 + self.copy_wait + 1 + _DRAIN_STAGES
+        return 4 + self.copy_wait + 1 + _DRAIN_STAGES + self.out_interval - 1
+
+    @property
+    def out_interval(self) -> int:
+        """Cycles per ``m_ctx`` beat in the read-out (``bus_bits / 8 / requant_lanes``)."""
+        return self.lanes // self.requant_lanes
 
     @property
     def copy_wait(self) -> int:
         """Cycles the read-out waits after the last write so that every lane's copy of ``ctx_mult``
         and ``ctx_shift`` (a chain, one lane further per cycle) holds the job's values."""
-        return max(0, self.lanes - _FIRST_BEAT_TO_MULTIPLY)
+        return max(0, self.requant_lanes - _FIRST_BEAT_TO_MULTIPLY)
 
     @property
     def throughput(self) -> int:
@@ -169,9 +186,9 @@ class AttnContext(wiring.Component):
     def cycles_per_job(self, n_keys: int, head_dim: int) -> int:
         """Cycles between the first ``s_v`` transfers of two back-to-back jobs when nothing stalls."""
         nb = self.beats(head_dim)
-        # values, then latency - 1 cycles to the first output beat, nb output beats, and the next
-        # job's first beat in the cycle after the last one
-        return n_keys * nb + (self.latency - 1) + nb
+        # values, then latency - 1 cycles to the first output beat, nb output beats out_interval
+        # cycles apart, and the next job's first beat in the cycle after the last one
+        return n_keys * nb + self.latency + (nb - 1) * self.out_interval
 
     def elaborate(self, platform):
         m = Module()
@@ -204,16 +221,32 @@ class AttnContext(wiring.Component):
         beat_last = Signal()  # v_beat + 1 == r_nb (valid after the job's first beat)
         rows_last = Signal()  # v_row + 1 == r_nk (valid after the job's first beat)
         start = first_row & row_start
-        v_last = Mux(start, self.head_dim <= L, beat_last)
-        row_last = Mux(start, self.n_keys == 1, rows_last)
+        # The job's configuration passes a register first (with the decodes the first beat needs), so
+        # the first beat's handshake and checks start from flip-flops, not from the ports.
+        # (no reset: they follow the ports in every cycle, a reset's included)
+        hd_p, nk_p = reg(HEAD_DIM_BITS, "hd_p"), reg(N_KEYS_BITS, "nk_p")
+        mult_p, shift_p = reg(numerics.MULT_BITS, "mult_p"), reg(SHIFT_BITS, "shift_p")
+        nb_p = reg(range(nbm + 1), "nb_p")
+        hd_one, nk_one = reg(1, "hd_one"), reg(1, "nk_one")  # head_dim <= L, n_keys == 1
+        bad_hd, bad_nk, bad_sh = reg(1, "bad_hd"), reg(1, "bad_nk"), reg(1, "bad_sh")
+        last_keep_p = reg(L, "last_keep_p")  # lanes kept on a row's last beat
+        hd_rem = self.head_dim[:lg]
+        m.d.sync += [hd_p.eq(self.head_dim), nk_p.eq(self.n_keys), mult_p.eq(self.ctx_mult),
+                     shift_p.eq(self.ctx_shift), nb_p.eq((self.head_dim + (L - 1)) >> lg),
+                     hd_one.eq(self.head_dim <= L), nk_one.eq(self.n_keys == 1),
+                     bad_hd.eq((self.head_dim == 0) | (self.head_dim > self.max_head_dim)),
+                     bad_nk.eq((self.n_keys == 0) | (self.n_keys > self.max_keys)),
+                     bad_sh.eq(self.ctx_shift > numerics.MAX_SHIFT),
+                     last_keep_p.eq(Mux(hd_rem == 0, (1 << L) - 1, (C(1, L) << hd_rem) - 1))]
+        r_last_keep = Signal(L)
+        v_last = Mux(start, hd_one, beat_last)
+        row_last = Mux(start, nk_one, rows_last)
         final = v_last & row_last
         accum = ~halted & ~draining
         m.d.comb += [sv.tready.eq(accum & (~row_start | sp.tvalid)), sp.tready.eq(accum & row_start & sv.tvalid)]
         take = accum & sv.tvalid & (~row_start | sp.tvalid)
         offered = accum & start & (sv.tvalid | sp.tvalid)
-        e_hd = offered & ((self.head_dim == 0) | (self.head_dim > self.max_head_dim))
-        e_nk = offered & ((self.n_keys == 0) | (self.n_keys > self.max_keys))
-        e_sh = offered & (self.ctx_shift > numerics.MAX_SHIFT)
+        e_hd, e_nk, e_sh = offered & bad_hd, offered & bad_nk, offered & bad_sh
         cfg_bad = e_hd | e_nk | e_sh
         p_take = take & row_start & ~cfg_bad
         e_p_early = p_take & sp.tlast & ~row_last
@@ -229,11 +262,10 @@ class AttnContext(wiring.Component):
         p_use = Mux(row_start, sp.tdata, p_row)
         # the configuration follows the ports until the job's first beat is taken, and holds from
         # then to the end of its read-out (an enable without the handshake in it)
-        port_nb = (self.head_dim + (L - 1)) >> lg
         with m.If(start & ~draining):
-            m.d.sync += [r_hd.eq(self.head_dim), r_nk.eq(self.n_keys), r_nb.eq(port_nb),
-                         r_mult.eq(self.ctx_mult), r_shift.eq(self.ctx_shift)]
-        nb, nk = Mux(start, port_nb, r_nb), Mux(start, self.n_keys, r_nk)
+            m.d.sync += [r_hd.eq(hd_p), r_nk.eq(nk_p), r_nb.eq(nb_p), r_mult.eq(mult_p), r_shift.eq(shift_p),
+                         r_last_keep.eq(last_keep_p)]
+        nb, nk = Mux(start, nb_p, r_nb), Mux(start, nk_p, r_nk)
         # The counters follow every beat taken, also one that raises an error: the core halts from
         # the next cycle, so what such a beat does to them is never used, and their enables stay
         # free of the error logic. Only the data's valid flags (ctl below) exclude it.
@@ -242,7 +274,7 @@ class AttnContext(wiring.Component):
             with m.If(v_last):  # the next beat starts row v_row + 1
                 m.d.sync += [beat_last.eq(nb == 1), rows_last.eq(v_row + 2 == nk)]
             with m.Else():
-                m.d.sync += [beat_last.eq(v_beat + 2 == nb), rows_last.eq(Mux(start, self.n_keys == 1, rows_last))]
+                m.d.sync += [beat_last.eq(v_beat + 2 == nb), rows_last.eq(Mux(start, nk_one, rows_last))]
             with m.If(row_start):
                 m.d.sync += p_row.eq(sp.tdata)
             with m.If(v_last):
@@ -257,9 +289,8 @@ class AttnContext(wiring.Component):
         # lanes past head_dim (on a row's last beat) multiply by p = 0: their accumulators stay 0,
         # which requantizes to the 0 padding of the output. Each lane has its own copy of p, placed
         # at its multiplier.
-        rem = Mux(start, self.head_dim[:lg], r_hd[:lg])
         keep = Signal(L)
-        m.d.comb += keep.eq(Mux(~v_last | (rem == 0), (1 << L) - 1, (C(1, L) << rem) - 1))
+        m.d.comb += keep.eq(Mux(~v_last, (1 << L) - 1, Mux(start, last_keep_p, r_last_keep)))
 
         # ---- S1: the beat and its probability. Control (valid, last beat of the job, first row,
         # accumulator word) travels with the data: ctl[k] holds stage k + 1's.
@@ -307,7 +338,10 @@ class AttnContext(wiring.Component):
         m.d.comb += [acc_wr.addr.eq(s4["addr"]), acc_wr.data.eq(new), acc_wr.en.eq(s4["valid"])]
         m.d.sync += lw_data.eq(new)
 
-        # ---- read-out: starts the cycle after the last beat's write; stalled as a whole by m_ctx
+        # ---- read-out: starts the cycle after the last beat's write; stalled as a whole by m_ctx.
+        # Each accumulator word is loaded into a shift register and requantized ``requant_lanes``
+        # values per cycle (``out_interval`` cycles per word); the bytes shift into the output beat.
+        R, G = self.requant_lanes, self.out_interval
         adv = ~mo.tvalid | mo.tready
         d_go = Signal()  # the last write is done and the lanes have the job's parameters: issue reads
         d_cnt = Signal(range(nbm + 1))
@@ -318,56 +352,69 @@ class AttnContext(wiring.Component):
             go = delayed
         with m.If(go):
             m.d.sync += [d_go.eq(1), d_cnt.eq(0)]
-        issue = d_go & (d_cnt != r_nb) & adv
+        # D1: the word read (the read port holds it until the next read); D2: the shift register
+        rd_pend = Signal()  # a word was read in the last advancing cycle: the shift register takes it
+        pend_last = Signal()  # that word is the job's last
+        shreg = reg(ACC_BITS * L, "rq_words")
+        w_valid, w_last = Signal(name="w_valid"), Signal(name="w_last")
+        w_grp = Signal(range(G), name="w_grp")  # the group of lanes at the bottom of the shift register
+        # a read now is taken by the shift register in the next advancing cycle: it must be empty then,
+        # or on its last group
+        room = 1 if G == 1 else ~rd_pend & (~w_valid | (w_grp >= G - 2))
+        issue = d_go & (d_cnt != r_nb) & adv & room
         with m.If(issue):
             m.d.sync += d_cnt.eq(d_cnt + 1)
-        m.d.comb += [acc_rd.addr.eq(Mux(d_go, d_cnt, s3["addr"])), acc_rd.en.eq(~d_go | adv)]
+        with m.If(adv):
+            m.d.sync += [rd_pend.eq(issue), pend_last.eq(d_cnt + 1 == r_nb)]
+            with m.If(rd_pend):
+                m.d.sync += [shreg.eq(acc_rd.data), w_valid.eq(1), w_grp.eq(0), w_last.eq(pend_last)]
+            with m.Elif(w_valid):
+                m.d.sync += [shreg.eq(shreg >> (R * ACC_BITS)), w_grp.eq(w_grp + 1), w_valid.eq(w_grp != G - 1)]
+        m.d.comb += [acc_rd.addr.eq(Mux(d_go, d_cnt, s3["addr"])), acc_rd.en.eq(Mux(d_go, issue, 1))]
         with m.If(mo.tvalid & mo.tready & mo.tlast):
             m.d.sync += [d_go.eq(0), draining.eq(0)]
 
-        # D1: the accumulator word (the read port's register); D2: registered again; D3: partial
-        # products acc * mult; D4: their sum; D5, D6: coarse and fine shift; then round and
-        # saturate into the output register. The whole pipeline advances with m_ctx.
-        d_valid, d_last = [issue], [d_cnt + 1 == r_nb]
-        for k in range(1, _DRAIN_STAGES):
-            v, last = Signal(name=f"d{k}_valid"), Signal(name=f"d{k}_last")
+        # D2: the group at the bottom of the shift register; D3: partial products acc * mult; D4: their
+        # sum; D5, D6: coarse and fine shift; then round and saturate into the output beat, which is
+        # valid once its last group is in. The whole pipeline advances with m_ctx.
+        g_valid, g_full, g_end = [w_valid], [w_grp == G - 1], [w_last & (w_grp == G - 1)]
+        for k in range(3, _DRAIN_STAGES):
+            v, full, end = Signal(name=f"d{k}_valid"), Signal(name=f"d{k}_full"), Signal(name=f"d{k}_end")
             with m.If(adv):
-                m.d.sync += [v.eq(d_valid[-1]), last.eq(d_last[-1])]
-            d_valid.append(v)
-            d_last.append(last)
+                m.d.sync += [v.eq(g_valid[-1]), full.eq(g_full[-1]), end.eq(g_end[-1])]
+            g_valid.append(v)
+            g_full.append(full)
+            g_end.append(end)
         with m.If(adv):
-            m.d.sync += [mo.tvalid.eq(d_valid[-1]), mo.tlast.eq(d_last[-1])]
+            m.d.sync += [mo.tvalid.eq(g_valid[-1] & g_full[-1]), mo.tlast.eq(g_end[-1])]
         # Each lane has its own copy of the requantization parameters, next to its two multipliers
-        # and its shifters: one register driving all 2 * L multipliers costs 5 ns of routing on the
-        # ECP5. Lane i's copy is lane i - 1's one cycle later (lane 0 uses r_mult, r_shift): copies
-        # of one register would be merged by synthesis, a chain keeps them apart.
+        # and its shifters. Lane i's copy is lane i - 1's one cycle later (lane 0 uses r_mult,
+        # r_shift): copies of one register would be merged by synthesis, a chain keeps them apart.
         lane_cfg = [Cat(r_mult, r_shift)]
-        for i in range(1, L):
+        for i in range(1, R):
             copy = reg(len(lane_cfg[0]), f"rq_cfg{i}")
             m.d.sync += copy.eq(lane_cfg[-1])
             lane_cfg.append(copy)
         outs = []
-        for i in range(L):
+        for i in range(R):
             mult, shift = lane_cfg[i][:numerics.MULT_BITS], lane_cfg[i][numerics.MULT_BITS:]
             fine_bits = shift[:3]
             coarse_bits = Cat(C(0, 3), shift[3:])
-            acc = reg(signed(ACC_BITS), f"rq_acc{i}")
+            acc = shreg.word_select(i, ACC_BITS)
             p_lo = reg(unsigned(16 + numerics.MULT_BITS), f"p_lo{i}")
             p_hi = reg(signed(16 + numerics.MULT_BITS + 1), f"p_hi{i}")
             prod = reg(signed(ACC_BITS + numerics.MULT_BITS + 1), f"rq_prod{i}")  # |acc * mult| < 2**46
             coarse = reg(signed(ACC_BITS + numerics.MULT_BITS + 2), f"rq_coarse{i}")
             fine = reg(signed(ACC_BITS + numerics.MULT_BITS + 2), f"rq_fine{i}")
-            out = reg(signed(8), f"rq_out{i}")
             rounded = (fine + 1) >> 1  # round_shift(p, s) == ((2p >> s) + 1) >> 1 for every s >= 0
             with m.If(adv):
                 m.d.sync += [
-                    acc.eq(acc_rd.data.word_select(i, ACC_BITS)),
                     p_lo.eq(acc[:16] * mult), p_hi.eq(acc[16:].as_signed() * mult),
                     prod.eq((p_hi << 16) + p_lo),
                     coarse.eq((prod << 1) >> coarse_bits),
                     fine.eq(coarse >> fine_bits),
-                    out.eq(Mux(rounded > 127, 127, Mux(rounded < -128, -128, rounded))),
                 ]
-            outs.append(out)
-        m.d.comb += mo.tdata.eq(Cat(*outs))
+            outs.append(Mux(rounded > 127, 127, Mux(rounded < -128, -128, rounded))[:8])
+        with m.If(adv & g_valid[-1]):  # the group's bytes enter at the top; after G groups, lane 0 is at the bottom
+            m.d.sync += mo.tdata.eq(Cat(mo.tdata, *outs)[8 * R:])
         return m

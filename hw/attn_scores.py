@@ -48,7 +48,8 @@ class AttnScores(wiring.Component):
     connect directly. ``tuser`` is always 1: in decode the host streams only visible keys.
 
     A job is one query against ``n_keys`` cached keys. The query arrives on ``s_q`` and is kept on
-    chip (zeroed past ``head_dim``, so key padding bytes multiply by 0); then the keys stream on
+    chip as it comes; the key bytes past ``head_dim`` on each row's last beat are zeroed before
+    they multiply, so padding in either stream contributes 0; then the keys stream on
     ``s_k`` row after row, each row multiplied by the query as it passes (``bus_bits / 8``
     int8 x int8 products per beat into a pipelined adder tree and a row accumulator), and one score
     per key leaves on ``m_scores``. Once the last key beat is accepted, ``s_q`` is ready for the next
@@ -66,8 +67,8 @@ class AttnScores(wiring.Component):
     ``s_k`` beat to ``m_scores.tvalid`` for that row, when the output queue is empty.
 
     Errors: ``error`` bit ``i`` is set when the condition ``ERROR_BITS[i]`` is seen and stays set
-    until a reset. ``head_dim`` / ``n_keys``: the value on the port is 0 or above the maximum when
-    the job's first ``s_q`` beat is taken; ``*_tlast_early``: ``tlast`` on a beat before the
+    until a reset. ``head_dim`` / ``n_keys``: the value on the port is 0 or above the maximum in
+    the cycle before the job's first ``s_q`` beat is taken; ``*_tlast_early``: ``tlast`` on a beat before the
     stream's last one (the query's last beat, or the last beat of the last key row);
     ``*_tlast_missing``: no ``tlast`` on that last beat. The beat that raises an error is taken and
     dropped, and from the next cycle the core takes no more beats on ``s_q`` or ``s_k`` (``tready``
@@ -107,8 +108,8 @@ class AttnScores(wiring.Component):
     error : Out(6)
         Sticky error bits, named by :attr:`ERROR_BITS`.
 
-    ``head_dim`` and ``n_keys`` are sampled on the job's first ``s_q`` transfer; they may change
-    for the next job from the cycle after.
+    ``head_dim`` and ``n_keys`` pass a register: they must hold the job's values from the cycle
+    before its first ``s_q`` transfer, and may change for the next job from that transfer's cycle on.
     """
 
     ERROR_BITS = ERROR_BITS  #: names of ``error``'s bits, bit 0 first
@@ -165,12 +166,6 @@ class AttnScores(wiring.Component):
                 sig = r
             return sig
 
-        def lane_mask(is_last, rem):
-            """Byte mask of a beat: every lane, or on a row's last beat the first `rem` lanes (0 = all)."""
-            keep = Signal(L, name="lane_keep")
-            m.d.comb += keep.eq(Mux(~is_last | (rem == 0), (1 << L) - 1, (C(1, L) << rem) - 1))
-            return Cat(*[keep[k].replicate(8) for k in range(L)])
-
         halted = Signal()  # an error was seen: take nothing more until reset
         m.d.comb += halted.eq(self.error.any())
         keys = Signal()  # 0: loading the query, 1: streaming the keys
@@ -184,14 +179,26 @@ class AttnScores(wiring.Component):
         q_wr, q_rd = q_mem.write_port(), q_mem.read_port(domain="sync")
         q_cnt = Signal(range(max(2, nbm)))
         q_first = q_cnt == 0
+        # The job's configuration passes a register first (with the decodes the first beat needs; no
+        # reset, they follow the ports in every cycle): the first beat's handshake and checks start
+        # from flip-flops, not from the ports.
+        hd_p = Signal(HEAD_DIM_BITS, name="hd_p", reset_less=True)
+        nk_p = Signal(N_KEYS_BITS, name="nk_p", reset_less=True)
+        nb_p = Signal(range(nbm + 1), name="nb_p", reset_less=True)
+        hd_one, hd_two = Signal(name="hd_one", reset_less=True), Signal(name="hd_two", reset_less=True)
+        bad_hd, bad_nk = Signal(name="bad_hd", reset_less=True), Signal(name="bad_nk", reset_less=True)
+        hd = self.head_dim
+        m.d.sync += [hd_p.eq(hd), nk_p.eq(self.n_keys), nb_p.eq((hd + (L - 1)) >> lg),
+                     hd_one.eq(hd <= L), hd_two.eq((hd > L) & (hd <= 2 * L)),
+                     bad_hd.eq((hd == 0) | (hd > self.max_head_dim)),
+                     bad_nk.eq((self.n_keys == 0) | (self.n_keys > self.max_keys))]
         q_last_next = Signal()  # the next beat is the query's last (a flag, not a comparison)
-        q_last = Mux(q_first, self.head_dim <= L, q_last_next)
-        rem = Mux(q_first, self.head_dim[:lg], r_hd[:lg])
+        q_last = Mux(q_first, hd_one, q_last_next)
         q_ready = ~keys & ~halted
         m.d.comb += sq.tready.eq(q_ready)
         q_take = sq.tvalid & q_ready
-        e_hd = q_take & q_first & ((self.head_dim == 0) | (self.head_dim > self.max_head_dim))
-        e_nk = q_take & q_first & ((self.n_keys == 0) | (self.n_keys > self.max_keys))
+        e_hd = q_take & q_first & bad_hd
+        e_nk = q_take & q_first & bad_nk
         cfg_bad = e_hd | e_nk
         e_q_early = q_take & ~cfg_bad & ~q_last & sq.tlast
         e_q_missing = q_take & ~cfg_bad & q_last & ~sq.tlast
@@ -199,11 +206,11 @@ class AttnScores(wiring.Component):
         # halts from the next cycle, so what such a beat does to them is never used, and their
         # enables stay free of the error logic (which crosses the core, through tlast, in one cycle).
         # Only the data's valid flags exclude it.
-        m.d.comb += [q_wr.addr.eq(q_cnt), q_wr.en.eq(q_take), q_wr.data.eq(sq.tdata & lane_mask(q_last, rem))]
+        m.d.comb += [q_wr.addr.eq(q_cnt), q_wr.en.eq(q_take), q_wr.data.eq(sq.tdata)]
         with m.If(q_take):
-            m.d.sync += q_last_next.eq(Mux(q_first, (self.head_dim > L) & (self.head_dim <= 2 * L), q_cnt + 2 == r_nb))
+            m.d.sync += q_last_next.eq(Mux(q_first, hd_two, q_cnt + 2 == r_nb))
             with m.If(q_first):
-                m.d.sync += [r_hd.eq(self.head_dim), r_nk.eq(self.n_keys), r_nb.eq((self.head_dim + (L - 1)) >> lg)]
+                m.d.sync += [r_hd.eq(hd_p), r_nk.eq(nk_p), r_nb.eq(nb_p)]
             with m.If(q_last):
                 m.d.sync += [q_cnt.eq(0), keys.eq(1)]
             with m.Else():
@@ -252,10 +259,18 @@ class AttnScores(wiring.Component):
         m.d.sync += [s1_valid.eq(k_ok), s1_first.eq(row_start), s1_last.eq(k_last), s1_lastrow.eq(row_last),
                      s1_k.eq(sk.tdata)]
 
-        # ---- S2: registered multiplier inputs
+        # ---- S2: registered multiplier inputs. Lanes past head_dim on a row's last beat are zeroed in
+        # the key (q x 0 = 0), by a mask kept as a register from r_hd: the query is stored as it comes,
+        # so neither the head_dim port nor a shift decode lies on the query memory's write data. The
+        # mask follows r_hd one cycle later, and a job's last key beat is in S1 before the next
+        # job's r_hd can reach it (next query beat, then r_hd, then the mask: two cycles).
+        last_keep = Signal(L, name="last_keep")  # lanes kept on a row's last beat
+        rem = r_hd[:lg]
+        m.d.sync += last_keep.eq(Mux(rem == 0, (1 << L) - 1, (C(1, L) << rem) - 1))
+        keep = Mux(s1_last, last_keep, (1 << L) - 1)
         q_r = Signal(8 * L, name="q_r", reset_less=True)
         k_r = Signal(8 * L, name="k_r", reset_less=True)
-        m.d.sync += [q_r.eq(q_rd.data), k_r.eq(s1_k)]
+        m.d.sync += [q_r.eq(q_rd.data), k_r.eq(s1_k & Cat(*[keep[k].replicate(8) for k in range(L)]))]
         ctl = [delay(s, 1, s.name) for s in (s1_valid, s1_first, s1_last, s1_lastrow)]
 
         # ---- S3, S4: int8 x int8 products in LUTs, as pairs of partial products (S3), then their

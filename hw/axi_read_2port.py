@@ -95,8 +95,8 @@ class TwoPortReadDma(wiring.Component):
 
     Latency (:attr:`latency`, no stalls): a command's first ``arvalid`` (on ``axi0``) comes
     :attr:`ar_latency` (3) cycles after ``cmd``; a stream beat reaches ``m_data.tvalid``
-    :attr:`r_latency` (4) cycles after the R handshake of its high half, which follows its low half
-    by one cycle. The first beat thus appears ``latency`` (8) cycles plus the memory's AR-to-R
+    :attr:`r_latency` (5) cycles after the R handshake of its high half, which follows its low half
+    by one cycle. The first beat thus appears ``latency`` (9) cycles plus the memory's AR-to-R
     latency after the command.
 
     A synchronous reset drops everything; bursts in flight on either port must be reset with it.
@@ -135,12 +135,12 @@ class TwoPortReadDma(wiring.Component):
 
     @property
     def r_latency(self) -> int:
-        """Cycles from the R handshake of a stream beat's high half to its ``m_data.tvalid``: 4."""
-        return 4
+        """Cycles from the R handshake of a stream beat's high half to its ``m_data.tvalid``: 5."""
+        return 5
 
     @property
     def latency(self) -> int:
-        """Cycles the DMA adds to a command's first beat: ``ar_latency + 1 + r_latency`` (8), the 1
+        """Cycles the DMA adds to a command's first beat: ``ar_latency + 1 + r_latency`` (9), the 1
         being the high half's R beat after the low half's."""
         return self.ar_latency + 1 + self.r_latency
 
@@ -262,20 +262,28 @@ class TwoPortReadDma(wiring.Component):
         served = Signal(3)  # beats of the head burst already delivered
         entry = Mux(head, outs[1].m.tdata, outs[0].m.tdata)
         valid = order.r_rdy & Mux(head, outs[1].m.tvalid, outs[0].m.tvalid)
-        take = order.r_rdy & self.m_data.tready
-        burst_done = valid & self.m_data.tready & (served == head_last)
-        with m.If(flush | burst_done):
+        m_ready = Signal()  # the output slice takes a beat
+        with m.If(flush | (valid & m_ready & (served == head_last))):
             m.d.sync += served.eq(0)
-        with m.Elif(valid & self.m_data.tready):
+        with m.Elif(valid & m_ready):
             m.d.sync += served.eq(served + 1)
+        # the reordered stream leaves through a ping-pong slice of its own: the order queue, the port
+        # slices and this multiplexer stay together, and only registers face the consumer (on the
+        # ECP5-85k the consumer's tready crossed the die into the port slices' read pointers and back)
+        last_slice = PingPongSlice(self.data_bits)
+        m.submodules.m_slice = ResetInserter(flush)(last_slice)
+        wiring.connect(m, last_slice.m, wiring.flipped(self.m_data))
+        take = order.r_rdy & last_slice.s.tready
+        burst_done = valid & last_slice.s.tready & (served == head_last)
         m.d.comb += [
-            self.m_data.tvalid.eq(valid),
-            self.m_data.tdata.eq(entry[:self.data_bits]),
-            self.m_data.tlast.eq(entry[self.data_bits]),
+            last_slice.s.tvalid.eq(valid),
+            last_slice.s.tdata.eq(entry[:self.data_bits]),
+            last_slice.s.tlast.eq(entry[self.data_bits]),
             outs[0].m.tready.eq(take & ~head),
             outs[1].m.tready.eq(take & head),
+            m_ready.eq(last_slice.s.tready),
             order.r_en.eq(burst_done),
             self.idle.eq(~split.busy & owed_none & (fifos[0].level == 0) & (fifos[1].level == 0) & ~outs[0].m.tvalid
-                          & ~outs[1].m.tvalid & ~flush),
+                          & ~outs[1].m.tvalid & ~last_slice.m.tvalid & ~flush),
         ]
         return m

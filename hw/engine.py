@@ -659,7 +659,10 @@ class Engine(wiring.Component):
             with m.Elif(ctx_lane == B - 1):
                 m.d.sync += ctx_have.eq(0)
 
-        m.d.comb += [qk.head_dim.eq(head_dim), qk.n_keys.eq(n_keys), pv.head_dim.eq(head_dim), pv.n_keys.eq(n_keys),
+        # The attention cores' job parameters pass a register: they are set in FETCH and CHECK, long
+        # before the first query, and the extra stage lets the placer split the route from the
+        # descriptor records to the cores (it crossed the die into AttnScores' query logic).
+        m.d.sync += [qk.head_dim.eq(head_dim), qk.n_keys.eq(n_keys), pv.head_dim.eq(head_dim), pv.n_keys.eq(n_keys),
                      sm.mult.eq(lf("score_mult")), sm.shift.eq(lf("score_shift")),
                      pv.ctx_mult.eq(lf("ctx_mult")), pv.ctx_shift.eq(lf("ctx_shift"))]
 
@@ -691,6 +694,10 @@ class Engine(wiring.Component):
         row_beats_r = Signal(16)
         mv_rows_r = Signal(16)
         mat_beats = Signal(32)
+        # the matrix's beats by shift and add (16 cycles once per matvec step), as the per-command
+        # products: a multiplier block between these registers was placed far from both
+        m.submodules.mul_mat = mat_mul = ShiftAddMultiplier(16, 16)
+        m.d.comb += [mat_mul.a.eq(mv_rows_r), mat_mul.b.eq(row_beats_r), mat_beats.eq(mat_mul.p)]
         m.d.comb += row_beats.eq(((hdr_bytes + (B - 1)) >> lgB) + ((mv_d_in + (per_beat - 1)) >> _lg(per_beat)))
         m.d.sync += act_words.eq((mv_d_in + (B - 1)) >> lgB)
 
@@ -718,7 +725,7 @@ class Engine(wiring.Component):
 
         def matvec(addr, first_sub=0):
             """From sub `first_sub`: a cycle for the geometry registers to follow the step, the matrix's
-            beats (registered in two steps: no multiplier on the path to the DMA), then the weights read
+            beats (registered, then by shift and add: no multiplier on the path to the DMA), then the weights read
             with the activations; returns 'the step's values are in'."""
             with m.Switch(sub):
                 with m.Case(first_sub):
@@ -726,12 +733,14 @@ class Engine(wiring.Component):
                 with m.Case(first_sub + 1):
                     m.d.sync += [row_beats_r.eq(row_beats), mv_rows_r.eq(mv_rows), sub.eq(first_sub + 2)]
                 with m.Case(first_sub + 2):
-                    m.d.sync += [mat_beats.eq(mv_rows_r * row_beats_r), sub.eq(first_sub + 3)]
+                    m.d.comb += mat_mul.start.eq(1)
+                    m.d.sync += sub.eq(first_sub + 3)
                 with m.Case(first_sub + 3):
-                    read(addr, mat_beats, T_W)
-                    with m.If(~rq_valid):  # the request is taken
-                        m.d.comb += act_go.eq(1)
-                        m.d.sync += sub.eq(first_sub + 4)
+                    with m.If(mat_mul.done):
+                        read(addr, mat_beats, T_W)
+                        with m.If(~rq_valid):  # the request is taken
+                            m.d.comb += act_go.eq(1)
+                            m.d.sync += sub.eq(first_sub + 4)
             return (sub == first_sub + 4) & sink_done
 
         def layernorm(addr, shift, nxt):
@@ -752,6 +761,8 @@ class Engine(wiring.Component):
         stop = Signal()  # registered: CONTROL.abort takes effect a cycle after its write
         m.d.sync += stop.eq(live_err.any() | abort)
         from_run = Signal()  # END comes straight from RUN (not from ABORT / DRAIN)
+        dma_flush = Signal()  # high in ABORT's one cycle (set on the way in)
+        m.d.comb += [rd.flush.eq(dma_flush), wr.flush.eq(dma_flush)]
 
         def enter_reset(state):
             """Go to ABORT or END. The soft resets are registers, high from the state entered to END
@@ -760,6 +771,8 @@ class Engine(wiring.Component):
             m.d.sync += core_rst.eq(1)
             if state == "END":
                 m.d.sync += dma_rst.eq(1)
+            else:  # ABORT flushes the DMAs for its one cycle: a register too
+                m.d.sync += dma_flush.eq(1)
 
         with m.FSM(name="seq") as seq:
             with m.State("IDLE"):
@@ -964,7 +977,7 @@ class Engine(wiring.Component):
                                 enter_reset("END")
             with m.State("ABORT"):
                 # flush the DMAs (one cycle); the cores are in reset (core_rst) from here to END
-                m.d.comb += [rd.flush.eq(1), wr.flush.eq(1)]
+                m.d.sync += dma_flush.eq(0)
                 m.next = "DRAIN"
             with m.State("DRAIN"):
                 # reads cannot be cancelled: their beats are dropped; owed write beats go out unstrobed

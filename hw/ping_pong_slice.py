@@ -28,7 +28,9 @@ class PingPongSlice(RegisterSlice):
     def elaborate(self, platform):
         m = Module()
         s, o = self.s, self.m
-        entry = [Signal(self.data_bits + 1, name=f"entry{i}") for i in range(2)]  # tdata, tlast
+        # tdata, tlast; no reset (a reset empties the entries through their flags): a flip-flop with
+        # both an enable and a synchronous reset costs a LUT in front of it on the ECP5
+        entry = [Signal(self.data_bits + 1, name=f"entry{i}", reset_less=True) for i in range(2)]
         full = [Signal(name=f"full{i}") for i in range(2)]
         wp, rp = Signal(), Signal()  # the entry the next beat goes into / comes out of
         m.d.comb += [s.tready.eq(~Mux(wp, full[1], full[0])), o.tvalid.eq(Mux(rp, full[1], full[0])),

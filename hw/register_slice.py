@@ -54,13 +54,16 @@ class RegisterSlice(wiring.Component):
         m = Module()
         s, o = self.s, self.m
         skid_valid = Signal()
-        skid_data, skid_last = Signal(self.data_bits), Signal()
-        m.d.comb += s.tready.eq(~skid_valid)
+        # the data registers have no reset (the valid flags say what they hold): a flip-flop with both
+        # an enable and a synchronous reset costs a LUT in front of it on the ECP5
+        skid_data, skid_last = Signal(self.data_bits, reset_less=True), Signal(reset_less=True)
+        out_data, out_last = Signal(self.data_bits, reset_less=True), Signal(reset_less=True)
+        m.d.comb += [s.tready.eq(~skid_valid), o.tdata.eq(out_data), o.tlast.eq(out_last)]
         with m.If(~o.tvalid | o.tready):  # the output register takes the skid's beat first, else the input's
             with m.If(skid_valid):
-                m.d.sync += [o.tdata.eq(skid_data), o.tlast.eq(skid_last), o.tvalid.eq(1), skid_valid.eq(0)]
+                m.d.sync += [out_data.eq(skid_data), out_last.eq(skid_last), o.tvalid.eq(1), skid_valid.eq(0)]
             with m.Else():
-                m.d.sync += [o.tdata.eq(s.tdata), o.tlast.eq(s.tlast), o.tvalid.eq(s.tvalid)]
+                m.d.sync += [out_data.eq(s.tdata), out_last.eq(s.tlast), o.tvalid.eq(s.tvalid)]
         with m.Elif(s.tvalid & ~skid_valid):  # the output stalls: the beat taken this cycle waits in the skid
             m.d.sync += [skid_data.eq(s.tdata), skid_last.eq(s.tlast), skid_valid.eq(1)]
         return m

@@ -10,17 +10,20 @@ from gpt_fpga.contract import numerics
 from gpt_fpga.sim.tb.runner import SIMULATORS, run_cocotb, simulator_cases
 
 # The 64-bit core on both simulators (every test, including n_keys 2048); the 128-bit core on
-# Verilator without the long job, to keep the suite short.
-CASES = [(s, 64, True) for s in SIMULATORS] + [("verilator", 128, False)]
+# Verilator without the long job, to keep the suite short; and a read-out requantizing every lane
+# of a word at once (one output beat per cycle).
+CASES = [(s, 64, True, 1) for s in SIMULATORS] + [("verilator", 128, False, 1), ("verilator", 64, False, 8)]
 TIMED_JOBS = [(64, 17), (8, 40), (20, 9), (8, 1), (16, 1), (256, 3)]  # (head_dim, n_keys) of test_latency_throughput
 
 
 @pytest.mark.sim
-@pytest.mark.parametrize("sim,bus_bits,long", simulator_cases(CASES, ids=[f"{s}-b{b}" for s, b, _ in CASES]))
-def test_attn_context(sim, bus_bits, long):
-    dut = AttnContext(bus_bits=bus_bits)
-    params = {"bus_bits": bus_bits}
+@pytest.mark.parametrize("sim,bus_bits,long,requant_lanes",
+                         simulator_cases(CASES, ids=[f"{s}-b{b}-r{r}" for s, b, _, r in CASES]))
+def test_attn_context(sim, bus_bits, long, requant_lanes):
+    dut = AttnContext(bus_bits=bus_bits, requant_lanes=requant_lanes)
+    params = {"bus_bits": bus_bits, "requant_lanes": requant_lanes}
     tb = {"max_head_dim": dut.max_head_dim, "max_keys": dut.max_keys, "latency": dut.latency,
+          "out_interval": dut.out_interval,
           "cycles_per_job": [[hd, n, dut.cycles_per_job(n, hd)] for hd, n in TIMED_JOBS],
           "errors": list(ERROR_BITS), "long": long}
     run_cocotb("attn_context", dut, "gpt_fpga.sim.tb.attn_context", sim, params=params, tb_params=tb)
@@ -36,6 +39,10 @@ def test_attn_context(sim, bus_bits, long):
     (dict(max_head_dim=64.0), "max_head_dim"),
     (dict(max_keys=0), "max_keys"),
     (dict(max_keys=numerics.MAX_CONTEXT + 1), "max_keys"),
+    (dict(requant_lanes=0), "requant_lanes"),
+    (dict(requant_lanes=3), "requant_lanes"),
+    (dict(bus_bits=64, requant_lanes=16), "requant_lanes"),
+    (dict(requant_lanes=True), "requant_lanes"),
 ])
 def test_attn_context_rejects_bad_params(kw, match):
     with pytest.raises(ValueError, match=match) as excinfo:
@@ -58,10 +65,15 @@ def test_attn_context_ports_and_softmax_connection(bus_bits):
     assert len(dut.head_dim) == 9 and len(dut.n_keys) == 12
     assert len(dut.ctx_mult) == numerics.MULT_BITS and len(dut.ctx_shift) == 6
     assert len(dut.error) == len(ERROR_BITS) == 7
-    latency = {64: 13, 128: 21}[bus_bits]
-    assert dut.latency == latency and dut.throughput == 1
+    # one requantization lane: a word's bus_bits / 8 values take as many cycles
     lanes = bus_bits // 8
-    assert dut.cycles_per_job(17, 64) == 17 * (64 // lanes) + latency - 1 + 64 // lanes
+    latency = {64: 19, 128: 27}[bus_bits]
+    assert dut.latency == latency and dut.throughput == 1 and dut.out_interval == lanes
+    nb = 64 // lanes  # head_dim 64: the last output beat comes (nb - 1) * lanes cycles after the first
+    assert dut.cycles_per_job(17, 64) == 17 * nb + latency + (nb - 1) * lanes
+    wide = AttnContext(bus_bits=bus_bits, requant_lanes=lanes)  # every lane at once: the output at one beat per cycle
+    assert wide.out_interval == 1 and wide.latency == 12 + max(0, lanes - 7)
+    assert wide.cycles_per_job(17, 64) == 17 * nb + wide.latency + nb - 1
     sm = Softmax()
     m = Module()
     m.submodules.softmax, m.submodules.context = sm, dut

@@ -17,7 +17,7 @@ import random
 
 import cocotb
 import numpy as np
-from cocotb.triggers import ClockCycles, RisingEdge
+from cocotb.triggers import ClockCycles, ReadWrite, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
 from gpt_fpga.contract import numerics
@@ -92,7 +92,6 @@ class AttnScoresTB(StreamTB):
         self.model = ScoresModel()
         self.scoreboard = Scoreboard()
         self.monitor = cocotb.start_soon(self._monitor())
-        self.config(1, 1)
 
     async def _monitor(self):
         while True:
@@ -101,9 +100,14 @@ class AttnScoresTB(StreamTB):
             assert all(u == 1 for u in user), f"m_scores tuser (visible) not 1: {user}"
             self.scoreboard.compare([signed32(int(v)) for v in frame.tdata])
 
-    def config(self, head_dim: int, n_keys: int):
-        self.dut.head_dim.value = head_dim
-        self.dut.n_keys.value = n_keys
+    async def config(self, head_dim: int, n_keys: int):
+        """Drive the configuration ports. The core passes them through a register, so they must
+        change at least a cycle before the job's first beat: waiting for ReadWrite lets every
+        stream source act on this edge first, so a beat queued after this call is offered from the
+        next edge on and taken one edge later at the earliest, with the new values in the register."""
+        await ReadWrite()
+        for port, value in zip((self.dut.head_dim, self.dut.n_keys), (head_dim, n_keys)):
+            port.value = value
 
     def set_stalls(self, p_q: float = 0.0, p_k: float = 0.0, p_out: float = 0.0):
         for port, p in ((self.q_src, p_q), (self.k_src, p_k), (self.sink, p_out)):
@@ -122,7 +126,7 @@ class AttnScoresTB(StreamTB):
         q, k = np.asarray(q, dtype=np.int64), np.asarray(k, dtype=np.int64)
         assert k.ndim == 2 and q.shape == (k.shape[1],)
         self.scoreboard.expect(self.model(q, k), tag)
-        self.config(len(q), len(k))
+        await self.config(len(q), len(k))
         await self.q_src.send(AxiStreamFrame(pack_rows(q[None], self.np_rng)))
         await self.k_src.send(AxiStreamFrame(pack_rows(k, self.np_rng)))
         await self.q_src.wait()
@@ -146,6 +150,7 @@ class AttnScoresTB(StreamTB):
 async def start(dut, seed: int) -> AttnScoresTB:
     tb = AttnScoresTB(dut, seed)
     await tb.reset()
+    await tb.config(1, 1)
     return tb
 
 
@@ -263,7 +268,7 @@ async def test_reset_mid_job(dut):
     async def abort(hd, n, after, hold=False, p=0.0):
         tb.set_stalls(p, p, p)
         tb.sink.pause = hold
-        tb.config(hd, n)
+        await tb.config(hd, n)
         await tb.q_src.send(AxiStreamFrame(pack_rows(tb.rand(1, hd), tb.np_rng)))
         await tb.k_src.send(AxiStreamFrame(pack_rows(tb.rand(n, hd), tb.np_rng)))
         await ClockCycles(dut.clk, after)
@@ -292,7 +297,7 @@ async def check_error(tb: AttnScoresTB, name: str, hd: int, n: int, q_beats: int
     is exact."""
     dut = tb.dut
     hs = Handshakes(dut, ["s_q", "s_k", "m_scores"])
-    tb.config(hd, n)
+    await tb.config(hd, n)
     await tb.q_src.send(AxiStreamFrame(tb.np_rng.integers(0, 256, q_beats * LANES, dtype=np.uint8).tobytes()))
     await tb.k_src.send(AxiStreamFrame(tb.np_rng.integers(0, 256, k_beats * LANES, dtype=np.uint8).tobytes()))
     for _ in range(4 * (q_beats + k_beats) + 100):
