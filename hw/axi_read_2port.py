@@ -257,11 +257,18 @@ class TwoPortReadDma(wiring.Component):
             m.d.sync += dropping.eq(0)
         m.d.sync += self.beats.eq(self.beats + self.axi0.rvalid + self.axi1.rvalid)
 
-        # --- m_data: from the FIFO of the port the order queue names
-        head, head_last = order.r_data[0], order.r_data[1:]
+        # --- m_data: from the FIFO of the port the order queue names. The queue's head passes a
+        # ping-pong slice: the pop of a finished burst moves that slice's read pointer, next to the port
+        # slices and the multiplexer, not the queue's level counters (on the ECP5-85k those sat 30
+        # columns away, and the pop crossed there and back in one cycle)
+        order_head = PingPongSlice(4)
+        m.submodules.order_head = ResetInserter(flush)(order_head)
+        m.d.comb += [order_head.s.tdata.eq(order.r_data), order_head.s.tlast.eq(0),
+                     order_head.s.tvalid.eq(order.r_rdy), order.r_en.eq(order_head.s.tready)]
+        head, head_last = order_head.m.tdata[0], order_head.m.tdata[1:]
         served = Signal(3)  # beats of the head burst already delivered
         entry = Mux(head, outs[1].m.tdata, outs[0].m.tdata)
-        valid = order.r_rdy & Mux(head, outs[1].m.tvalid, outs[0].m.tvalid)
+        valid = order_head.m.tvalid & Mux(head, outs[1].m.tvalid, outs[0].m.tvalid)
         m_ready = Signal()  # the output slice takes a beat
         with m.If(flush | (valid & m_ready & (served == head_last))):
             m.d.sync += served.eq(0)
@@ -273,7 +280,7 @@ class TwoPortReadDma(wiring.Component):
         last_slice = PingPongSlice(self.data_bits)
         m.submodules.m_slice = ResetInserter(flush)(last_slice)
         wiring.connect(m, last_slice.m, wiring.flipped(self.m_data))
-        take = order.r_rdy & last_slice.s.tready
+        take = order_head.m.tvalid & last_slice.s.tready
         burst_done = valid & last_slice.s.tready & (served == head_last)
         m.d.comb += [
             last_slice.s.tvalid.eq(valid),
@@ -282,7 +289,7 @@ class TwoPortReadDma(wiring.Component):
             outs[0].m.tready.eq(take & ~head),
             outs[1].m.tready.eq(take & head),
             m_ready.eq(last_slice.s.tready),
-            order.r_en.eq(burst_done),
+            order_head.m.tready.eq(burst_done),
             self.idle.eq(~split.busy & owed_none & (fifos[0].level == 0) & (fifos[1].level == 0) & ~outs[0].m.tvalid
                           & ~outs[1].m.tvalid & ~last_slice.m.tvalid & ~flush),
         ]
