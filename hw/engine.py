@@ -525,6 +525,11 @@ class Engine(wiring.Component):
         x_slice = RegisterSlice(32)
         m.submodules.x_slice = ResetInserter(core_rst)(x_slice)
         x_go, x_first, x_count, x_streaming = streamer("xvec", x_rp, x_slice.s)
+        # LayerNorm takes x through a slice of its own, placed next to it: its tready (from its state)
+        # and the handshake that moves that state stay inside LayerNorm's corner of the die
+        ln_x = RegisterSlice(32)
+        m.submodules.ln_x = ResetInserter(core_rst)(ln_x)
+        wiring.connect(m, ln_x.m, ln.s_x)
         xs = x_slice.m
         x_active = Signal()  # words still in the streamer or its slice
         m.d.comb += x_active.eq(x_streaming | xs.tvalid)
@@ -544,8 +549,8 @@ class Engine(wiring.Component):
                 m.d.sync += [pack.word_select(pack_n, 32).eq(xs.tdata), pack_last.eq(xs.tlast)]
                 m.d.sync += pack_n.eq(Mux(xs.tlast, B // 4, pack_n + 1))
         with m.Else():
-            m.d.comb += [ln.s_x.tdata.eq(xs.tdata), ln.s_x.tvalid.eq(xs.tvalid), xs.tready.eq(ln.s_x.tready),
-                         ln.s_x.tlast.eq(xs.tlast)]
+            m.d.comb += [ln_x.s.tdata.eq(xs.tdata), ln_x.s.tvalid.eq(xs.tvalid), xs.tready.eq(ln_x.s.tready),
+                         ln_x.s.tlast.eq(xs.tlast)]
 
         # ---- sinks --------------------------------------------------------------------------------
         sink_i = Signal(range(max(self.max_d, nx.MAX_ROWS) + 1))  # values received by the step's sink
