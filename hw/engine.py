@@ -415,7 +415,9 @@ class Engine(wiring.Component):
         # the core (on the ECP5-85k these paths crossed the die twice in one cycle).
         feeds = {}
         for name, port in (("w", mv.s_weights), ("k", qk.s_k), ("v", pv.s_v), ("lnp", ln.s_params)):
-            feed = RegisterSlice(len(port.tdata))
+            # LayerNorm decides its tready late (from its read counter and output handshake): its
+            # parameters' slice moves a read pointer on it, not the data registers
+            feed = (PingPongSlice if name == "lnp" else RegisterSlice)(len(port.tdata))
             m.submodules[f"{name}_feed"] = ResetInserter(core_rst)(feed)
             wiring.connect(m, feed.m, port)
             feeds[name] = feed.s

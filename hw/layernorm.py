@@ -181,12 +181,12 @@ class LayerNorm(wiring.Component):
         adv = ~out.tvalid | out.tready
         summing, sending = Signal(), Signal()
         raddr = Signal(dw)
-        more = raddr != d
+        more = Signal()  # raddr != d, as a register (its 12-bit compare stays off s_params.tready)
         m.d.comb += s_p.tready.eq(sending & more & adv)
         issue = Mux(sending, s_p.tvalid & s_p.tready, summing & more & adv)
         m.d.comb += [rp.addr.eq(raddr[:aw]), rp.en.eq(adv)]
         with m.If(issue):
-            m.d.sync += raddr.eq(raddr + 1)
+            m.d.sync += [raddr.eq(raddr + 1), more.eq(raddr + 1 != d)]
 
         gamma_in = s_p.tdata[LN_GAMMA_BITS[0]:LN_GAMMA_BITS[1]].as_signed()
         beta_in = s_p.tdata[LN_BETA_BITS[0]:LN_BETA_BITS[1]].as_signed()
@@ -280,7 +280,7 @@ class LayerNorm(wiring.Component):
                 m.next = "EPSRD"
             with m.State("EPSRD"):
                 m.d.comb += eps_rp.en.eq(1)
-                m.d.sync += [raddr.eq(0), s_sum.eq(0), q_sum.eq(0)]
+                m.d.sync += [raddr.eq(0), more.eq(1), s_sum.eq(0), q_sum.eq(0)]  # d >= 1
                 m.next = "SUMS"
             with m.State("SUMS"):
                 m.d.comb += summing.eq(1)
@@ -318,7 +318,7 @@ class LayerNorm(wiring.Component):
                 m.d.sync += s_rnd.eq(((bl + 11) >> 1))
                 m.next = "RDATA"
             with m.State("RDATA"):
-                m.d.sync += [y.eq(rom_rp.data), raddr.eq(0)]
+                m.d.sync += [y.eq(rom_rp.data), raddr.eq(0), more.eq(1)]
                 m.next = "SEND"
             with m.State("SEND"):
                 m.d.comb += sending.eq(1)
