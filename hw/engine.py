@@ -379,8 +379,11 @@ class Engine(wiring.Component):
                      wr_cmd.s.tvalid.eq(wr_go),
                      wr.cmd.addr.eq(wr_cmd.m.tdata[:32]), wr.cmd.beats.eq(wr_cmd.m.tdata[32:]),
                      wr.cmd.valid.eq(wr_cmd.m.tvalid), wr_cmd.m.tready.eq(wr.cmd.ready)]
-        wr_idle = Signal()  # every write command and beat has left the slices and the DMA is idle
-        m.d.comb += wr_idle.eq(wr.idle & ~wr_cmd.m.tvalid & ~wr_slice.m.tvalid)
+        # every write command and beat has left the slices and the DMA is idle: a register (the write
+        # DMA's FIFO level and burst state stay off the sequencer's step decisions), and false the cycle
+        # after a command or beat enters a slice, so it is never stale
+        wr_idle = Signal()
+        m.d.sync += wr_idle.eq(wr.idle & ~wr_cmd.m.tvalid & ~wr_slice.m.tvalid & ~wr_cmd.s.tvalid & ~wr_in.tvalid)
 
         # descriptor capture
         rec_sel = Signal()  # 0: model record, 1: command record
