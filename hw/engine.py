@@ -530,6 +530,11 @@ class Engine(wiring.Component):
         x_slice = RegisterSlice(32)
         m.submodules.x_slice = ResetInserter(core_rst)(x_slice)
         x_go, x_first, x_count, x_streaming = streamer("xvec", x_rp, x_slice.s)
+        # the x run starts from a register set by the step (its decode, with the read request's or the
+        # write command's handshake, stays off the streamer's enables): one cycle later
+        x_go_next = Signal()
+        m.d.sync += x_go_next.eq(0)
+        m.d.comb += x_go.eq(x_go_next)
         # LayerNorm takes x through a slice of its own, placed next to it: its tready (from its state)
         # and the handshake that moves that state stay inside LayerNorm's corner of the die
         ln_x = RegisterSlice(32)
@@ -758,7 +763,7 @@ class Engine(wiring.Component):
                 m.d.sync += ln_shift.eq(shift)
                 read(addr, (d_model + (per8 - 1)) >> _lg(per8), T_LNP)
                 with m.If(~rq_valid):  # the request is taken
-                    m.d.comb += x_go.eq(1)
+                    m.d.sync += x_go_next.eq(1)
                     m.d.sync += [lnp_left.eq(d_model), lnp_real.eq(1), sub.eq(1)]
             with m.Elif(sink_done):
                 begin(STEP[nxt])
@@ -970,7 +975,7 @@ class Engine(wiring.Component):
                                 m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "resid_addr")),
                                              wr_n.eq((d_model + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
                                 with m.If(wr_cmd.s.tready):  # the write command is taken
-                                    m.d.comb += x_go.eq(1)
+                                    m.d.sync += x_go_next.eq(1)
                                     m.d.sync += [pack_n.eq(0), pack.eq(0), sub.eq(1)]
                             with m.Elif(~x_active & (pack_n == 0) & wr_idle):
                                 enter_reset("END")
