@@ -20,7 +20,7 @@ import random
 
 import cocotb
 import numpy as np
-from cocotb.triggers import ClockCycles, ReadWrite, RisingEdge
+from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
 from gpt_fpga.contract import numerics
@@ -106,13 +106,7 @@ class AttnContextTB(StreamTB):
             self.scoreboard.compare([int(b) - 256 if b >= 128 else int(b) for b in frame.tdata])
 
     async def config(self, head_dim: int, n_keys: int, mult: int, shift: int):
-        """Drive the configuration ports. The core passes them through a register, so they must
-        change at least a cycle before the job's first beat: waiting for ReadWrite lets every
-        stream source act on this edge first, so a beat queued after this call is offered from the
-        next edge on and taken one edge later at the earliest, with the new values in the register."""
-        await ReadWrite()
-        for port, value in zip((self.dut.head_dim, self.dut.n_keys, self.dut.ctx_mult, self.dut.ctx_shift), (head_dim, n_keys, mult, shift)):
-            port.value = value
+        await self.drive_config(head_dim=head_dim, n_keys=n_keys, ctx_mult=mult, ctx_shift=shift)
 
     def set_stalls(self, p_p: float = 0.0, p_v: float = 0.0, p_out: float = 0.0):
         for port, p in ((self.p_src, p_p), (self.v_src, p_v), (self.sink, p_out)):

@@ -17,7 +17,7 @@ import random
 
 import cocotb
 import numpy as np
-from cocotb.triggers import ClockCycles, ReadWrite, RisingEdge
+from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiStreamFrame
 
 from gpt_fpga.contract import numerics
@@ -101,13 +101,7 @@ class AttnScoresTB(StreamTB):
             self.scoreboard.compare([signed32(int(v)) for v in frame.tdata])
 
     async def config(self, head_dim: int, n_keys: int):
-        """Drive the configuration ports. The core passes them through a register, so they must
-        change at least a cycle before the job's first beat: waiting for ReadWrite lets every
-        stream source act on this edge first, so a beat queued after this call is offered from the
-        next edge on and taken one edge later at the earliest, with the new values in the register."""
-        await ReadWrite()
-        for port, value in zip((self.dut.head_dim, self.dut.n_keys), (head_dim, n_keys)):
-            port.value = value
+        await self.drive_config(head_dim=head_dim, n_keys=n_keys)
 
     def set_stalls(self, p_q: float = 0.0, p_k: float = 0.0, p_out: float = 0.0):
         for port, p in ((self.q_src, p_q), (self.k_src, p_k), (self.sink, p_out)):

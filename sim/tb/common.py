@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import cocotb
 from cocotb.clock import Clock
-from cocotb.triggers import ClockCycles, RisingEdge
+from cocotb.triggers import ClockCycles, ReadWrite, RisingEdge
 from cocotb.types import LogicArray
 from cocotbext.axi import AxiStreamBus, AxiStreamSink, AxiStreamSource
 
@@ -131,6 +131,15 @@ class StreamTB:
     """
 
     ERROR_BITS: tuple[str, ...] = ()
+
+    async def drive_config(self, **values: int):
+        """Drive configuration ports (``name=value``) that the core passes through a register, so they
+        must change at least a cycle before the job's first beat: waiting for ReadWrite lets every
+        stream source act on this edge first, so a beat queued after this call is offered from the
+        next edge on and taken one edge later at the earliest, with the new values in the register."""
+        await ReadWrite()
+        for name, value in values.items():
+            getattr(self.dut, name).value = value
 
     def __init__(self, dut, period_ns: int = 10):
         self.dut = dut
