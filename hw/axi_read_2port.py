@@ -39,15 +39,18 @@ class TwoPortReadDma(wiring.Component):
 
     Reorder: each port returns its bursts in order; two consecutive R beats of a port make one
     stream beat (low half first, as in memory) written to that port's FIFO, tagged with command
-    end. A queue of the port and length of every issued burst, in address order, says which port's
-    FIFO the next stream beats come from, so a port that answers later or slower than the other
-    only delays the stream, never reorders it.
+    end and burst end (the R beat with ``rlast``). A queue of the port of every issued burst, in
+    address order, says which port's FIFO the next stream beats come from, up to a beat tagged
+    burst end, so a port that answers later or slower than the other only delays the stream, never
+    reorders it.
 
     Flow control as in AxiReadDma, per port: a burst is issued only when its port's FIFO has room
     for a longest burst (8 stream beats) counting the beats in flight (credits) and the port has
     fewer than ``max_outstanding`` bursts in flight, so ``rready`` is always 1 on both ports. The
-    room is a register computed from the next credit count: the credit comparison is not on the
-    loop from the issue decision back into the credits (timing). A beat's credit returns the cycle
+    room is a register: the issue decision selects between two comparisons of the credits without
+    its own burst (room for one longest burst, or for two if it issues), so no comparison or credit
+    adder is on the loop from the issue decision back into the credits (timing). The port of the
+    next burst and the free burst slots are registers too. A beat's credit returns the cycle
     after it leaves its FIFO, into a register slice: the FIFO's block RAM output feeds a register,
     not the order mux.
 
@@ -158,21 +161,21 @@ class TwoPortReadDma(wiring.Component):
         self.max_burst = MAX_BURST_BEATS // 2  # stream beats
         m.submodules.split = split = BurstSplitter(addr_bits=self.addr_bits, data_bytes=self.data_bytes,
                                                    max_beats=self.max_burst)
-        # port and length (stream beats - 1) of every issued burst whose data have not all left, in address
-        # order; the length is counted here, so no FIFO output (block RAM, slow clock-to-out) steers the pops
-        order = SyncFIFOBuffered(width=4, depth=4 * self.max_outstanding)
+        # the port of every issued burst whose data have not all left, in address order (each beat carries
+        # its burst's end: no beat count or comparison on the pop of a finished burst)
+        order = SyncFIFOBuffered(width=1, depth=4 * self.max_outstanding)
         m.submodules.order = ResetInserter(flush)(order)
 
         blen = split.burst_len  # stream beats, 1..8
-        turn = Signal()  # the port of the next burst when both are used
-        sel = Signal()  # the port of the next burst
-        m.d.comb += sel.eq(Mux(self.only == 1, 0, Mux(self.only == 2, 1, turn)))
+        # the port of the next burst: a register (alternating when both are used), so `only` and the turn
+        # stay off the issue decision, which fans out to both ports, the splitter and the order queue
+        sel = Signal()
         dropping = Signal()  # a flush is draining: R beats owed are dropped
         issue = Signal()
         fifos, owed_all, can, outs = [], [], [], []
         for p, ax in enumerate(axis):
-            # data FIFO: stream beat, command end; a flush empties it at once
-            fifo = SyncFIFOBuffered(width=self.data_bits + 1, depth=depth)
+            # data FIFO: stream beat, command end, burst end; a flush empties it at once
+            fifo = SyncFIFOBuffered(width=self.data_bits + 2, depth=depth)
             m.submodules[f"fifo{p}"] = ResetInserter(flush)(fifo)
             # last-burst-of-command flag of each burst in flight on this port, in AR order
             bursts = SyncFIFO(width=1, depth=max(2, self.max_outstanding))
@@ -180,17 +183,24 @@ class TwoPortReadDma(wiring.Component):
             owed = Signal(range(depth + 1), name=f"owed{p}")  # stream beats requested, not yet paired
             free = Signal(range(depth + 1), init=depth, name=f"free{p}")  # credits: depth - owed - level
             free_next = Signal(range(depth + 1), name=f"free{p}_next")
-            # room for the longest burst, as a register: the credit comparison is not on the path from
-            # the issue decision back into the credit count (a shorter last burst waits for that room too)
-            room = Signal(init=1, name=f"room{p}")
-            m.d.sync += [free.eq(free_next), room.eq(free_next >= self.max_burst)]
-            fifos.append(fifo)
-            owed_all.append(owed)
-            can.append(~(ax.arvalid & ~ax.arready) & room & (bursts.level != self.max_outstanding))
-
-            # AR
             go = Signal(name=f"issue{p}")
             m.d.comb += go.eq(issue & (sel == p))
+            # room for the longest burst, as a register: the credit comparison is not on the path from
+            # the issue decision back into the credit count (a shorter last burst waits for that room too).
+            # It compares the credits without this cycle's burst, with room for two longest bursts if one
+            # is issued now: the issue decision only selects between the two comparisons
+            room = Signal(init=1, name=f"room{p}")
+            free_kept = Signal(range(depth + 2), name=f"free{p}_kept")
+            m.d.sync += [free.eq(free_next),
+                         room.eq(Mux(go, free_kept >= 2 * self.max_burst, free_kept >= self.max_burst))]
+            # a free burst slot, as a register from the burst FIFO's next level (its level compare stays
+            # off the issue decision)
+            slot = Signal(init=1, name=f"slot{p}")
+            m.d.sync += slot.eq(bursts.level + go - (bursts.r_en & bursts.r_rdy) < self.max_outstanding)
+            fifos.append(fifo)
+            owed_all.append(owed)
+            can.append(~(ax.arvalid & ~ax.arready) & room & slot)
+
             with m.If(go):
                 m.d.sync += [ax.araddr.eq(split.burst_addr), ax.arlen.eq((blen << 1) - 1), ax.arvalid.eq(1)]
             with m.Elif(ax.arready):
@@ -213,24 +223,24 @@ class TwoPortReadDma(wiring.Component):
             pair = r_valid & high
             m.d.comb += [
                 fifo.w_en.eq(pair & ~dropping),
-                fifo.w_data.eq(Cat(low, r_data, r_last & bursts.r_data)),
+                fifo.w_data.eq(Cat(low, r_data, r_last & bursts.r_data, r_last)),
                 bursts.r_en.eq(r_valid & r_last),
             ]
             m.d.sync += owed.eq(owed + Mux(go, blen, 0) - pair)
             # the FIFO's block RAM output goes straight into the data registers of a ping-pong slice
             # (a register slice would put its skid multiplexer behind the block RAM's clock-to-out)
-            out = PingPongSlice(self.data_bits + 1)
+            out = PingPongSlice(self.data_bits + 2)
             m.submodules[f"out{p}"] = ResetInserter(flush)(out)
-            m.d.comb += [out.s.tdata.eq(fifo.r_data[:self.data_bits + 1]), out.s.tlast.eq(0),
+            m.d.comb += [out.s.tdata.eq(fifo.r_data[:self.data_bits + 2]), out.s.tlast.eq(0),
                          out.s.tvalid.eq(fifo.r_rdy), fifo.r_en.eq(out.s.tready)]
             outs.append(out)
             # a beat that left the FIFO returns its credit a cycle later (the pop stays off the credit sum)
             pop = Signal(name=f"pop{p}")
             m.d.sync += pop.eq(fifo.r_en & fifo.r_rdy & ~flush)
             with m.If(flush):  # the FIFO empties; no burst is issued
-                m.d.comb += free_next.eq(depth - owed + pair)
+                m.d.comb += [free_kept.eq(depth - owed + pair), free_next.eq(free_kept)]
             with m.Else():  # a dropped beat frees its credit on arrival, a delivered one after it leaves
-                m.d.comb += free_next.eq(free - Mux(go, blen, 0) + (pair & dropping) + pop)
+                m.d.comb += [free_kept.eq(free + (pair & dropping) + pop), free_next.eq(free_kept - Mux(go, blen, 0))]
             with m.If(r_valid & r_resp[1]):  # SLVERR (2) or DECERR (3)
                 m.d.sync += self.error.eq(1)
 
@@ -244,12 +254,16 @@ class TwoPortReadDma(wiring.Component):
             split.flush.eq(flush), split.burst_ready.eq(issue),
             split.cmd.addr.eq(cmd.addr), split.cmd.beats.eq(cmd.beats), split.cmd.valid.eq(cmd.valid & ~dropping),
             cmd.ready.eq(split.cmd.ready & ~dropping),
-            order.w_en.eq(issue), order.w_data.eq(Cat(sel, blen - 1)),
+            order.w_en.eq(issue), order.w_data.eq(sel),
         ]
+        turn, turn_next = Signal(), Signal()  # the port of the next burst when both are used
         with m.If(flush):
-            m.d.sync += turn.eq(0)
+            m.d.comb += turn_next.eq(0)
         with m.Elif(issue):
-            m.d.sync += turn.eq(~sel)
+            m.d.comb += turn_next.eq(~sel)
+        with m.Else():
+            m.d.comb += turn_next.eq(turn)
+        m.d.sync += [turn.eq(turn_next), sel.eq(Mux(self.only == 1, 0, Mux(self.only == 2, 1, turn_next)))]
         owed_none = (owed_all[0] == 0) & (owed_all[1] == 0)
         with m.If(flush):
             m.d.sync += dropping.eq(1)
@@ -261,19 +275,13 @@ class TwoPortReadDma(wiring.Component):
         # ping-pong slice: the pop of a finished burst moves that slice's read pointer, next to the port
         # slices and the multiplexer, not the queue's level counters (on the ECP5-85k those sat 30
         # columns away, and the pop crossed there and back in one cycle)
-        order_head = PingPongSlice(4)
+        order_head = PingPongSlice(1)
         m.submodules.order_head = ResetInserter(flush)(order_head)
         m.d.comb += [order_head.s.tdata.eq(order.r_data), order_head.s.tlast.eq(0),
                      order_head.s.tvalid.eq(order.r_rdy), order.r_en.eq(order_head.s.tready)]
-        head, head_last = order_head.m.tdata[0], order_head.m.tdata[1:]
-        served = Signal(3)  # beats of the head burst already delivered
+        head = order_head.m.tdata[0]
         entry = Mux(head, outs[1].m.tdata, outs[0].m.tdata)
         valid = order_head.m.tvalid & Mux(head, outs[1].m.tvalid, outs[0].m.tvalid)
-        m_ready = Signal()  # the output slice takes a beat
-        with m.If(flush | (valid & m_ready & (served == head_last))):
-            m.d.sync += served.eq(0)
-        with m.Elif(valid & m_ready):
-            m.d.sync += served.eq(served + 1)
         # the reordered stream leaves through a ping-pong slice of its own: the order queue, the port
         # slices and this multiplexer stay together, and only registers face the consumer (on the
         # ECP5-85k the consumer's tready crossed the die into the port slices' read pointers and back)
@@ -281,14 +289,13 @@ class TwoPortReadDma(wiring.Component):
         m.submodules.m_slice = ResetInserter(flush)(last_slice)
         wiring.connect(m, last_slice.m, wiring.flipped(self.m_data))
         take = order_head.m.tvalid & last_slice.s.tready
-        burst_done = valid & last_slice.s.tready & (served == head_last)
+        burst_done = valid & last_slice.s.tready & entry[self.data_bits + 1]
         m.d.comb += [
             last_slice.s.tvalid.eq(valid),
             last_slice.s.tdata.eq(entry[:self.data_bits]),
             last_slice.s.tlast.eq(entry[self.data_bits]),
             outs[0].m.tready.eq(take & ~head),
             outs[1].m.tready.eq(take & head),
-            m_ready.eq(last_slice.s.tready),
             order_head.m.tready.eq(burst_done),
             self.idle.eq(~split.busy & owed_none & (fifos[0].level == 0) & (fifos[1].level == 0) & ~outs[0].m.tvalid
                           & ~outs[1].m.tvalid & ~last_slice.m.tvalid & ~flush),

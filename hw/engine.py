@@ -181,7 +181,12 @@ class Engine(wiring.Component):
         if self.ports == 2:
             # port 0 writes at 64 bits: each bus beat leaves as two, so every write command's beats double
             m.submodules.wr_narrow = narrow = ResetInserter(core_rst)(StreamDownsizer(data_bits=self.bus_bits))
-            wiring.connect(m, narrow.m_data, wr.s_data)
+            # and a slice after it: the write DMA's FIFO level (its tready) reaches the downsizer's
+            # handshake, which would pass it on to the write slice's enables
+            wr_port_slice = RegisterSlice(self.port_bits)
+            m.submodules.wr_port_slice = ResetInserter(core_rst)(wr_port_slice)
+            wiring.connect(m, narrow.m_data, wr_port_slice.s)
+            wiring.connect(m, wr_port_slice.m, wr.s_data)
             wiring.connect(m, wr_slice.m, narrow.s_data)
         else:
             wiring.connect(m, wr_slice.m, wr.s_data)
@@ -264,6 +269,10 @@ class Engine(wiring.Component):
         last_head = Signal(16)  # n_head - 1
         kv_last_row = Signal(17)  # 2 * n_head - 1: the last of the K/V row writes
         m.d.sync += [last_head.eq(n_head - 1), kv_last_row.eq((n_head << 1) - 1)]
+        # scores_softmax: heads after `head`, counted down, and "head is the last" as a register (a
+        # 16-bit comparison stays off the step's decisions)
+        heads_after = Signal(16)
+        head_at_last = Signal()
         kv_more = Signal()  # write_kv: row writes left (a register: no head comparison before the issue)
         m.d.comb += kv_row_bytes.eq(row_beats_kv << lgB)
 
@@ -284,6 +293,13 @@ class Engine(wiring.Component):
 
         # ---- sequencer state ---------------------------------------------------------------------
         step = Signal(range(len(rm.STEPS)))
+        # a one-hot copy of the step for the sequencer's and the sinks' decode: a case is one flip-flop,
+        # not a comparison of the step's bits
+        step_oh = Signal(len(rm.STEPS), init=1 << STEP["idle"])
+
+        def step_case(*names):
+            """A `m.Case` pattern of `step_oh` for these steps."""
+            return tuple("".join("1" if i == STEP[n] else "-" for i in reversed(range(len(rm.STEPS)))) for n in names)
         head = Signal(16)  # also counts the 2 * n_head K/V row writes
         busy = Signal()
         done = Signal()
@@ -321,7 +337,6 @@ class Engine(wiring.Component):
         m.submodules.tags = ResetInserter(core_rst)(tags)
         rd_out = Signal(3)  # read commands issued whose last beat has not been consumed yet
         rd_addr, rd_n, rd_tag, rd_go = Signal(32), Signal(32), Signal(3), Signal()
-        rd_issued = Signal()  # the sequencer's request this cycle was taken (into the request register)
         # The sequencer's read request is a register: it is taken when the register is empty (one
         # flag), so neither the command slice's ready nor the tag FIFO's level reaches the sequencer's
         # decode, and the decode reaches only these registers.
@@ -337,9 +352,11 @@ class Engine(wiring.Component):
         rq_taken = Signal()
         m.d.comb += [rd_cmd.s.tvalid.eq(rq_valid & tags.w_rdy), tags.w_en.eq(rq_valid & rd_cmd.s.tready),
                      rq_taken.eq(rq_valid & rd_cmd.s.tready & tags.w_rdy)]
-        m.d.comb += rd_issued.eq(rd_go & ~rq_valid)
-        with m.If(rd_issued):  # the request is taken
-            m.d.sync += [rq_valid.eq(1), rq_addr.eq(rd_addr), rq_n.eq(rd_n[:CMD_BEATS_BITS]), rq_tag.eq(1 << rd_tag)]
+        # while the register is empty its fields follow the sequencer's request, whether or not it is
+        # made: their enable is one flip-flop, and the step decode reaches only their data and rq_valid
+        with m.If(~rq_valid):
+            m.d.sync += [rq_valid.eq(rd_go), rq_addr.eq(rd_addr), rq_n.eq(rd_n[:CMD_BEATS_BITS]),
+                         rq_tag.eq(1 << rd_tag)]
         with m.Elif(rq_taken):
             m.d.sync += rq_valid.eq(0)
         with m.If(core_rst):
@@ -354,19 +371,28 @@ class Engine(wiring.Component):
         m.submodules.rd_slice = ResetInserter(core_rst)(rd_slice)
         wiring.connect(m, rd.m_data, rd_slice.s)
         src = rd_slice.m
-        dest = tags.r_data  # one-hot
+        # the tag FIFO's head passes a ping-pong slice: a command's last beat moves that slice's read
+        # pointer, not the FIFO's level and block of flip-flops (the pop is late: the destinations'
+        # readiness)
+        tag_head = PingPongSlice(T_COUNT)
+        m.submodules.tag_head = ResetInserter(core_rst)(tag_head)
+        m.d.comb += [tag_head.s.tdata.eq(tags.r_data), tag_head.s.tlast.eq(0), tag_head.s.tvalid.eq(tags.r_rdy),
+                     tags.r_en.eq(tag_head.s.tready)]
+        dest = tag_head.m.tdata  # one-hot
+        tag_pop = Signal()
 
         def to(tag):
             return dest[tag]
 
-        d_valid = src.tvalid & tags.r_rdy
+        d_valid = src.tvalid & tag_head.m.tvalid
         d_ready = Signal()
         # Each destination's readiness, whatever the tag (a register or one LUT each); the tag selects
         # with one AND-OR (the tags are one-hot), not a priority chain: this path ends in the enable
         # of rd_slice's wide output register.
         ready_for = {}
-        m.d.comb += [src.tready.eq(d_ready & tags.r_rdy), tags.r_en.eq(src.tvalid & src.tready & src.tlast)]
-        m.d.sync += rd_out.eq(rd_out + rq_taken - tags.r_en)
+        m.d.comb += [src.tready.eq(d_ready & tag_head.m.tvalid), tag_pop.eq(src.tvalid & src.tready & src.tlast),
+                     tag_head.m.tready.eq(tag_pop)]
+        m.d.sync += rd_out.eq(rd_out + rq_taken - tag_pop)
         m.d.comb += rd_quiet.eq((rd_out == 0) & ~rq_valid)
         with m.If(core_rst):
             m.d.sync += rd_out.eq(0)
@@ -375,15 +401,26 @@ class Engine(wiring.Component):
         # write commands pass a register slice too (the write DMA's queues stay off the sequencer's decode)
         wr_cmd = RegisterSlice(32 + CMD_BEATS_BITS)
         m.submodules.wr_cmd = ResetInserter(core_rst)(wr_cmd)
-        m.d.comb += [wr_cmd.s.tdata.eq(Cat(wr_addr, (wr_n << (self.ports - 1))[:CMD_BEATS_BITS])),
-                     wr_cmd.s.tvalid.eq(wr_go),
+        # The sequencer's write request is a register, as the read request is: its fields follow the
+        # request while it is empty (enable: one flip-flop), and the sequencer sees it taken when it was
+        # empty. The write slice's enables see only registers.
+        wq_valid, wq_addr, wq_n = Signal(), Signal(32), Signal(CMD_BEATS_BITS)
+        with m.If(~wq_valid):
+            m.d.sync += [wq_valid.eq(wr_go), wq_addr.eq(wr_addr), wq_n.eq((wr_n << (self.ports - 1))[:CMD_BEATS_BITS])]
+        with m.Elif(wr_cmd.s.tready):
+            m.d.sync += wq_valid.eq(0)
+        with m.If(core_rst):
+            m.d.sync += wq_valid.eq(0)
+        m.d.comb += [wr_cmd.s.tdata.eq(Cat(wq_addr, wq_n)),
+                     wr_cmd.s.tvalid.eq(wq_valid),
                      wr.cmd.addr.eq(wr_cmd.m.tdata[:32]), wr.cmd.beats.eq(wr_cmd.m.tdata[32:]),
                      wr.cmd.valid.eq(wr_cmd.m.tvalid), wr_cmd.m.tready.eq(wr.cmd.ready)]
         # every write command and beat has left the slices and the DMA is idle: a register (the write
         # DMA's FIFO level and burst state stay off the sequencer's step decisions), and false the cycle
         # after a command or beat enters a slice, so it is never stale
         wr_idle = Signal()
-        m.d.sync += wr_idle.eq(wr.idle & ~wr_cmd.m.tvalid & ~wr_slice.m.tvalid & ~wr_cmd.s.tvalid & ~wr_in.tvalid)
+        slices_empty = ~wr_slice.m.tvalid & (~wr_port_slice.m.tvalid if self.ports == 2 else 1)
+        m.d.sync += wr_idle.eq(wr.idle & ~wr_cmd.m.tvalid & slices_empty & ~wq_valid & ~wr_go & ~wr_in.tvalid)
 
         # descriptor capture
         rec_sel = Signal()  # 0: model record, 1: command record
@@ -516,9 +553,8 @@ class Engine(wiring.Component):
         kvrow_i = Signal(16)
         m.d.comb += [h_slice.s.tdata.eq(h_rp.data)]
         with m.If(h_to_wr):
-            m.d.comb += [wr_in.tdata.eq(hq.tdata), wr_in.tvalid.eq(hq.tvalid), hq.tready.eq(wr_in.tready),
-                         wr_in.tlast.eq(kvrow_i == row_beats_kv - 1)]
-            with m.If(wr_in.tvalid & wr_in.tready):
+            m.d.comb += hq.tready.eq(wr_in.tready)
+            with m.If(hq.tvalid & wr_in.tready):
                 m.d.sync += kvrow_i.eq(Mux(kvrow_i == row_beats_kv - 1, 0, kvrow_i + 1))
         with m.Else():
             m.d.comb += [qk.s_q.tdata.eq(hq.tdata), qk.s_q.tvalid.eq(hq.tvalid), hq.tready.eq(qk.s_q.tready),
@@ -548,16 +584,16 @@ class Engine(wiring.Component):
         pack = Signal(8 * B)
         pack_n = Signal(range(B // 4 + 1))
         pack_last = Signal()
+        pack_full = Signal()  # a register: pack_n == B / 4
         with m.If(x_to_wr):
             # gather B/4 values into one beat; the tail beat is padded with zeros
-            with m.If(pack_n == B // 4):
-                m.d.comb += [wr_in.tdata.eq(pack), wr_in.tvalid.eq(1), wr_in.tlast.eq(pack_last)]
+            with m.If(pack_full):
                 with m.If(wr_in.tready):
-                    m.d.sync += [pack_n.eq(0), pack.eq(0)]
+                    m.d.sync += [pack_n.eq(0), pack.eq(0), pack_full.eq(0)]
             with m.Elif(xs.tvalid):
                 m.d.comb += xs.tready.eq(1)
-                m.d.sync += [pack.word_select(pack_n, 32).eq(xs.tdata), pack_last.eq(xs.tlast)]
-                m.d.sync += pack_n.eq(Mux(xs.tlast, B // 4, pack_n + 1))
+                m.d.sync += [pack.word_select(pack_n, 32).eq(xs.tdata), pack_last.eq(xs.tlast),
+                             pack_n.eq(Mux(xs.tlast, B // 4, pack_n + 1)), pack_full.eq(xs.tlast | (pack_n == B // 4 - 1))]
         with m.Else():
             m.d.comb += [ln_x.s.tdata.eq(xs.tdata), ln_x.s.tvalid.eq(xs.tvalid), xs.tready.eq(ln_x.s.tready),
                          ln_x.s.tlast.eq(xs.tlast)]
@@ -586,20 +622,27 @@ class Engine(wiring.Component):
         lg_pack = Signal(8 * B)
         lg_n = Signal(range(B // 4 + 1))
         lg_last = Signal()
+        lg_full = Signal()  # a register: lg_n == B / 4
+        lg_to_wr = Signal()  # step lm_head, registered as h_to_wr is
+        m.d.sync += lg_to_wr.eq(step == STEP["lm_head"])
         sink_last = Signal.like(sink_target)  # sink_target - 1, registered two cycles behind the step
         m.d.sync += sink_last.eq(sink_target - 1)
 
         # GELU's table is a block RAM without an output register: its value goes straight into a register
         gelu_y, gelu_valid = Signal(8), Signal()
         m.d.sync += [gelu_y.eq(gelu.m_y.tdata), gelu_valid.eq(0)]
-        # one parallel case per step: each step's sink
-        with m.Switch(step):
-            with m.Case(STEP["ln1"], STEP["ln2"], STEP["lnf"]):  # LayerNorm out -> a
+        # one parallel case per step: each step's sink. It follows the step a cycle late (a copy of the
+        # register, next to the sinks: the step's fan-out and decode stay off the buffers' write ports);
+        # no value reaches a sink in a step's first cycle
+        sink_step = Signal.like(step_oh)
+        m.d.sync += sink_step.eq(step_oh)
+        with m.Switch(sink_step):
+            with m.Case(*step_case("ln1", "ln2", "lnf")):  # LayerNorm out -> a
                 m.d.comb += ln.m_y.tready.eq(1)
                 write_byte(a_wp, sink_i, ln.m_y.tdata, ln.m_y.tvalid)
                 with m.If(ln.m_y.tvalid):
                     m.d.sync += sink_i.eq(sink_i + 1)
-            with m.Case(STEP["qkv"]):
+            with m.Case(*step_case("qkv")):
                 m.d.comb += mv.m_out.tready.eq(1)
                 with m.If(mv.m_out.tvalid):
                     m.d.comb += [h_wp.addr.eq(row_word + (e_i >> lgB)), h_wp.data.eq(Cat(*([mv.m_out.tdata[:8]] * B))),
@@ -609,7 +652,7 @@ class Engine(wiring.Component):
                         m.d.sync += [e_i.eq(0), row_word.eq(row_word + row_beats_kv)]
                     with m.Else():
                         m.d.sync += e_i.eq(e_i + 1)
-            with m.Case(STEP["attn_out"], STEP["proj"]):
+            with m.Case(*step_case("attn_out", "proj")):
                 m.d.comb += mv.m_out.tready.eq(~add_pending)
                 with m.If(mv.m_out.tvalid & ~add_pending):
                     m.d.comb += [x_rp.addr.eq(sink_i), x_rp.en.eq(1)]
@@ -623,7 +666,7 @@ class Engine(wiring.Component):
                     sat = Mux(total.as_signed() > hi, hi, Mux(total.as_signed() < lo_, lo_, total))
                     m.d.comb += [x_wp.addr.eq(sink_i), x_wp.data.eq(sat), x_wp.en.eq(1)]
                     m.d.sync += [add_phase.eq(0), sink_i.eq(sink_i + 1)]
-            with m.Case(STEP["fc_gelu"]):  # fc matvec out -> GELU -> (register) -> a
+            with m.Case(*step_case("fc_gelu")):  # fc matvec out -> GELU -> (register) -> a
                 m.d.comb += [gelu.s_x.tdata.eq(mv.m_out.tdata[:8]), gelu.s_x.tvalid.eq(mv.m_out.tvalid),
                              mv.m_out.tready.eq(gelu.s_x.tready), gelu.s_x.tlast.eq(mv.m_out.tlast),
                              gelu.m_y.tready.eq(1)]
@@ -631,23 +674,30 @@ class Engine(wiring.Component):
                 write_byte(a_wp, sink_i, gelu_y, gelu_valid)
                 with m.If(gelu_valid):
                     m.d.sync += sink_i.eq(sink_i + 1)
-            with m.Case(STEP["lm_head"]):
-                with m.If(lg_n == B // 4):
-                    m.d.comb += [wr_in.tdata.eq(lg_pack), wr_in.tvalid.eq(1), wr_in.tlast.eq(lg_last)]
-                    with m.If(wr_in.tready):
-                        m.d.sync += [lg_n.eq(0), lg_pack.eq(0)]
-                with m.Else():
+            with m.Case(*step_case("lm_head")):
+                with m.If(~lg_full):
                     m.d.comb += mv.m_out.tready.eq(1)
                     with m.If(mv.m_out.tvalid):
                         is_last = sink_i == sink_last
                         m.d.sync += [lg_pack.word_select(lg_n, 32).eq(mv.m_out.tdata), lg_last.eq(is_last),
-                                     lg_n.eq(Mux(is_last, B // 4, lg_n + 1)), sink_i.eq(sink_i + 1)]
+                                     lg_n.eq(Mux(is_last, B // 4, lg_n + 1)), lg_full.eq(is_last | (lg_n == B // 4 - 1)),
+                                     sink_i.eq(sink_i + 1)]
+        # The beats to write: each source's flag is a register (its step, registered, and "a beat is
+        # full"), and they are exclusive, so the write slice's input is one AND-OR of registers.
+        with m.If(lg_to_wr & lg_full & wr_in.tready):
+            m.d.sync += [lg_n.eq(0), lg_pack.eq(0), lg_full.eq(0)]
+        m.d.comb += [
+            wr_in.tvalid.eq((h_to_wr & hq.tvalid) | (x_to_wr & pack_full) | (lg_to_wr & lg_full)),
+            wr_in.tdata.eq(Mux(h_to_wr, hq.tdata, 0) | Mux(x_to_wr, pack, 0) | Mux(lg_to_wr, lg_pack, 0)),
+            wr_in.tlast.eq((h_to_wr & (kvrow_i == row_beats_kv - 1)) | (x_to_wr & pack_last) | (lg_to_wr & lg_last)),
+        ]
         with m.If(core_rst):
             m.d.sync += [add_phase.eq(0), gelu_valid.eq(0)]
         # a step begins with its sink empty: cleared from a register set by begin() (the conditions
         # that end a step stay off these counters' inputs)
-        with m.If(fresh):
-            m.d.sync += [sink_i.eq(0), sink_done.eq(0)]
+        with m.If(fresh):  # and the packers of the write steps start empty
+            m.d.sync += [sink_i.eq(0), sink_done.eq(0), pack_n.eq(0), pack.eq(0), pack_full.eq(0),
+                         lg_n.eq(0), lg_pack.eq(0), lg_full.eq(0)]
 
         # attention: scores -> softmax -> context -> a (ctx[h * head_dim + e])
         m.d.comb += [sm.s_scores.tdata.eq(qk.m_scores.tdata), sm.s_scores.tvalid.eq(qk.m_scores.tvalid),
@@ -662,6 +712,8 @@ class Engine(wiring.Component):
         ctx_base = Signal(range(self.max_d + 1))  # ctx_head * head_dim
         ctx_head = Signal(16)  # the head whose context comes next (AttnContext's jobs are in head order)
         ctx_all = Signal()  # the last head's context is in a (cleared when scores_softmax starts)
+        ctx_clear = Signal()  # set on the way into scores_softmax: its first cycle clears the context counters
+        m.d.sync += ctx_clear.eq(0)
         m.d.comb += pv.m_ctx.tready.eq(~ctx_have)
         with m.If(pv.m_ctx.tvalid & ~ctx_have):
             m.d.sync += [ctx_beat.eq(pv.m_ctx.tdata), ctx_have.eq(1), ctx_lane.eq(0)]
@@ -673,6 +725,8 @@ class Engine(wiring.Component):
                              ctx_head.eq(ctx_head + 1), ctx_all.eq(ctx_head == last_head)]
             with m.Elif(ctx_lane == B - 1):
                 m.d.sync += ctx_have.eq(0)
+        with m.If(ctx_clear):
+            m.d.sync += [ctx_e.eq(0), ctx_head.eq(0), ctx_all.eq(0)]
 
         # The attention cores' job parameters pass a register: they are set in FETCH and CHECK, long
         # before the first query, and the extra stage lets the placer split the route from the
@@ -713,6 +767,9 @@ class Engine(wiring.Component):
         # products: a multiplier block between these registers was placed far from both
         m.submodules.mul_mat = mat_mul = ShiftAddMultiplier(16, 16)
         m.d.comb += [mat_mul.a.eq(mv_rows_r), mat_mul.b.eq(row_beats_r), mat_beats.eq(mat_mul.p)]
+        mat_start = Signal()  # a register: the step decode stays off the multiplier's enables
+        m.d.sync += mat_start.eq(0)
+        m.d.comb += mat_mul.start.eq(mat_start)
         m.d.comb += row_beats.eq(((hdr_bytes + (B - 1)) >> lgB) + ((mv_d_in + (per_beat - 1)) >> _lg(per_beat)))
         m.d.sync += act_words.eq((mv_d_in + (B - 1)) >> lgB)
 
@@ -732,8 +789,8 @@ class Engine(wiring.Component):
         ln_shift = Signal(6)
         m.d.comb += ln.out_shift.eq(ln_shift)
 
-        def begin(step_value):
-            m.d.sync += [step.eq(step_value), sub.eq(0), fresh.eq(1)]
+        def begin(name):
+            m.d.sync += [step.eq(STEP[name]), step_oh.eq(1 << STEP[name]), sub.eq(0), fresh.eq(1)]
 
         def read(addr, beats, tag):
             m.d.comb += [rd_addr.eq(addr), rd_n.eq(beats), rd_tag.eq(tag), rd_go.eq(1)]
@@ -746,9 +803,9 @@ class Engine(wiring.Component):
                 with m.Case(first_sub):
                     m.d.sync += sub.eq(first_sub + 1)
                 with m.Case(first_sub + 1):
-                    m.d.sync += [row_beats_r.eq(row_beats), mv_rows_r.eq(mv_rows), sub.eq(first_sub + 2)]
-                with m.Case(first_sub + 2):
-                    m.d.comb += mat_mul.start.eq(1)
+                    m.d.sync += [row_beats_r.eq(row_beats), mv_rows_r.eq(mv_rows), sub.eq(first_sub + 2),
+                                 mat_start.eq(1)]
+                with m.Case(first_sub + 2):  # mat_start, set on the way here, starts the product
                     m.d.sync += sub.eq(first_sub + 3)
                 with m.Case(first_sub + 3):
                     with m.If(mat_mul.done):
@@ -766,7 +823,7 @@ class Engine(wiring.Component):
                     m.d.sync += x_go_next.eq(1)
                     m.d.sync += [lnp_left.eq(d_model), lnp_real.eq(1), sub.eq(1)]
             with m.Elif(sink_done):
-                begin(STEP[nxt])
+                begin(nxt)
 
         # An error or CONTROL.abort ends the command. The errors are registered first (no path from
         # the cores' and DMAs' error logic into the whole sequencer): the sequencer sees an error one
@@ -794,7 +851,7 @@ class Engine(wiring.Component):
                 with m.If(start):
                     m.d.sync += [busy.eq(1), done.eq(0), err.eq(0), cycles.eq(0), head.eq(0),
                                  beats_read.eq(0), beats_written.eq(0), is_head.eq(op == rm.OP_HEAD)]
-                    begin(STEP["fetch_descriptor"])
+                    begin("fetch_descriptor")
                     with m.If(op > rm.OP_HEAD):
                         m.d.sync += err[err_bit["command"]].eq(1)
                         enter_reset("END")
@@ -877,30 +934,33 @@ class Engine(wiring.Component):
                     m.d.sync += err[err_bit["descriptor"]].eq(1)
                     enter_reset("ABORT")
                 with m.Else():
-                    begin(STEP["load_residual"])
+                    begin("load_residual")
                     m.next = "RUN"
             with m.State("RUN"):
                 with m.If(stop):
                     m.d.sync += err.eq(err | live_err_r)
                     enter_reset("ABORT")
                 with m.Else():  # one parallel case per step (a priority chain of 14 steps was deep)
-                    with m.Switch(step):
-                        with m.Case(STEP["load_residual"]):
+                    with m.Switch(step_oh):
+                        with m.Case(*step_case("load_residual")):
                             with m.If(sub == 0):
                                 read(dfield(rec_model, "model", "resid_addr"), (d_model + (B // 4 - 1)) >> _lg(B // 4),
                                      T_RESID)
                                 with m.If(~rq_valid):  # the request is taken
                                     m.d.sync += [res_i.eq(0), res_lane.eq(0), sub.eq(1)]
                             with m.Elif(rd_quiet):
-                                begin(Mux(is_head, STEP["lnf"], STEP["ln1"]))
-                        with m.Case(STEP["ln1"]):
+                                with m.If(is_head):
+                                    begin("lnf")
+                                with m.Else():
+                                    begin("ln1")
+                        with m.Case(*step_case("ln1")):
                             layernorm(lf("ln1_addr"), lf("ln1_shift"), "qkv")
-                        with m.Case(STEP["qkv"]):
+                        with m.Case(*step_case("qkv")):
                             with m.If(sub == 0):
                                 m.d.sync += [e_i.eq(0), row_word.eq(0)]
                             with m.If(matvec(lf("qkv_addr"))):
-                                begin(STEP["write_kv"])
-                        with m.Case(STEP["write_kv"]):
+                                begin("write_kv")
+                        with m.Case(*step_case("write_kv")):
                             # 2 * n_head row writes (all k rows, then all v rows) fed by one linear read of h
                             with m.If(sub == 0):
                                 m.d.sync += [kvrow_i.eq(0), head.eq(0), kv_wr_addr.eq(lf("k_cache_addr") + pos_off),
@@ -908,17 +968,18 @@ class Engine(wiring.Component):
                                 m.d.comb += [h_go.eq(1), h_first.eq(nh_rb), h_count.eq(nh_rb << 1)]
                             with m.Elif(sub == 1):
                                 m.d.comb += [wr_addr.eq(kv_wr_addr), wr_n.eq(row_beats_kv), wr_go.eq(kv_more)]
-                                with m.If(kv_more & wr_cmd.s.tready):  # this row's write command is taken
+                                with m.If(kv_more & ~wq_valid):  # this row's write command is taken
                                     m.d.sync += [head.eq(head + 1), kv_more.eq(head != kv_last_row),
                                                  kv_wr_addr.eq(Mux(head == last_head, lf("v_cache_addr") + pos_off,
                                                                    kv_wr_addr + ctx_stride))]
                                 with m.If(~kv_more & ~h_active):
                                     m.d.sync += sub.eq(2)
                             with m.Elif(wr_idle):
-                                m.d.sync += [head.eq(0), k_rd_addr.eq(lf("k_cache_addr") + lo_off),
+                                m.d.sync += [head.eq(0), heads_after.eq(last_head), head_at_last.eq(last_head == 0),
+                                             ctx_clear.eq(1), k_rd_addr.eq(lf("k_cache_addr") + lo_off),
                                              v_rd_addr.eq(lf("v_cache_addr") + lo_off), h_base.eq(0), ctx_base.eq(0)]
-                                begin(STEP["scores_softmax"])
-                        with m.Case(STEP["scores_softmax"]):
+                                begin("scores_softmax")
+                        with m.Case(*step_case("scores_softmax")):
                             # Reads K0, K1, V0, K2, V1, ..., K(H-1), V(H-2), V(H-1) (one head: K0, V0), so that
                             # Softmax's exp-and-sum of head h runs while K(h + 1) streams. Each consumer drains
                             # its stream in command order: AttnScores gets q(h) with the K(h) read (the read
@@ -934,60 +995,59 @@ class Engine(wiring.Component):
                             with m.Switch(sub):
                                 with m.Case(0):  # K0 and q0
                                     read(k_rd_addr, kv_beats, T_K)
-                                    with m.If(rd_issued):
+                                    with m.If(~rq_valid):  # the request is taken
                                         m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
-                                        m.d.sync += [ctx_e.eq(0), ctx_head.eq(0), ctx_all.eq(0),
-                                                     h_base.eq(h_base + row_beats_kv),
+                                        m.d.sync += [h_base.eq(h_base + row_beats_kv),
                                                      k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(1)]
                                 with m.Case(1):  # K(head + 1) and its q row, unless head is the last
-                                    with m.If(head == last_head):
+                                    with m.If(head_at_last):
                                         m.d.sync += sub.eq(2)
                                     with m.Elif(~h_active):
                                         read(k_rd_addr, kv_beats, T_K)
-                                        with m.If(rd_issued):
+                                        with m.If(~rq_valid):  # the request is taken
                                             m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
                                             m.d.sync += [h_base.eq(h_base + row_beats_kv),
                                                          k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(2)]
                                 with m.Case(2):  # V(head)
                                     read(v_rd_addr, kv_beats, T_V)
-                                    with m.If(rd_issued):
+                                    with m.If(~rq_valid):  # the request is taken
                                         m.d.sync += v_rd_addr.eq(v_rd_addr + ctx_stride)
-                                        with m.If(head == last_head):
+                                        with m.If(head_at_last):
                                             m.d.sync += sub.eq(3)
                                         with m.Else():
-                                            m.d.sync += [head.eq(head + 1), sub.eq(1)]
+                                            m.d.sync += [head.eq(head + 1), heads_after.eq(heads_after - 1),
+                                                         head_at_last.eq(heads_after == 1), sub.eq(1)]
                                 with m.Default():  # every head's context is in a
                                     with m.If(ctx_all):
-                                        begin(STEP["attn_out"])
-                        with m.Case(STEP["attn_out"]):
+                                        begin("attn_out")
+                        with m.Case(*step_case("attn_out")):
                             with m.If(matvec(lf("attn_out_addr")) & ~add_pending):
-                                begin(STEP["ln2"])
-                        with m.Case(STEP["ln2"]):
+                                begin("ln2")
+                        with m.Case(*step_case("ln2")):
                             layernorm(lf("ln2_addr"), lf("ln2_shift"), "fc_gelu")
-                        with m.Case(STEP["fc_gelu"]):
+                        with m.Case(*step_case("fc_gelu")):
                             with m.If(matvec(lf("fc_addr"))):
-                                begin(STEP["proj"])
-                        with m.Case(STEP["proj"]):
+                                begin("proj")
+                        with m.Case(*step_case("proj")):
                             with m.If(matvec(lf("proj_addr")) & ~add_pending):
-                                begin(STEP["store_residual"])
-                        with m.Case(STEP["store_residual"]):
+                                begin("store_residual")
+                        with m.Case(*step_case("store_residual")):
                             with m.If(sub == 0):
                                 m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "resid_addr")),
                                              wr_n.eq((d_model + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
-                                with m.If(wr_cmd.s.tready):  # the write command is taken
-                                    m.d.sync += x_go_next.eq(1)
-                                    m.d.sync += [pack_n.eq(0), pack.eq(0), sub.eq(1)]
+                                with m.If(~wq_valid):  # the write command is taken
+                                    m.d.sync += [x_go_next.eq(1), sub.eq(1)]
                             with m.Elif(~x_active & (pack_n == 0) & wr_idle):
                                 enter_reset("END")
-                        with m.Case(STEP["lnf"]):
+                        with m.Case(*step_case("lnf")):
                             layernorm(hf("lnf_addr"), hf("lnf_shift"), "lm_head")
-                        with m.Case(STEP["lm_head"]):
+                        with m.Case(*step_case("lm_head")):
                             lm_done = matvec(hf("lm_head_addr"), first_sub=1)  # subs 1..5
                             with m.If(sub == 0):  # the logits' write command first, then the matvec
                                 m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
                                              wr_n.eq((vocab + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
-                                with m.If(wr_cmd.s.tready):  # the write command is taken
-                                    m.d.sync += [lg_n.eq(0), lg_pack.eq(0), sub.eq(1)]
+                                with m.If(~wq_valid):  # the write command is taken
+                                    m.d.sync += sub.eq(1)
                             with m.Elif(lm_done & (lg_n == 0) & wr_idle):
                                 enter_reset("END")
             with m.State("ABORT"):
@@ -1004,7 +1064,7 @@ class Engine(wiring.Component):
                 end_err = err | Mux(from_run, live_err_r, 0)
                 m.d.sync += [busy.eq(0), done.eq(1), err.eq(end_err)]
                 with m.If(end_err == 0):
-                    m.d.sync += step.eq(STEP["done"])
+                    m.d.sync += [step.eq(STEP["done"]), step_oh.eq(1 << STEP["done"])]
                 m.next = "IDLE"
         m.d.sync += from_run.eq(seq.ongoing("RUN"))
         return m
