@@ -789,6 +789,12 @@ class Engine(wiring.Component):
         ln_shift = Signal(6)
         m.d.comb += ln.out_shift.eq(ln_shift)
 
+        # the beats of the residual, LayerNorm parameter and logits transfers, registered (fixed once the
+        # model record is in): no adder between the step decode and the request registers
+        resid_beats, ln_beats, logits_beats = Signal(16), Signal(16), Signal(24)
+        m.d.sync += [resid_beats.eq((d_model + (B // 4 - 1)) >> _lg(B // 4)), ln_beats.eq((d_model + (per8 - 1)) >> _lg(per8)),
+                     logits_beats.eq((vocab + (B // 4 - 1)) >> _lg(B // 4))]
+
         def begin(name):
             m.d.sync += [step.eq(STEP[name]), step_oh.eq(1 << STEP[name]), sub.eq(0), fresh.eq(1)]
 
@@ -818,7 +824,7 @@ class Engine(wiring.Component):
         def layernorm(addr, shift, nxt):
             with m.If(sub == 0):
                 m.d.sync += ln_shift.eq(shift)
-                read(addr, (d_model + (per8 - 1)) >> _lg(per8), T_LNP)
+                read(addr, ln_beats, T_LNP)
                 with m.If(~rq_valid):  # the request is taken
                     m.d.sync += x_go_next.eq(1)
                     m.d.sync += [lnp_left.eq(d_model), lnp_real.eq(1), sub.eq(1)]
@@ -944,8 +950,7 @@ class Engine(wiring.Component):
                     with m.Switch(step_oh):
                         with m.Case(*step_case("load_residual")):
                             with m.If(sub == 0):
-                                read(dfield(rec_model, "model", "resid_addr"), (d_model + (B // 4 - 1)) >> _lg(B // 4),
-                                     T_RESID)
+                                read(dfield(rec_model, "model", "resid_addr"), resid_beats, T_RESID)
                                 with m.If(~rq_valid):  # the request is taken
                                     m.d.sync += [res_i.eq(0), res_lane.eq(0), sub.eq(1)]
                             with m.Elif(rd_quiet):
@@ -1034,7 +1039,7 @@ class Engine(wiring.Component):
                         with m.Case(*step_case("store_residual")):
                             with m.If(sub == 0):
                                 m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "resid_addr")),
-                                             wr_n.eq((d_model + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
+                                             wr_n.eq(resid_beats), wr_go.eq(1)]
                                 with m.If(~wq_valid):  # the write command is taken
                                     m.d.sync += [x_go_next.eq(1), sub.eq(1)]
                             with m.Elif(~x_active & (pack_n == 0) & wr_idle):
@@ -1045,7 +1050,7 @@ class Engine(wiring.Component):
                             lm_done = matvec(hf("lm_head_addr"), first_sub=1)  # subs 1..5
                             with m.If(sub == 0):  # the logits' write command first, then the matvec
                                 m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
-                                             wr_n.eq((vocab + (B // 4 - 1)) >> _lg(B // 4)), wr_go.eq(1)]
+                                             wr_n.eq(logits_beats), wr_go.eq(1)]
                                 with m.If(~wq_valid):  # the write command is taken
                                     m.d.sync += sub.eq(1)
                             with m.Elif(lm_done & (lg_n == 0) & wr_idle):
