@@ -166,8 +166,9 @@ class AttnScores(wiring.Component):
                 sig = r
             return sig
 
-        halted = Signal()  # an error was seen: take nothing more until reset
-        m.d.comb += halted.eq(self.error.any())
+        # an error was seen: take nothing more until reset. A register set with the error bits (not
+        # their OR, which would close a loop from the error bits through the handshakes back into them)
+        halted = Signal()
         keys = Signal()  # 0: loading the query, 1: streaming the keys
         r_hd = Signal(HEAD_DIM_BITS)  # the job's configuration, from its first query beat on
         r_nk = Signal(N_KEYS_BITS)
@@ -243,7 +244,7 @@ class AttnScores(wiring.Component):
         m.d.comb += q_rd.addr.eq(k_beat)  # the query word of this beat is there in S1
 
         new_err = Cat(e_hd, e_nk, e_q_early, e_q_missing, e_k_early, e_k_missing)
-        m.d.sync += self.error.eq(self.error | new_err)
+        m.d.sync += [self.error.eq(self.error | new_err), halted.eq(halted | new_err.any())]
 
         out_take = mo.tvalid & mo.tready
         row_in = k_take & row_start

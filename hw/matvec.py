@@ -226,12 +226,12 @@ class MatVec(wiring.Component):
 
         # ---- errors: sticky until reset; any of them stops both inputs
         errors = Signal(len(self.ERROR_BITS))
-        halted = Signal()
-        m.d.comb += [self.error.eq(errors), halted.eq(errors.any())]
+        halted = Signal()  # a register set with any error bit (not their OR: no loop through the handshakes)
+        m.d.comb += self.error.eq(errors)
 
         def flag(name, cond):
             with m.If(cond):
-                m.d.sync += errors[self.ERROR_BITS.index(name)].eq(1)
+                m.d.sync += [errors[self.ERROR_BITS.index(name)].eq(1), halted.eq(1)]
 
         # ---- activation load
         running = Signal()  # 0: loading activations, 1: streaming this matvec's weights
