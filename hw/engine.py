@@ -700,11 +700,19 @@ class Engine(wiring.Component):
                          lg_n.eq(0), lg_pack.eq(0), lg_full.eq(0)]
 
         # attention: scores -> softmax -> context -> a (ctx[h * head_dim + e])
-        m.d.comb += [sm.s_scores.tdata.eq(qk.m_scores.tdata), sm.s_scores.tvalid.eq(qk.m_scores.tvalid),
-                     sm.s_scores.tlast.eq(qk.m_scores.tlast), sm.s_scores.tuser.eq(1),
-                     qk.m_scores.tready.eq(sm.s_scores.tready),
-                     pv.s_p.tdata.eq(sm.m_probs.tdata), pv.s_p.tvalid.eq(sm.m_probs.tvalid),
-                     pv.s_p.tlast.eq(sm.m_probs.tlast), sm.m_probs.tready.eq(pv.s_p.tready)]
+        # each hop passes a register slice: a core's tready (from its state) reaches the neighbour's
+        # state machine only as a register (the softmax's row handshake crossed the die to AttnContext
+        # and back in one cycle)
+        scores_slice = RegisterSlice(len(qk.m_scores.tdata))
+        m.submodules.scores_slice = ResetInserter(core_rst)(scores_slice)
+        probs_slice = RegisterSlice(len(sm.m_probs.tdata))
+        m.submodules.probs_slice = ResetInserter(core_rst)(probs_slice)
+        for src_, slc, dst in ((qk.m_scores, scores_slice, sm.s_scores), (sm.m_probs, probs_slice, pv.s_p)):
+            m.d.comb += [slc.s.tdata.eq(src_.tdata), slc.s.tvalid.eq(src_.tvalid), slc.s.tlast.eq(src_.tlast),
+                         src_.tready.eq(slc.s.tready),
+                         dst.tdata.eq(slc.m.tdata), dst.tvalid.eq(slc.m.tvalid), dst.tlast.eq(slc.m.tlast),
+                         slc.m.tready.eq(dst.tready)]
+        m.d.comb += sm.s_scores.tuser.eq(1)
         ctx_beat = Signal(8 * B)
         ctx_have = Signal()
         ctx_lane = Signal(range(B))
