@@ -187,13 +187,18 @@ class AttnScores(wiring.Component):
         nk_p = Signal(N_KEYS_BITS, name="nk_p", reset_less=True)
         nb_p = Signal(range(nbm + 1), name="nb_p", reset_less=True)
         hd_one, hd_two = Signal(name="hd_one", reset_less=True), Signal(name="hd_two", reset_less=True)
+        nk_one = Signal(name="nk_one", reset_less=True)
         bad_hd, bad_nk = Signal(name="bad_hd", reset_less=True), Signal(name="bad_nk", reset_less=True)
         hd = self.head_dim
         m.d.sync += [hd_p.eq(hd), nk_p.eq(self.n_keys), nb_p.eq((hd + (L - 1)) >> lg),
-                     hd_one.eq(hd <= L), hd_two.eq((hd > L) & (hd <= 2 * L)),
+                     hd_one.eq(hd <= L), hd_two.eq((hd > L) & (hd <= 2 * L)), nk_one.eq(self.n_keys == 1),
                      bad_hd.eq((hd == 0) | (hd > self.max_head_dim)),
                      bad_nk.eq((self.n_keys == 0) | (self.n_keys > self.max_keys))]
         q_last_next = Signal()  # the next beat is the query's last (a flag, not a comparison)
+        r_nb_one, r_nk_one = Signal(), Signal()  # the job's rows are one beat long; the job has one key
+        # the next key beat is its row's last; its row is the job's last (flags, set from the
+        # configuration and counted on: no adder or comparison in front of the handshake and the errors)
+        k_last, row_last = Signal(), Signal()
         q_last = Mux(q_first, hd_one, q_last_next)
         q_ready = ~keys & ~halted
         m.d.comb += sq.tready.eq(q_ready)
@@ -211,9 +216,10 @@ class AttnScores(wiring.Component):
         with m.If(q_take):
             m.d.sync += q_last_next.eq(Mux(q_first, hd_two, q_cnt + 2 == r_nb))
             with m.If(q_first):
-                m.d.sync += [r_hd.eq(hd_p), r_nk.eq(nk_p), r_nb.eq(nb_p)]
+                m.d.sync += [r_hd.eq(hd_p), r_nk.eq(nk_p), r_nb.eq(nb_p), r_nb_one.eq(hd_one), r_nk_one.eq(nk_one)]
             with m.If(q_last):
-                m.d.sync += [q_cnt.eq(0), keys.eq(1)]
+                m.d.sync += [q_cnt.eq(0), keys.eq(1), k_last.eq(Mux(q_first, hd_one, r_nb_one)),
+                             row_last.eq(Mux(q_first, nk_one, r_nk_one))]
             with m.Else():
                 m.d.sync += q_cnt.eq(q_cnt + 1)
 
@@ -221,8 +227,6 @@ class AttnScores(wiring.Component):
         k_beat = Signal(range(max(2, nbm)))
         k_row = Signal(range(max(2, self.max_keys)))
         row_start = k_beat == 0
-        k_last = k_beat + 1 == r_nb
-        row_last = k_row + 1 == r_nk
         final = k_last & row_last
         credits = OUT_FIFO_DEPTH - 1
         in_flight = Signal(range(credits + 1))  # rows started and not yet taken from m_scores
@@ -234,13 +238,13 @@ class AttnScores(wiring.Component):
         k_ok = k_take & ~e_k_early & ~e_k_missing  # the beat's valid flag
         with m.If(k_take):
             with m.If(k_last):
-                m.d.sync += k_beat.eq(0)
+                m.d.sync += [k_beat.eq(0), k_last.eq(r_nb_one)]
                 with m.If(row_last):
                     m.d.sync += [k_row.eq(0), keys.eq(0)]
                 with m.Else():
-                    m.d.sync += k_row.eq(k_row + 1)
+                    m.d.sync += [k_row.eq(k_row + 1), row_last.eq(k_row + 2 == r_nk)]
             with m.Else():
-                m.d.sync += k_beat.eq(k_beat + 1)
+                m.d.sync += [k_beat.eq(k_beat + 1), k_last.eq(k_beat + 2 == r_nb)]
         m.d.comb += q_rd.addr.eq(k_beat)  # the query word of this beat is there in S1
 
         new_err = Cat(e_hd, e_nk, e_q_early, e_q_missing, e_k_early, e_k_missing)

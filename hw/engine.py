@@ -499,11 +499,13 @@ class Engine(wiring.Component):
         m.d.comb += d_ready.eq(Cat(dest[t] & ready_for[t] for t in range(T_COUNT)).any())
 
         # ---- vector streamers (memory -> stream, one word per cycle, stalls hold the read) ---------
-        def streamer(name, rp, port):
-            """Stream `count` words rp[base], rp[base + 1], ... into `port` (the caller wires rp.data); tlast
-            on the last. Returns (go, base, count, active): in the cycle `go` is high, `base` and `count`
-            (comb) are taken. The read address and the words left are registers (no adder or comparison
-            between the step decode and the block RAM's address)."""
+        def streamer(name, rp, port, *, out_reg=False):
+            """Stream `count` words rp[base], rp[base + 1], ... into `port`; tlast on the last. Returns (go,
+            base, count, active): in the cycle `go` is high, `base` and `count` (comb) are taken. The read
+            address and the words left are registers (no adder or comparison between the step decode and
+            the block RAM's address). With `out_reg`, the block RAM's output passes a register with only an
+            enable in front of it (a pipeline stage; the ECP5's block RAM has a ~6 ns clock-to-out and may
+            sit far from the consumer)."""
             base, count = Signal(16, name=f"{name}_base"), Signal(16, name=f"{name}_count")
             addr, left = Signal(16, name=f"{name}_addr"), Signal(16, name=f"{name}_left")
             more = Signal(name=f"{name}_more")  # left != 0, kept as a register
@@ -513,16 +515,30 @@ class Engine(wiring.Component):
             # sequencer's decode stays off the streamer's counters); `active` rises at once
             go_r, base_r, count_r = Signal(name=f"{name}_go_r"), Signal.like(base), Signal.like(count)
             m.d.sync += [go_r.eq(go), base_r.eq(base), count_r.eq(count)]
-            adv = (~valid | port.tready) & more
-            m.d.comb += [rp.addr.eq(addr), rp.en.eq(adv), port.tvalid.eq(valid), port.tlast.eq(last)]
+            if out_reg:
+                # valid/last describe the block RAM's output word; the stage (q_*) takes it when it is
+                # empty or the port takes its word
+                q_data = Signal(len(rp.data), name=f"{name}_q_data", reset_less=True)
+                q_valid, q_last = Signal(name=f"{name}_q_valid"), Signal(name=f"{name}_q_last")
+                take = ~q_valid | port.tready
+                with m.If(take):
+                    m.d.sync += [q_data.eq(rp.data), q_valid.eq(valid), q_last.eq(last)]
+                m.d.comb += [port.tvalid.eq(q_valid), port.tlast.eq(q_last), port.tdata.eq(q_data)]
+                drained = ~valid & ~q_valid
+            else:
+                take = port.tready
+                m.d.comb += [port.tvalid.eq(valid), port.tlast.eq(last), port.tdata.eq(rp.data)]
+                drained = ~valid
+            adv = (~valid | take) & more
+            m.d.comb += [rp.addr.eq(addr), rp.en.eq(adv)]
             with m.If(adv):
                 m.d.sync += [addr.eq(addr + 1), left.eq(left - 1), more.eq(left != 1), valid.eq(1),
                              last.eq(left == 1)]
-            with m.Elif(port.tready):
+            with m.Elif(take):
                 m.d.sync += valid.eq(0)
             with m.If(go_r):
                 m.d.sync += [addr.eq(base_r), left.eq(count_r), more.eq(count_r != 0), valid.eq(0)]
-            with m.Elif(active & ~more & ~valid):
+            with m.Elif(active & ~more & drained):
                 m.d.sync += active.eq(0)
             with m.If(go):
                 m.d.sync += active.eq(1)
@@ -533,7 +549,6 @@ class Engine(wiring.Component):
         act_port = mv.s_act
         act_go, act_base, act_count, _ = streamer("act", a_rp, act_port)
         m.d.comb += [act_base.eq(0), act_count.eq(act_words)]
-        m.d.comb += act_port.tdata.eq(a_rp.data)
 
         # h -> AttnScores query, or -> write DMA (K and V rows)
         # step write_kv: h rows go to the write DMA. A register, a cycle behind the step (the rows start
@@ -544,14 +559,13 @@ class Engine(wiring.Component):
         # ECP5) goes straight into a register, not through the consumers' muxes
         h_slice = RegisterSlice(8 * B)
         m.submodules.h_slice = ResetInserter(core_rst)(h_slice)
-        h_go, h_first, h_count, h_streaming = streamer("hrow", h_rp, h_slice.s)
+        h_go, h_first, h_count, h_streaming = streamer("hrow", h_rp, h_slice.s, out_reg=True)
         hq = h_slice.m
         h_active = Signal()  # words still in the streamer or its slice
         m.d.comb += h_active.eq(h_streaming | hq.tvalid)
         h_base = Signal(16)  # first word of this head's q row (scores_softmax)
         # K/V rows to DDR need tlast per row (one write command per row)
         kvrow_i = Signal(16)
-        m.d.comb += [h_slice.s.tdata.eq(h_rp.data)]
         with m.If(h_to_wr):
             m.d.comb += hq.tready.eq(wr_in.tready)
             with m.If(hq.tvalid & wr_in.tready):
@@ -565,7 +579,7 @@ class Engine(wiring.Component):
         m.d.sync += x_to_wr.eq(step == STEP["store_residual"])
         x_slice = RegisterSlice(32)
         m.submodules.x_slice = ResetInserter(core_rst)(x_slice)
-        x_go, x_first, x_count, x_streaming = streamer("xvec", x_rp, x_slice.s)
+        x_go, x_first, x_count, x_streaming = streamer("xvec", x_rp, x_slice.s, out_reg=True)
         # the x run starts from a register set by the step (its decode, with the read request's or the
         # write command's handshake, stays off the streamer's enables): one cycle later
         x_go_next = Signal()
@@ -580,7 +594,6 @@ class Engine(wiring.Component):
         x_active = Signal()  # words still in the streamer or its slice
         m.d.comb += x_active.eq(x_streaming | xs.tvalid)
         m.d.comb += [x_first.eq(0), x_count.eq(d_model)]
-        m.d.comb += x_slice.s.tdata.eq(x_rp.data)
         pack = Signal(8 * B)
         pack_n = Signal(range(B // 4 + 1))
         pack_last = Signal()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from amaranth import Module, Mux, Signal, signed, unsigned
+from amaranth import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -124,11 +124,11 @@ class LayerNorm(wiring.Component):
     def latency(self, d: int) -> int:
         """Cycles from the transfer of the last value of a ``d``-element row to the first
         output's ``tvalid`` when nothing stalls: magnitude OR, ``sh`` (normalisation steps, eps
-        read), sums pass, serial ``d*Q - S**2``, ``+E``, normalisation of ``u``, table read,
-        output pipeline."""
+        read), sums pass, serial ``d*Q - S**2``, ``+E``, the first step's zero test,
+        normalisation of ``u``, table read, output pipeline."""
         front = 1 + 1 + len(self._sh_steps) + 2           # PEAK, SH, steps, EPS, EPSRD
         sums = d + _FRONT
-        scalar = self._dw + (self._sw - 1) + 1 + len(self._u_steps) + 2   # MULQ, MULS, ADDE, steps, ROM
+        scalar = self._dw + (self._sw - 1) + 2 + len(self._u_steps) + 2   # MULQ, MULS, ADDE, UZ, steps, ROM
         return front + sums + scalar + (1 + _FRONT + _TAIL)
 
     def cycles_per_row(self, d: int) -> int:
@@ -259,6 +259,33 @@ class LayerNorm(wiring.Component):
         # m = u >> 2t (or << -2t) lies in [2**14, 2**16): its top 9 (odd bl) or 10 (even) bits
         idx = Mux(odd, norm[uw - 9: uw], norm[uw - 10: uw]) - 256
 
+        # Normalisation by a binary search, one step per state. `top_zero` is the step's zero test
+        # (the window's bits of `norm` are all zero), a register computed one state ahead from the
+        # register values (both outcomes of the step before, selected by that step's own flag): no wide
+        # OR of `norm` lies in front of its enables.
+        top_zero = Signal()
+        mag_top = Signal(uw)
+        m.d.comb += mag_top.eq(mag[numerics.LN_IN_BITS - 1:])
+
+        def zero(value, lo, hi):
+            """value[lo:hi] == 0, where bits below 0 (shifted in) are zero."""
+            lo = max(lo, 0)
+            return Const(1) if hi <= lo else value[lo:hi] == 0
+
+        def normalise(prefix, steps, top, after):
+            """States prefix{step}: shift `norm` left by `step` while its `step` bits below `top` are zero."""
+            for i, step in enumerate(steps):
+                with m.State(f"{prefix}{step}"):
+                    with m.If(top_zero):
+                        m.d.sync += [norm.eq(norm << step), lz.eq(lz + step)]
+                    if i + 1 < len(steps):
+                        nxt = steps[i + 1]
+                        m.d.sync += top_zero.eq(Mux(top_zero, zero(norm, top - step - nxt, top - step),
+                                                    zero(norm, top - nxt, top)))
+                        m.next = f"{prefix}{nxt}"
+                    else:
+                        m.next = after
+
         with m.FSM():
             with m.State("RECV"):
                 m.d.comb += receiving.eq(1)
@@ -268,13 +295,13 @@ class LayerNorm(wiring.Component):
                 m.d.sync += d.eq(wcnt)
                 m.next = "SH"
             with m.State("SH"):  # sh = max(bit_length(mag) - 15, 0) = bit_length(mag >> 15)
-                m.d.sync += [norm.eq(mag[numerics.LN_IN_BITS - 1:]), lz.eq(0)]
-                m.next = f"SH{self._sh_steps[0]}"
-            for i, step in enumerate(self._sh_steps):
-                with m.State(f"SH{step}"):
-                    with m.If(norm[SH_MAX - step:SH_MAX] == 0):
-                        m.d.sync += [norm.eq(norm << step), lz.eq(lz + step)]
-                    m.next = f"SH{self._sh_steps[i + 1]}" if i + 1 < len(self._sh_steps) else "EPS"
+                m.d.sync += [norm.eq(mag_top), lz.eq(0)]
+                if self._sh_steps:
+                    m.d.sync += top_zero.eq(zero(mag_top, SH_MAX - self._sh_steps[0], SH_MAX))
+                    m.next = f"SH{self._sh_steps[0]}"
+                else:
+                    m.next = "EPS"
+            normalise("SH", self._sh_steps, SH_MAX, "EPS")
             with m.State("EPS"):
                 m.d.sync += sh.eq(Mux(norm[0:SH_MAX] == 0, 0, SH_MAX - lz))
                 m.next = "EPSRD"
@@ -306,12 +333,11 @@ class LayerNorm(wiring.Component):
                     m.next = "ADDE"
             with m.State("ADDE"):
                 m.d.sync += [norm.eq(acc + e_val), lz.eq(0)]
+                m.next = "UZ"
+            with m.State("UZ"):  # the first step's zero test, from u in its register (not from the adder)
+                m.d.sync += top_zero.eq(zero(norm, uw - self._u_steps[0], uw))
                 m.next = f"U{self._u_steps[0]}"
-            for i, step in enumerate(self._u_steps):
-                with m.State(f"U{step}"):
-                    with m.If(norm[uw - step:] == 0):
-                        m.d.sync += [norm.eq(norm << step), lz.eq(lz + step)]
-                    m.next = f"U{self._u_steps[i + 1]}" if i + 1 < len(self._u_steps) else "RADDR"
+            normalise("U", self._u_steps, uw, "RADDR")
             with m.State("RADDR"):
                 m.d.comb += [rom_rp.addr.eq(idx), rom_rp.en.eq(1)]
                 # s = 13 + t, t = (bl - 15) >> 1 (floor); bl >= 1 so s >= 6

@@ -57,11 +57,13 @@ class ShiftAddMultiplier(wiring.Component):
         a_sh = Signal(len(self.p))  # a << (bits of b used so far)
         b_sh = Signal(self.b_bits)  # b >> (bits of b used so far)
         left = Signal(range(self.b_bits + 1))  # bits of b still to add
-        m.d.comb += self.done.eq(left == 0)
+        # `done` (left == 0) is a register: whoever waits on it decodes a flip-flop, not a comparison
+        done = Signal(init=1)
+        m.d.comb += self.done.eq(done)
         with m.If(self.start):
             m.d.sync += [self.p.eq(Mux(self.b[0], self.a, 0)), a_sh.eq(self.a << 1), b_sh.eq(self.b >> 1),
-                         left.eq(self.b_bits - 1)]
+                         left.eq(self.b_bits - 1), done.eq(self.b_bits == 1)]
         with m.Elif(left != 0):
             m.d.sync += [self.p.eq(self.p + Mux(b_sh[0], a_sh, 0)), a_sh.eq(a_sh << 1), b_sh.eq(b_sh >> 1),
-                         left.eq(left - 1)]
+                         left.eq(left - 1), done.eq(left == 1)]
         return m

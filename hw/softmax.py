@@ -51,11 +51,11 @@ class Softmax(wiring.Component):
     has been sent), so a row is taken while the row before it waits for ``m_probs`` (the engine
     streams head h + 1's scores while head h's probabilities wait for its V rows). The processor
     starts a row the cycle after the row's bank is complete and it has sent the row before; it sees
-    only registers the receiver sets (``ready``, the bank's ``n`` and ``zmax``), and
+    only registers the receiver sets (its ``filled`` flags, the bank's ``n`` and ``zmax``), and
     ``s_scores.tready`` is a function of registers only.
 
     With no stalls and the core idle, the first probability is valid ``latency(n)`` cycles after
-    the transfer of the row's last score (``n + 29`` at ``max_len`` = 2048); rows offered back to
+    the transfer of the row's last score (``n + 30`` at ``max_len`` = 2048); rows offered back to
     back are taken without a gap between the first two, and in the steady state a row leaves every
     ``cycles_per_row(n)`` cycles (``2 n + 23`` at 2048: the processor's phases 2-4 and one cycle to
     take the next row; the receiver's ``n`` cycles are hidden) (:meth:`latency`,
@@ -120,9 +120,9 @@ class Softmax(wiring.Component):
     def latency(self, n: int) -> int:
         """Cycles from the transfer of the last score of an ``n``-element row to the first
         probability's ``tvalid``, when nothing stalls and the processor is idle: z pipeline, the
-        processor taking the row, exp pass, reciprocal (SAFE, normalisation steps, ROM address,
+        row's zmax into its bank, the processor taking the row, exp pass, reciprocal (SAFE, normalisation steps, ROM address,
         ROM data), then the e and output pipelines."""
-        return _Z_STAGES + 1 + (n + _E_STAGES) + (1 + len(self._norm_steps) + 2) + (1 + _E_STAGES + _P_STAGES)
+        return _Z_STAGES + 2 + (n + _E_STAGES) + (1 + len(self._norm_steps) + 2) + (1 + _E_STAGES + _P_STAGES)
 
     def cycles_per_row(self, n: int) -> int:
         """Cycles between the first probabilities of two back-to-back ``n``-element rows in the
@@ -187,22 +187,36 @@ class Softmax(wiring.Component):
 
         wcnt = Signal(nw)            # scores of this row written so far
         wbank = Signal()             # the bank the z pipeline writes
-        zmax = Signal(signed(32), init=-(1 << 31))
+        zmax = Signal(signed(32))    # the row's running maximum (meaningless while `fresh`)
+        fresh = Signal(init=1)       # the next z starts a row: zmax is taken as -2**31
+        # the row's zmax goes to its bank a cycle after its last z (`closing`), from the zmax register:
+        # the running maximum's comparison stays off the bank registers' enables
+        closing, close_bank = Signal(), Signal()
         zmax_next = Signal(signed(32))
-        m.d.comb += zmax_next.eq(Mux(z5_m & (z5_z > zmax), z5_z, zmax))
+        m.d.comb += zmax_next.eq(Mux(z5_m & (fresh | (z5_z > zmax)), z5_z, Mux(fresh, -(1 << 31), zmax)))
         # per bank: the row's length and zmax, and `ready` (the row is in the buffer, not yet started)
         n_b = [Signal(nw, name=f"n_bank{b}") for b in range(2)]
         zmax_b = [Signal(signed(32), name=f"zmax_bank{b}") for b in range(2)]
-        ready = [Signal(name=f"ready_bank{b}") for b in range(2)]
+        # `ready` (the bank holds a row the processor has not taken) is filled ^ taken: each flag has one
+        # owner, so neither side's logic sits in front of the other's registers (the two sides are
+        # placed apart, and a shared flag took a round trip across the die)
+        filled = [Signal(name=f"filled_bank{b}") for b in range(2)]   # toggled by the receiver
+        taken = [Signal(name=f"taken_bank{b}") for b in range(2)]     # toggled by the processor
+        ready = [filled[b] ^ taken[b] for b in range(2)]
         m.d.comb += [wp.addr.eq(Cat(wcnt[:aw], wbank)), wp.data.eq(Cat(z5_z, z5_m)), wp.en.eq(z5_v)]
+        m.d.sync += closing.eq(0)
         with m.If(z5_v):
+            m.d.sync += [zmax.eq(zmax_next), fresh.eq(z5_l)]
             with m.If(z5_l):
-                m.d.sync += [wcnt.eq(0), zmax.eq(-(1 << 31)), wbank.eq(~wbank)]
+                m.d.sync += [wcnt.eq(0), wbank.eq(~wbank), closing.eq(1), close_bank.eq(wbank)]
                 for b in range(2):
                     with m.If(wbank == b):
-                        m.d.sync += [n_b[b].eq(wcnt + 1), zmax_b[b].eq(zmax_next), ready[b].eq(1)]
+                        m.d.sync += n_b[b].eq(wcnt + 1)
             with m.Else():
-                m.d.sync += [wcnt.eq(wcnt + 1), zmax.eq(zmax_next)]
+                m.d.sync += wcnt.eq(wcnt + 1)
+        for b in range(2):
+            with m.If(closing & (close_bank == b)):
+                m.d.sync += [zmax_b[b].eq(zmax), filled[b].eq(~filled[b])]
 
         # ---- processor: the rows' banks in turn (psel); its own copies of n and zmax ----
         psel = Signal()
@@ -266,7 +280,7 @@ class Softmax(wiring.Component):
                                  raddr.eq(0), total.eq(0)]
                     for b in range(2):
                         with m.If(psel == b):
-                            m.d.sync += ready[b].eq(0)
+                            m.d.sync += taken[b].eq(~taken[b])
                     m.next = "EXP"
             with m.State("EXP"):
                 m.d.comb += in_pass.eq(1)
