@@ -16,6 +16,7 @@ from gpt_fpga.hw.axi import BURST_INCR, MAX_BURST_BEATS, Axi4WriteSignature
 from gpt_fpga.hw.axi_read import (ARCACHE, CMD_BEATS_BITS, DEFAULT_MAX_OUTSTANDING, BurstSplitter,
                                   DmaCommandSignature, check_dma_params)
 from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.hw.register_slice import RegisterSlice
 
 __all__ = ["AxiWriteDma", "ERROR_BRESP", "ERROR_STREAM"]
 
@@ -92,8 +93,8 @@ class AxiWriteDma(wiring.Component):
 
     Latency (:attr:`latency`, no stalls): a burst's ``awvalid`` rises :attr:`latency` (2) cycles
     after the ``s_data`` handshake that completes its data, and its first ``wvalid``
-    :attr:`w_latency` (2) cycles after its AW handshake. The first burst of a command therefore
-    starts about ``min(16, beats) + 4`` cycles after its first data beat.
+    :attr:`w_latency` (3) cycles after its AW handshake. The first burst of a command therefore
+    starts about ``min(16, beats) + 5`` cycles after its first data beat.
     """
 
     ERROR_BITS = ("bresp", "stream")  #: names of ``error``'s bits, bit 0 first
@@ -121,8 +122,9 @@ class AxiWriteDma(wiring.Component):
 
     @property
     def w_latency(self) -> int:
-        """Cycles from an AW handshake to the burst's first ``wvalid``: 2."""
-        return 2
+        """Cycles from an AW handshake to the burst's first ``wvalid``: 3 (the last through the W
+        register slice)."""
+        return 3
 
     @property
     def throughput(self) -> int:
@@ -197,25 +199,30 @@ class AxiWriteDma(wiring.Component):
         # --- W: lengths of AW-accepted bursts, in order
         m.submodules.wlens = wlens = SyncFIFO(width=4, depth=max(2, self.max_outstanding))
         m.d.comb += [wlens.w_en.eq(ax.awvalid & ax.awready), wlens.w_data.eq(ax.awlen[:4])]
-        w_left = Signal(range(MAX_BURST_BEATS + 1))  # beats of the current W burst still to send
+        # W leaves through a register slice: wvalid, wdata and wlast are flip-flops, so neither the
+        # burst count nor the FIFO's read side lies between the interconnect's wready and a register
+        m.submodules.w_slice = w_slice = RegisterSlice(self.data_bits)
+        w_left = Signal(range(MAX_BURST_BEATS + 1))  # beats of the current W burst still to move
+        w_in = w_slice.s
+        w_move = w_in.tvalid & w_in.tready  # a beat from the FIFO into the slice
         w_fire = ax.wvalid & ax.wready
         strb_off = Signal()  # flushing: beats go out with wstrb = 0
         m.d.comb += [
-            ax.wvalid.eq((w_left != 0) & fifo.r_rdy),
-            ax.wdata.eq(fifo.r_data),
-            ax.wlast.eq(w_left == 1),
+            w_in.tvalid.eq((w_left != 0) & fifo.r_rdy), w_in.tdata.eq(fifo.r_data), w_in.tlast.eq(w_left == 1),
+            ax.wvalid.eq(w_slice.m.tvalid), ax.wdata.eq(w_slice.m.tdata), ax.wlast.eq(w_slice.m.tlast),
+            w_slice.m.tready.eq(ax.wready),
             ax.wstrb.eq(Mux(strb_off, 0, (1 << self.data_bytes) - 1)),
         ]
-        with m.If(((w_left == 0) | (w_fire & ax.wlast)) & wlens.r_rdy):  # next burst, no bubble
+        with m.If(((w_left == 0) | (w_move & w_in.tlast)) & wlens.r_rdy):  # next burst, no bubble
             m.d.sync += w_left.eq(wlens.r_data + 1)
             m.d.comb += wlens.r_en.eq(1)
-        with m.Elif(w_fire):
+        with m.Elif(w_move):
             m.d.sync += w_left.eq(w_left - 1)
         with m.If(~ax.wvalid | ax.wready):  # the W payload may change only between beats
             m.d.sync += strb_off.eq(flush | dropping)
-        m.d.sync += claimed.eq(claimed + Mux(issue, blen, 0) - w_fire)
+        m.d.sync += claimed.eq(claimed + Mux(issue, blen, 0) - w_move)
         discard = dropping & (claimed == 0)  # after the owed beats, the rest of the FIFO is dropped
-        m.d.comb += fifo.r_en.eq(w_fire | discard)
+        m.d.comb += fifo.r_en.eq(w_move | discard)
         with m.If(w_fire):
             m.d.sync += self.beats.eq(self.beats + 1)
 
@@ -225,7 +232,7 @@ class AxiWriteDma(wiring.Component):
         with m.If(ax.bvalid & ax.bresp[1]):  # SLVERR (2) or DECERR (3)
             m.d.sync += self.error[0].eq(1)
 
-        drained = (claimed == 0) & (b_owed == 0) & (fifo.level == 0) & ~ax.awvalid
+        drained = (claimed == 0) & (b_owed == 0) & (fifo.level == 0) & ~ax.awvalid & ~ax.wvalid
         with m.If(flush):
             m.d.sync += dropping.eq(1)
         with m.Elif(drained):

@@ -228,8 +228,10 @@ class BusMonitor:
                 self.draining = True
                 if not self.flushed:
                     self.strobed_at_flush = self.strobed
+                    # the beat presented in the flush's first cycle keeps its strobes (a flush held
+                    # longer: beats presented in its later cycles already have them off)
+                    self.stuck_w_allowed = wv and not wr
                 self.flushed = True
-                self.stuck_w_allowed = wv and not wr  # a presented beat keeps its strobes
                 # bursts not yet presented are never issued; a presented AW stays until accepted
                 stuck = [self.expected_aws[0]] if av and not ar and self.expected_aws else []
                 self.expected_aws = deque(stuck)
