@@ -55,7 +55,7 @@ class Softmax(wiring.Component):
     ``s_scores.tready`` is a function of registers only.
 
     With no stalls and the core idle, the first probability is valid ``latency(n)`` cycles after
-    the transfer of the row's last score (``n + 30`` at ``max_len`` = 2048); rows offered back to
+    the transfer of the row's last score (``n + 31`` at ``max_len`` = 2048); rows offered back to
     back are taken without a gap between the first two, and in the steady state a row leaves every
     ``cycles_per_row(n)`` cycles (``2 n + 23`` at 2048: the processor's phases 2-4 and one cycle to
     take the next row; the receiver's ``n`` cycles are hidden) (:meth:`latency`,
@@ -120,9 +120,10 @@ class Softmax(wiring.Component):
     def latency(self, n: int) -> int:
         """Cycles from the transfer of the last score of an ``n``-element row to the first
         probability's ``tvalid``, when nothing stalls and the processor is idle: z pipeline, the
-        row's zmax into its bank, the processor taking the row, exp pass, reciprocal (SAFE, normalisation steps, ROM address,
-        ROM data), then the e and output pipelines."""
-        return _Z_STAGES + 2 + (n + _E_STAGES) + (1 + len(self._norm_steps) + 2) + (1 + _E_STAGES + _P_STAGES)
+        row's zmax into its bank, the processor seeing it (a register) and taking the row, exp
+        pass, reciprocal (SAFE, normalisation steps, ROM address, ROM data), then the e and output
+        pipelines."""
+        return _Z_STAGES + 3 + (n + _E_STAGES) + (1 + len(self._norm_steps) + 2) + (1 + _E_STAGES + _P_STAGES)
 
     def cycles_per_row(self, n: int) -> int:
         """Cycles between the first probabilities of two back-to-back ``n``-element rows in the
@@ -202,7 +203,11 @@ class Softmax(wiring.Component):
         # placed apart, and a shared flag took a round trip across the die)
         filled = [Signal(name=f"filled_bank{b}") for b in range(2)]   # toggled by the receiver
         taken = [Signal(name=f"taken_bank{b}") for b in range(2)]     # toggled by the processor
-        ready = [filled[b] ^ taken[b] for b in range(2)]
+        # the processor sees `filled` through a register of its own (the receiver sits elsewhere on the
+        # die, and the take decision fans out to all the processor's registers)
+        filled_p = [Signal(name=f"filled_p_bank{b}") for b in range(2)]
+        m.d.sync += [filled_p[b].eq(filled[b]) for b in range(2)]
+        ready = [filled_p[b] ^ taken[b] for b in range(2)]
         m.d.comb += [wp.addr.eq(Cat(wcnt[:aw], wbank)), wp.data.eq(Cat(z5_z, z5_m)), wp.en.eq(z5_v)]
         m.d.sync += closing.eq(0)
         with m.If(z5_v):
