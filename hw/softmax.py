@@ -227,6 +227,10 @@ class Softmax(wiring.Component):
         psel = Signal()
         n = Signal(nw)               # row length
         zmax_p = Signal(signed(32))
+        # n and zmax follow bank psel in every cycle: the bank's values are written before its row is
+        # ready and hold until the row is sent, so the take needs no enable on them (the take decision
+        # stays on the processor's state; its registers are spread over the die with its memories)
+        m.d.sync += [n.eq(Mux(psel, n_b[1], n_b[0])), zmax_p.eq(Mux(psel, zmax_b[1], zmax_b[0]))]
         # ---- passes 2 and 4: e from the buffer, shared pipeline, stalled as a whole by `adv` ----
         adv = ~out.tvalid | out.tready
         in_pass, sending = Signal(), Signal()
@@ -279,10 +283,9 @@ class Softmax(wiring.Component):
         m.d.comb += recip_rp.addr.eq(norm[sw - 11: sw - 1])
 
         with m.FSM():
-            with m.State("IDLE"):  # the next row in order (bank psel) is in: take its n and zmax
+            with m.State("IDLE"):  # the next row in order (bank psel) is in: take it
+                # raddr and total are 0 here: cleared when the row before was sent and summed
                 with m.If(Mux(psel, ready[1], ready[0])):
-                    m.d.sync += [n.eq(Mux(psel, n_b[1], n_b[0])), zmax_p.eq(Mux(psel, zmax_b[1], zmax_b[0])),
-                                 raddr.eq(0), total.eq(0)]
                     for b in range(2):
                         with m.If(psel == b):
                             m.d.sync += taken[b].eq(~taken[b])
@@ -295,7 +298,7 @@ class Softmax(wiring.Component):
                         m.next = "SAFE"
             with m.State("SAFE"):
                 m.d.sync += [norm.eq(Mux(total < (1 << numerics.EXP_FRAC), 1 << numerics.EXP_FRAC, total)),
-                             lz.eq(0)]
+                             lz.eq(0), total.eq(0)]
                 m.next = f"NORM{self._norm_steps[0]}" if self._norm_steps else "RADDR"
             for i, step in enumerate(self._norm_steps):
                 with m.State(f"NORM{step}"):
@@ -313,7 +316,7 @@ class Softmax(wiring.Component):
             with m.State("SEND"):
                 m.d.comb += [in_pass.eq(1), sending.eq(1)]
                 with m.If(out.tvalid & out.tready & out.tlast):
-                    m.d.sync += psel.eq(~psel)
+                    m.d.sync += [psel.eq(~psel), raddr.eq(0)]
                     m.d.comb += sent.eq(1)
                     m.next = "IDLE"
 
