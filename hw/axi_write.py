@@ -16,7 +16,7 @@ from gpt_fpga.hw.axi import BURST_INCR, MAX_BURST_BEATS, Axi4WriteSignature
 from gpt_fpga.hw.axi_read import (ARCACHE, CMD_BEATS_BITS, DEFAULT_MAX_OUTSTANDING, BurstSplitter,
                                   DmaCommandSignature, check_dma_params)
 from gpt_fpga.hw.axis import AxiStreamSignature
-from gpt_fpga.hw.register_slice import RegisterSlice
+from gpt_fpga.hw.ping_pong_slice import PingPongSlice
 
 __all__ = ["AxiWriteDma", "ERROR_BRESP", "ERROR_STREAM"]
 
@@ -123,7 +123,7 @@ class AxiWriteDma(wiring.Component):
     @property
     def w_latency(self) -> int:
         """Cycles from an AW handshake to the burst's first ``wvalid``: 3 (the last through the W
-        register slice)."""
+        slice)."""
         return 3
 
     @property
@@ -199,9 +199,11 @@ class AxiWriteDma(wiring.Component):
         # --- W: lengths of AW-accepted bursts, in order
         m.submodules.wlens = wlens = SyncFIFO(width=4, depth=max(2, self.max_outstanding))
         m.d.comb += [wlens.w_en.eq(ax.awvalid & ax.awready), wlens.w_data.eq(ax.awlen[:4])]
-        # W leaves through a register slice: wvalid, wdata and wlast are flip-flops, so neither the
-        # burst count nor the FIFO's read side lies between the interconnect's wready and a register
-        m.submodules.w_slice = w_slice = RegisterSlice(self.data_bits)
+        # W leaves through a ping-pong slice: wvalid, wdata and wlast come from its flip-flops (a 2:1
+        # multiplexer after them), so neither the burst count nor the FIFO's read side lies between the
+        # interconnect's wready and a register, and the FIFO's block RAM output (no output register on
+        # the ECP5) goes into the entries' data inputs with no logic in front
+        m.submodules.w_slice = w_slice = PingPongSlice(self.data_bits)
         w_left = Signal(range(MAX_BURST_BEATS + 1))  # beats of the current W burst still to move
         w_in = w_slice.s
         w_move = w_in.tvalid & w_in.tready  # a beat from the FIFO into the slice

@@ -453,6 +453,8 @@ class Engine(wiring.Component):
         # LayerNorm parameters and matrix weights go to their cores, each through its own register
         # slice: the tready the dispatch sees is a register, and a core's tready logic stays next to
         # the core (on the ECP5-85k these paths crossed the die twice in one cycle).
+        # Two slices each: one beside the dispatch (the tready it sees is a flip-flop next to it) and
+        # one beside the core; the wires across the die run between the two, register to register.
         feeds = {}
         for name, port in (("w", mv.s_weights), ("k", qk.s_k), ("v", pv.s_v), ("lnp", ln.s_params)):
             # LayerNorm decides its tready late (from its read counter and output handshake): its
@@ -460,7 +462,10 @@ class Engine(wiring.Component):
             feed = (PingPongSlice if name == "lnp" else RegisterSlice)(len(port.tdata))
             m.submodules[f"{name}_feed"] = ResetInserter(core_rst)(feed)
             wiring.connect(m, feed.m, port)
-            feeds[name] = feed.s
+            hop = RegisterSlice(len(port.tdata))
+            m.submodules[f"{name}_hop"] = ResetInserter(core_rst)(hop)
+            wiring.connect(m, hop.m, feed.s)
+            feeds[name] = hop.s
         m.d.comb += [feeds["lnp"].tdata.eq(src.tdata.word_select(lane8, 8 * LN_PARAM_BYTES)),
                      feeds["lnp"].tlast.eq(src.tlast & (lane8 == per8 - 1))]
         for tag, name in ((T_W, "w"), (T_K, "k"), (T_V, "v")):
