@@ -941,7 +941,7 @@ class Engine(wiring.Component):
                 with m.If(Cat(*[x.done for x in mul.values()]).all()):
                     m.next = "CHECK3"
             with m.State("CHECK3"):
-                bad, bad_cmd = Signal(), Signal()
+                bad, bad_cmd = Signal(name="bad"), Signal(name="bad_cmd")
 
                 checks = [
                     dfield(rec_model, "model", "magic") != dsc.DESC_MAGIC,
@@ -954,11 +954,18 @@ class Engine(wiring.Component):
                 layer_checks = [lf("score_shift") > nx.MAX_SHIFT, lf("ctx_shift") > nx.MAX_SHIFT,
                                 lf("ln1_shift") > nx.LN_MAX_OUT_SHIFT, lf("ln2_shift") > nx.LN_MAX_OUT_SHIFT,
                                 lf("window") >= n_ctx]
-                m.d.sync += bad.eq(Cat(*checks).any() | (~is_head & Cat(*layer_checks).any())
-                                   | (is_head & (hf("lnf_shift") > nx.LN_MAX_OUT_SHIFT)))
+                # each check is a flip-flop here, their OR one in CHECK4 (a comparison and a 22-input OR
+                # in one cycle was the whole engine's critical path)
+                terms = [*checks, *(~is_head & c for c in layer_checks),
+                         is_head & (hf("lnf_shift") > nx.LN_MAX_OUT_SHIFT)]
+                check_bits = Signal(len(terms), name="check_bits")
+                m.d.sync += check_bits.eq(Cat(*terms))
                 m.d.sync += bad_cmd.eq(~is_head & (layer >= n_layer))
                 m.next = "CHECK4"
-            with m.State("CHECK4"):  # the checks' verdict, registered in CHECK3
+            with m.State("CHECK4"):
+                m.d.sync += bad.eq(check_bits.any())
+                m.next = "CHECK5"
+            with m.State("CHECK5"):  # the checks' verdict, registered in CHECK3 and CHECK4
                 with m.If(bad_cmd):
                     m.d.sync += err[err_bit["command"]].eq(1)
                     enter_reset("ABORT")
