@@ -195,7 +195,7 @@ class Softmax(wiring.Component):
         closing, close_bank = Signal(), Signal()
         zmax_next = Signal(signed(32))
         m.d.comb += zmax_next.eq(Mux(z5_m & (fresh | (z5_z > zmax)), z5_z, Mux(fresh, -(1 << 31), zmax)))
-        # per bank: the row's length and zmax, and `ready` (the row is in the buffer, not yet started)
+        # per bank: the row's length and zmax (both hold from the row's end until it is sent)
         n_b = [Signal(nw, name=f"n_bank{b}") for b in range(2)]
         zmax_b = [Signal(signed(32), name=f"zmax_bank{b}") for b in range(2)]
         # `ready` (the bank holds a row the processor has not taken) is filled ^ taken: each flag has one
