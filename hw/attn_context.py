@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from amaranth import C, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, exact_log2
@@ -25,9 +26,13 @@ SHIFT_BITS = bits_for(numerics.MAX_SHIFT)  # 6: 48..63 are refused
 PROB_BITS = 16  # s_p: the Softmax core's uint16 probabilities (15 fraction bits, at most 2**15 + 16)
 ACC_BITS = numerics.ACC_BITS  # per-element accumulators; the contract bounds them by 2**24
 
-# Read-out pipeline from the accumulator read to m_ctx.tvalid: the read, a register, acc * mult as
-# two partial products, their sum, the coarse and fine shifts, round + saturate into the output.
+# Read-out pipeline from the accumulator read to the output FIFO: the read, a register, acc * mult
+# as two partial products, their sum, the coarse and fine shifts, round + saturate into the beat.
 _DRAIN_STAGES = 7
+# Output beats the read-out may have issued and not yet handed over on m_ctx. The read-out never
+# stalls: it reads a word only when the FIFO will have room for its beat (a credit), so m_ctx.tready
+# reaches no enable of the pipeline. 16 is one distributed-RAM cell deep.
+_OUT_FIFO_DEPTH = 16
 # Cycles from the job's first beat to the read-out's multiply when the job is one beat: S1..S4, the
 # switch to the read-out, D1, D2. The per-lane copies of the requantization parameters (a chain, one
 # lane per cycle) must have reached the last lane by then.
@@ -69,13 +74,17 @@ class AttnContext(wiring.Component):
     Throughput: one ``s_v`` beat per cycle, with no bubble between rows, as long as ``s_p`` has a
     probability ready at each row's first beat. The end of a job (accumulator read-out,
     requantization, output) takes :attr:`latency` ``+ (ceil(head_dim / (bus_bits / 8)) - 1) *``
-    :attr:`out_interval` cycles when ``m_ctx`` does not stall, and the next job's first beat is taken the cycle after the last
-    ``m_ctx`` transfer: ``cycles_per_job(n_keys, head_dim)`` cycles per job in all.
+    :attr:`out_interval` cycles when ``m_ctx`` does not stall. The beats pass a 16-deep FIFO, so the
+    next job's first beat is taken in the cycle of the last ``m_ctx.tvalid`` (once the last beat is
+    in the FIFO): ``cycles_per_job(n_keys, head_dim)`` cycles per job in all.
 
-    Latency (:attr:`latency`): ``12 + copy_wait + out_interval - 1`` cycles (19 at 64 bits and 27
+    Latency (:attr:`latency`): ``13 + copy_wait + out_interval - 1`` cycles (20 at 64 bits and 28
     at 128 with one requantization lane) from the transfer of the job's last ``s_v`` beat to the
     first ``m_ctx.tvalid``; then one output beat every :attr:`out_interval` (``bus_bits / 8 /
-    requant_lanes``) cycles unless ``m_ctx`` stalls (the read-out pipeline stalls with it). Each
+    requant_lanes``) cycles. The read-out never stalls: it reads an accumulator word only when the
+    output FIFO will have room for its beat, so a stalled ``m_ctx`` pauses it once the FIFO is full
+    (16 beats in the FIFO and the pipeline together), and ``m_ctx.tready`` is the FIFO's read
+    enable and nothing else. Each
     requantization lane keeps its own copy of ``ctx_mult`` / ``ctx_shift`` next to its
     multipliers, passed along a chain one lane per cycle from the job's first beat; the read-out
     waits :attr:`copy_wait` cycles after the last write (``max(0, requant_lanes - 7)``, 0 by
@@ -159,9 +168,9 @@ class AttnContext(wiring.Component):
     def latency(self) -> int:
         """Cycles from the transfer of the job's last ``s_v`` beat to the first ``m_ctx.tvalid``."""
         # S1 (beat), S2 (multiplier inputs), S3 (products, accumulator read), S4 (accumulate and
-        # write back), the wait for the parameter copies, the switch to the read-out, then the
-        # read-out pipeline.
-        return 4 + self.copy_wait + 1 + _DRAIN_STAGES + self.out_interval - 1
+        # write back), the wait for the parameter copies, the switch to the read-out, the read-out
+        # pipeline, then the output FIFO.
+        return 4 + self.copy_wait + 1 + _DRAIN_STAGES + self.out_interval - 1 + 1
 
     @property
     def out_interval(self) -> int:
@@ -187,8 +196,9 @@ class AttnContext(wiring.Component):
         """Cycles between the first ``s_v`` transfers of two back-to-back jobs when nothing stalls."""
         nb = self.beats(head_dim)
         # values, then latency - 1 cycles to the first output beat, nb output beats out_interval
-        # cycles apart, and the next job's first beat in the cycle after the last one
-        return n_keys * nb + self.latency + (nb - 1) * self.out_interval
+        # cycles apart; the next job's first beat is in the last one's cycle (it left the read-out
+        # for the FIFO the cycle before)
+        return n_keys * nb + self.latency - 1 + (nb - 1) * self.out_interval
 
     def elaborate(self, platform):
         m = Module()
@@ -204,7 +214,7 @@ class AttnContext(wiring.Component):
 
         halted = Signal()  # an error was seen: take nothing more until reset
         m.d.comb += halted.eq(self.error.any())
-        draining = Signal()  # the job's accumulators are being read out (stall-able by m_ctx)
+        draining = Signal()  # the job's accumulators are being read out (until its last beat is in the output FIFO)
         r_hd = Signal(HEAD_DIM_BITS)  # the job's configuration, from its first beat on
         r_nk = Signal(N_KEYS_BITS)
         r_nb = Signal(range(nbm + 1))
@@ -338,11 +348,14 @@ class AttnContext(wiring.Component):
         m.d.comb += [acc_wr.addr.eq(s4["addr"]), acc_wr.data.eq(new), acc_wr.en.eq(s4["valid"])]
         m.d.sync += lw_data.eq(new)
 
-        # ---- read-out: starts the cycle after the last beat's write; stalled as a whole by m_ctx.
-        # Each accumulator word is loaded into a shift register and requantized ``requant_lanes``
-        # values per cycle (``out_interval`` cycles per word); the bytes shift into the output beat.
+        # ---- read-out: starts the cycle after the last beat's write, and never stalls. Each
+        # accumulator word is loaded into a shift register and requantized ``requant_lanes`` values
+        # per cycle (``out_interval`` cycles per word); the bytes shift into the output beat, which
+        # enters the output FIFO. A word is read only with a credit: a place in the FIFO for its beat.
         R, G = self.requant_lanes, self.out_interval
-        adv = ~mo.tvalid | mo.tready
+        out_fifo = m.submodules.out_fifo = SyncFIFO(width=self.bus_bits + 1, depth=_OUT_FIFO_DEPTH)
+        credits = Signal(range(_OUT_FIFO_DEPTH + 1), init=_OUT_FIFO_DEPTH)  # beats neither issued nor in the FIFO
+        has_credit = Signal(init=1)  # credits >= 2 a cycle ago: at least 1 now (one read per cycle)
         d_go = Signal()  # the last write is done and the lanes have the job's parameters: issue reads
         d_cnt = Signal(range(nbm + 1))
         go = s4["final"]
@@ -353,40 +366,44 @@ class AttnContext(wiring.Component):
         with m.If(go):
             m.d.sync += [d_go.eq(1), d_cnt.eq(0)]
         # D1: the word read (the read port holds it until the next read); D2: the shift register
-        rd_pend = Signal()  # a word was read in the last advancing cycle: the shift register takes it
+        rd_pend = Signal()  # a word was read in the last cycle: the shift register takes it
         pend_last = Signal()  # that word is the job's last
         shreg = reg(ACC_BITS * L, "rq_words")
         w_valid, w_last = Signal(name="w_valid"), Signal(name="w_last")
         w_grp = Signal(range(G), name="w_grp")  # the group of lanes at the bottom of the shift register
-        # a read now is taken by the shift register in the next advancing cycle: it must be empty then,
-        # or on its last group
+        # a read now is taken by the shift register in the next cycle: it must be empty then, or on
+        # its last group
         room = 1 if G == 1 else ~rd_pend & (~w_valid | (w_grp >= G - 2))
-        issue = d_go & (d_cnt != r_nb) & adv & room
+        issue = d_go & (d_cnt != r_nb) & has_credit & room
         with m.If(issue):
             m.d.sync += d_cnt.eq(d_cnt + 1)
-        with m.If(adv):
-            m.d.sync += [rd_pend.eq(issue), pend_last.eq(d_cnt + 1 == r_nb)]
-            with m.If(rd_pend):
-                m.d.sync += [shreg.eq(acc_rd.data), w_valid.eq(1), w_grp.eq(0), w_last.eq(pend_last)]
-            with m.Elif(w_valid):
-                m.d.sync += [shreg.eq(shreg >> (R * ACC_BITS)), w_grp.eq(w_grp + 1), w_valid.eq(w_grp != G - 1)]
+        pop = mo.tvalid & mo.tready
+        m.d.sync += [credits.eq(credits - issue + pop), has_credit.eq(credits >= 2)]
+        m.d.sync += [rd_pend.eq(issue), pend_last.eq(d_cnt + 1 == r_nb)]
+        with m.If(rd_pend):
+            m.d.sync += [shreg.eq(acc_rd.data), w_valid.eq(1), w_grp.eq(0), w_last.eq(pend_last)]
+        with m.Elif(w_valid):
+            m.d.sync += [shreg.eq(shreg >> (R * ACC_BITS)), w_grp.eq(w_grp + 1), w_valid.eq(w_grp != G - 1)]
         m.d.comb += [acc_rd.addr.eq(Mux(d_go, d_cnt, s3["addr"])), acc_rd.en.eq(Mux(d_go, issue, 1))]
-        with m.If(mo.tvalid & mo.tready & mo.tlast):
-            m.d.sync += [d_go.eq(0), draining.eq(0)]
 
         # D2: the group at the bottom of the shift register; D3: partial products acc * mult; D4: their
-        # sum; D5, D6: coarse and fine shift; then round and saturate into the output beat, which is
-        # valid once its last group is in. The whole pipeline advances with m_ctx.
+        # sum; D5, D6: coarse and fine shift; then round and saturate into the output beat, which
+        # enters the FIFO once its last group is in.
         g_valid, g_full, g_end = [w_valid], [w_grp == G - 1], [w_last & (w_grp == G - 1)]
         for k in range(3, _DRAIN_STAGES):
             v, full, end = Signal(name=f"d{k}_valid"), Signal(name=f"d{k}_full"), Signal(name=f"d{k}_end")
-            with m.If(adv):
-                m.d.sync += [v.eq(g_valid[-1]), full.eq(g_full[-1]), end.eq(g_end[-1])]
+            m.d.sync += [v.eq(g_valid[-1]), full.eq(g_full[-1]), end.eq(g_end[-1])]
             g_valid.append(v)
             g_full.append(full)
             g_end.append(end)
-        with m.If(adv):
-            m.d.sync += [mo.tvalid.eq(g_valid[-1] & g_full[-1]), mo.tlast.eq(g_end[-1])]
+        beat = reg(self.bus_bits, "out_beat")
+        beat_valid, beat_last = Signal(name="out_beat_valid"), Signal(name="out_beat_last")
+        m.d.sync += [beat_valid.eq(g_valid[-1] & g_full[-1]), beat_last.eq(g_end[-1])]
+        m.d.comb += [out_fifo.w_en.eq(beat_valid), out_fifo.w_data.eq(Cat(beat, beat_last)),
+                     mo.tvalid.eq(out_fifo.r_rdy), mo.tdata.eq(out_fifo.r_data[:-1]), mo.tlast.eq(out_fifo.r_data[-1]),
+                     out_fifo.r_en.eq(mo.tready)]
+        with m.If(beat_valid & beat_last):  # the job's last beat is in the FIFO: the next job may start
+            m.d.sync += [d_go.eq(0), draining.eq(0)]
         # Each lane has its own copy of the requantization parameters, next to its two multipliers
         # and its shifters. Lane i's copy is lane i - 1's one cycle later (lane 0 uses r_mult,
         # r_shift): copies of one register would be merged by synthesis, a chain keeps them apart.
@@ -407,14 +424,13 @@ class AttnContext(wiring.Component):
             coarse = reg(signed(ACC_BITS + numerics.MULT_BITS + 2), f"rq_coarse{i}")
             fine = reg(signed(ACC_BITS + numerics.MULT_BITS + 2), f"rq_fine{i}")
             rounded = (fine + 1) >> 1  # round_shift(p, s) == ((2p >> s) + 1) >> 1 for every s >= 0
-            with m.If(adv):
-                m.d.sync += [
-                    p_lo.eq(acc[:16] * mult), p_hi.eq(acc[16:].as_signed() * mult),
-                    prod.eq((p_hi << 16) + p_lo),
-                    coarse.eq((prod << 1) >> coarse_bits),
-                    fine.eq(coarse >> fine_bits),
-                ]
+            m.d.sync += [
+                p_lo.eq(acc[:16] * mult), p_hi.eq(acc[16:].as_signed() * mult),
+                prod.eq((p_hi << 16) + p_lo),
+                coarse.eq((prod << 1) >> coarse_bits),
+                fine.eq(coarse >> fine_bits),
+            ]
             outs.append(Mux(rounded > 127, 127, Mux(rounded < -128, -128, rounded))[:8])
-        with m.If(adv & g_valid[-1]):  # the group's bytes enter at the top; after G groups, lane 0 is at the bottom
-            m.d.sync += mo.tdata.eq(Cat(mo.tdata, *outs)[8 * R:])
+        with m.If(g_valid[-1]):  # the group's bytes enter at the top; after G groups, lane 0 is at the bottom
+            m.d.sync += beat.eq(Cat(beat, *outs)[8 * R:])
         return m

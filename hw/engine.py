@@ -6,7 +6,7 @@ See docs/engine.md for the dataflow and the reasons behind it; the register map 
 
 from __future__ import annotations
 
-from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.hdl import ResetInserter
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
@@ -630,12 +630,21 @@ class Engine(wiring.Component):
         row_word = Signal(range(3 * self.head_words + 1))  # first word of the current head row
         hd_last = Signal.like(head_dim)  # head_dim - 1, registered (fixed once the model record is in)
         m.d.sync += hd_last.eq(head_dim - 1)
-        # attn_out / proj matvec out -> x += y (saturating), three cycles per value (at most one value
-        # per weight row): read x, register it (no adder behind the block RAM's output), add and write
-        add_y, add_x = Signal(32), Signal(32)
-        add_phase = Signal(2)
+        # attn_out / proj matvec out -> x += y (saturating), a pipeline taking one value per cycle: A0
+        # reads x, A1 registers it (no adder behind the block RAM's output), A2 adds and saturates into
+        # a register, A3 writes it (no adder in front of the block RAM's data). Each value has its own
+        # element of x, so no stage reads what a later one has yet to write.
+        add_take = Signal()  # A0: a value is taken (and its x element read)
+        add_v = Signal(3)  # A1, A2, A3 hold a value
+        add_rd = Signal.like(sink_i)  # the next element of x to read (sink_i counts the writes)
+        add_y0, add_y1, add_x, add_sum = Signal(32), Signal(32), Signal(32), Signal(32)
         add_pending = Signal()
-        m.d.comb += add_pending.eq(add_phase != 0)
+        m.d.comb += add_pending.eq(add_v.any())
+        m.d.sync += [add_v.eq(Cat(add_take, add_v[:2])), add_x.eq(x_rp.data), add_y1.eq(add_y0)]
+        add_total = Signal(signed(33))
+        m.d.comb += add_total.eq(add_x.as_signed() + add_y1.as_signed())
+        int32_hi, int32_lo = (1 << 31) - 1, -(1 << 31)
+        m.d.sync += add_sum.eq(Mux(add_total > int32_hi, int32_hi, Mux(add_total < int32_lo, int32_lo, add_total)))
         # lm_head out -> logits beats -> write DMA
         lg_pack = Signal(8 * B)
         lg_n = Signal(range(B // 4 + 1))
@@ -671,19 +680,10 @@ class Engine(wiring.Component):
                     with m.Else():
                         m.d.sync += e_i.eq(e_i + 1)
             with m.Case(*step_case("attn_out", "proj")):
-                m.d.comb += mv.m_out.tready.eq(~add_pending)
-                with m.If(mv.m_out.tvalid & ~add_pending):
-                    m.d.comb += [x_rp.addr.eq(sink_i), x_rp.en.eq(1)]
-                    m.d.sync += [add_y.eq(mv.m_out.tdata), add_phase.eq(1)]
-                with m.If(add_phase == 1):
-                    m.d.sync += [add_x.eq(x_rp.data), add_phase.eq(2)]
-                with m.If(add_phase == 2):
-                    total = Signal(34)
-                    m.d.comb += total.eq(add_x.as_signed() + add_y.as_signed())
-                    hi, lo_ = (1 << 31) - 1, -(1 << 31)
-                    sat = Mux(total.as_signed() > hi, hi, Mux(total.as_signed() < lo_, lo_, total))
-                    m.d.comb += [x_wp.addr.eq(sink_i), x_wp.data.eq(sat), x_wp.en.eq(1)]
-                    m.d.sync += [add_phase.eq(0), sink_i.eq(sink_i + 1)]
+                m.d.comb += [mv.m_out.tready.eq(1), add_take.eq(mv.m_out.tvalid)]
+                with m.If(mv.m_out.tvalid):
+                    m.d.comb += [x_rp.addr.eq(add_rd), x_rp.en.eq(1)]
+                    m.d.sync += [add_y0.eq(mv.m_out.tdata), add_rd.eq(add_rd + 1)]
             with m.Case(*step_case("fc_gelu")):  # fc matvec out -> GELU -> (register) -> a
                 m.d.comb += [gelu.s_x.tdata.eq(mv.m_out.tdata[:8]), gelu.s_x.tvalid.eq(mv.m_out.tvalid),
                              mv.m_out.tready.eq(gelu.s_x.tready), gelu.s_x.tlast.eq(mv.m_out.tlast),
@@ -709,12 +709,15 @@ class Engine(wiring.Component):
             wr_in.tdata.eq(Mux(h_to_wr, hq.tdata, 0) | Mux(x_to_wr, pack, 0) | Mux(lg_to_wr, lg_pack, 0)),
             wr_in.tlast.eq((h_to_wr & (kvrow_i == row_beats_kv - 1)) | (x_to_wr & pack_last) | (lg_to_wr & lg_last)),
         ]
+        with m.If(add_v[2]):  # A3: outside the step's case, so the write data's mux sees only registers
+            m.d.comb += [x_wp.addr.eq(sink_i), x_wp.data.eq(add_sum), x_wp.en.eq(1)]
+            m.d.sync += sink_i.eq(sink_i + 1)
         with m.If(core_rst):
-            m.d.sync += [add_phase.eq(0), gelu_valid.eq(0)]
+            m.d.sync += [add_v.eq(0), gelu_valid.eq(0)]
         # a step begins with its sink empty: cleared from a register set by begin() (the conditions
         # that end a step stay off these counters' inputs)
         with m.If(fresh):  # and the packers of the write steps start empty
-            m.d.sync += [sink_i.eq(0), sink_done.eq(0), pack_n.eq(0), pack.eq(0), pack_full.eq(0),
+            m.d.sync += [sink_i.eq(0), add_rd.eq(0), sink_done.eq(0), pack_n.eq(0), pack.eq(0), pack_full.eq(0),
                          lg_n.eq(0), lg_pack.eq(0), lg_full.eq(0)]
 
         # attention: scores -> softmax -> context -> a (ctx[h * head_dim + e])
@@ -878,6 +881,8 @@ class Engine(wiring.Component):
             else:  # ABORT flushes the DMAs for its one cycle: a register too
                 m.d.sync += dma_flush.eq(1)
 
+        dmas_idle = Signal()  # both DMAs were idle in the last cycle (cleared in ABORT, for DRAIN)
+        m.d.sync += dmas_idle.eq(rd.idle & wr.idle)
         with m.FSM(name="seq") as seq:
             with m.State("IDLE"):
                 with m.If(start):
@@ -1090,11 +1095,13 @@ class Engine(wiring.Component):
                                 enter_reset("END")
             with m.State("ABORT"):
                 # flush the DMAs (one cycle); the cores are in reset (core_rst) from here to END
-                m.d.sync += dma_flush.eq(0)
+                m.d.sync += [dma_flush.eq(0), dmas_idle.eq(0)]
                 m.next = "DRAIN"
             with m.State("DRAIN"):
-                # reads cannot be cancelled: their beats are dropped; owed write beats go out unstrobed
-                with m.If(rd.idle & wr.idle):
+                # reads cannot be cancelled: their beats are dropped; owed write beats go out unstrobed.
+                # Both DMAs' idle, a cycle late (a register: the DMAs sit on opposite sides of the die);
+                # nothing starts a transfer in DRAIN, so idle stays idle
+                with m.If(dmas_idle):
                     enter_reset("END")
             with m.State("END"):
                 m.d.sync += [core_rst.eq(0), dma_rst.eq(0)]

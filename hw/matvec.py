@@ -226,12 +226,15 @@ class MatVec(wiring.Component):
 
         # ---- errors: sticky until reset; any of them stops both inputs
         errors = Signal(len(self.ERROR_BITS))
-        halted = Signal()  # a register set with any error bit (not their OR: no loop through the handshakes)
+        # registers set with the error bits (not their OR: no loop through the handshakes), one per
+        # input: each is set next to its own handshake, and the other input sees it as a flip-flop
+        halted_act, halted_w = Signal(), Signal()
+        halted = halted_act | halted_w
         m.d.comb += self.error.eq(errors)
 
-        def flag(name, cond):
+        def flag(name, cond, halt):
             with m.If(cond):
-                m.d.sync += [errors[self.ERROR_BITS.index(name)].eq(1), halted.eq(1)]
+                m.d.sync += [errors[self.ERROR_BITS.index(name)].eq(1), halt.eq(1)]
 
         # ---- activation load
         running = Signal()  # 0: loading activations, 1: streaming this matvec's weights
@@ -246,9 +249,12 @@ class MatVec(wiring.Component):
         ]
         act_take = sa.tvalid & sa.tready
         act_last = act_cnt == act_last_at
-        cfg_ok = (self.d_in != 0) & (self.d_in <= self.max_d_in) & (self.n_rows != 0)
-        flag("config", act_take & ~cfg_ok)
-        flag("act_tlast", act_take & cfg_ok & (sa.tlast != act_last))
+        # the configuration's check, registered from the live values (stable from the cycle before the
+        # first beat): no comparison between the ports and the error bits' enables
+        cfg_ok = Signal()
+        m.d.sync += cfg_ok.eq((self.d_in != 0) & (self.d_in <= self.max_d_in) & (self.n_rows != 0))
+        flag("config", act_take & ~cfg_ok, halted_act)
+        flag("act_tlast", act_take & cfg_ok & (sa.tlast != act_last), halted_act)
         if ratio > 1:
             m.d.comb += act_wr.en.eq(Mux(act_take, Mux(act_cnt[0], 0b10, 0b01), 0))
         else:
@@ -273,9 +279,9 @@ class MatVec(wiring.Component):
         take = w_ready & sw.tvalid
         wt_last = wt_cnt == r_wb
         row_last = row_cnt == r_rows
-        flag("weights_tlast", take & (sw.tlast != (~hdr_phase & wt_last & row_last)))
+        flag("weights_tlast", take & (sw.tlast != (~hdr_phase & wt_last & row_last)), halted_w)
         s_lo, s_hi = header_bits("shift")
-        flag("shift", take & row_start & (sw.tdata[s_lo:s_hi] > MAX_SHIFT))
+        flag("shift", take & row_start & (sw.tdata[s_lo:s_hi] > MAX_SHIFT), halted_w)
         with m.If(take):
             with m.If(hdr_phase):
                 with m.If(hdr_cnt == r_hb):

@@ -378,6 +378,7 @@ async def test_errors(dut):
             dut.d_in.value = config.get("d_in", d_in)
             dut.n_rows.value = config.get("n_rows", d_out)
             dut.out_int8.value = 1
+            await ClockCycles(dut.clk, 1)  # the configuration is stable from the cycle before the first beat
             for frame in act_frames:
                 tb.act.send_nowait(frame)
             for frame in weight_frames:
