@@ -212,8 +212,9 @@ class AttnContext(wiring.Component):
         acc_mem = m.submodules.acc_mem = Memory(shape=unsigned(ACC_BITS * L), depth=max(2, nbm), init=[])
         acc_wr, acc_rd = acc_mem.write_port(), acc_mem.read_port(domain="sync")
 
-        halted = Signal()  # an error was seen: take nothing more until reset
-        m.d.comb += halted.eq(self.error.any())
+        # an error was seen: take nothing more until reset. A register set with the error bits (not
+        # their OR: the OR sat in front of the handshake and every counter's enable)
+        halted = Signal()
         draining = Signal()  # the job's accumulators are being read out (until its last beat is in the output FIFO)
         r_hd = Signal(HEAD_DIM_BITS)  # the job's configuration, from its first beat on
         r_nk = Signal(N_KEYS_BITS)
@@ -267,6 +268,8 @@ class AttnContext(wiring.Component):
         new_err = Cat(e_hd, e_nk, e_sh, e_p_early, e_p_missing, e_v_early, e_v_missing)
         ok = take & ~new_err.any()  # the beat's valid flag
         m.d.sync += self.error.eq(self.error | new_err)
+        with m.If(new_err.any()):
+            m.d.sync += halted.eq(1)
 
         p_row = reg(PROB_BITS, "p_row")  # the probability of the row in progress
         p_use = Mux(row_start, sp.tdata, p_row)

@@ -827,8 +827,10 @@ class Engine(wiring.Component):
         def begin(name):
             m.d.sync += [step.eq(STEP[name]), step_oh.eq(1 << STEP[name]), sub.eq(0), fresh.eq(1)]
 
-        def read(addr, beats, tag):
-            m.d.comb += [rd_addr.eq(addr), rd_n.eq(beats), rd_tag.eq(tag), rd_go.eq(1)]
+        def read(addr, beats, tag, go=1):
+            """Request a read when ``go``. The fields are set whatever ``go`` is (they matter only with
+            it): a condition such as "the product is done" stays off the request's data."""
+            m.d.comb += [rd_addr.eq(addr), rd_n.eq(beats), rd_tag.eq(tag), rd_go.eq(go)]
 
         def matvec(addr, first_sub=0):
             """From sub `first_sub`: a cycle for the geometry registers to follow the step, the matrix's
@@ -843,11 +845,10 @@ class Engine(wiring.Component):
                 with m.Case(first_sub + 2):  # mat_start, set on the way here, starts the product
                     m.d.sync += sub.eq(first_sub + 3)
                 with m.Case(first_sub + 3):
-                    with m.If(mat_mul.done):
-                        read(addr, mat_beats, T_W)
-                        with m.If(~rq_valid):  # the request is taken
-                            m.d.comb += act_go.eq(1)
-                            m.d.sync += sub.eq(first_sub + 4)
+                    read(addr, mat_beats, T_W, go=mat_mul.done)
+                    with m.If(mat_mul.done & ~rq_valid):  # the request is taken
+                        m.d.comb += act_go.eq(1)
+                        m.d.sync += sub.eq(first_sub + 4)
             return (sub == first_sub + 4) & sink_done
 
         def layernorm(addr, shift, nxt):
@@ -1043,10 +1044,10 @@ class Engine(wiring.Component):
                                         m.d.sync += [h_base.eq(h_base + row_beats_kv),
                                                      k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(1)]
                                 with m.Case(1):  # K(head + 1) and its q row, unless head is the last
+                                    read(k_rd_addr, kv_beats, T_K, go=~head_at_last & ~h_active)
                                     with m.If(head_at_last):
                                         m.d.sync += sub.eq(2)
                                     with m.Elif(~h_active):
-                                        read(k_rd_addr, kv_beats, T_K)
                                         with m.If(~rq_valid):  # the request is taken
                                             m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
                                             m.d.sync += [h_base.eq(h_base + row_beats_kv),
