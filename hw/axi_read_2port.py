@@ -50,7 +50,9 @@ class TwoPortReadDma(wiring.Component):
     room is a register: the issue decision selects between two comparisons of the credits without
     its own burst (room for one longest burst, or for two if it issues), so no comparison or credit
     adder is on the loop from the issue decision back into the credits (timing). The port of the
-    next burst and the free burst slots are registers too. A beat's credit returns the cycle
+    next burst and the free burst slots are registers too. A port issues only while its AR channel
+    is empty (``arready`` reaches only ``arvalid``), so a port's bursts leave at least two cycles
+    apart; a burst is 8 stream beats, so this costs no bandwidth. A beat's credit returns the cycle
     after it leaves its FIFO, into a register slice: the FIFO's block RAM output feeds a register,
     not the order mux.
 
@@ -199,7 +201,10 @@ class TwoPortReadDma(wiring.Component):
             m.d.sync += slot.eq(bursts.level + go - (bursts.r_en & bursts.r_rdy) < self.max_outstanding)
             fifos.append(fifo)
             owed_all.append(owed)
-            can.append(~(ax.arvalid & ~ax.arready) & room & slot)
+            # a port issues only while its AR register is empty: arready (a port of the design, which
+            # may sit anywhere) reaches only arvalid's own enable, not the issue decision and the credit
+            # counts behind it. A port's bursts are at least two cycles apart; the ports alternate.
+            can.append(~ax.arvalid & room & slot)
 
             with m.If(go):
                 m.d.sync += [ax.araddr.eq(split.burst_addr), ax.arlen.eq((blen << 1) - 1), ax.arvalid.eq(1)]
