@@ -178,6 +178,9 @@ class Softmax(wiring.Component):
         z4_v, z4_m, z4_l, z4_q = Signal(), Signal(), Signal(), Signal(signed(49))
         m.d.sync += [z4_v.eq(z3_v), z4_m.eq(z3_m), z4_l.eq(z3_l), z4_q.eq((z3_p << 1) >> self.shift)]
         z5_v, z5_m, z5_l, z5_z = Signal(), Signal(), Signal(), Signal(signed(32))
+        # z5_c: the z as a candidate for the row's maximum, -2**31 where masked (the mask stays off the
+        # running maximum's loop)
+        z5_c = Signal(signed(32))
         m.d.sync += [z5_v.eq(z4_v), z5_m.eq(z4_m), z5_l.eq(z4_l)]
         with m.If(z4_q >= (1 << 32) - 1):
             m.d.sync += z5_z.eq((1 << 31) - 1)
@@ -185,6 +188,12 @@ class Softmax(wiring.Component):
             m.d.sync += z5_z.eq(-(1 << 31))
         with m.Else():
             m.d.sync += z5_z.eq((z4_q[0:34].as_signed() + 1) >> 1)
+        with m.If(~z4_m | (z4_q <= -(1 << 32) - 2)):
+            m.d.sync += z5_c.eq(-(1 << 31))
+        with m.Elif(z4_q >= (1 << 32) - 1):
+            m.d.sync += z5_c.eq((1 << 31) - 1)
+        with m.Else():
+            m.d.sync += z5_c.eq((z4_q[0:34].as_signed() + 1) >> 1)
 
         wcnt = Signal(nw)            # scores of this row written so far
         wbank = Signal()             # the bank the z pipeline writes
@@ -194,7 +203,7 @@ class Softmax(wiring.Component):
         # the running maximum's comparison stays off the bank registers' enables
         closing, close_bank = Signal(), Signal()
         zmax_next = Signal(signed(32))
-        m.d.comb += zmax_next.eq(Mux(z5_m & (fresh | (z5_z > zmax)), z5_z, Mux(fresh, -(1 << 31), zmax)))
+        m.d.comb += zmax_next.eq(Mux(fresh | (z5_c > zmax), z5_c, zmax))
         # per bank: the row's length and zmax (both hold from the row's end until it is sent)
         n_b = [Signal(nw, name=f"n_bank{b}") for b in range(2)]
         zmax_b = [Signal(signed(32), name=f"zmax_bank{b}") for b in range(2)]
