@@ -153,10 +153,12 @@ class LayerNorm(wiring.Component):
         s_x, s_p, out = self.s_x, self.s_params, self.m_y
 
         # ---- phase 1: receive ----
-        receiving = Signal()
+        # s_x.tready from registers only: the input slice sits apart from the state machine, and the
+        # handshake went from the state there and back into the state's enable in one cycle
+        receiving = Signal(init=1)  # the state is RECV, as a register (set and cleared with it)
         wcnt = Signal(dw)
         too_long = Signal()  # sticky: a row offered more than max_d values
-        full = wcnt == self.max_d
+        full = Signal()  # wcnt == max_d, as a register
         m.d.comb += [s_x.tready.eq(receiving & ~full & ~too_long), self.error.eq(too_long)]
         with m.If(receiving & s_x.tvalid & full):
             m.d.sync += too_long.eq(1)
@@ -166,7 +168,7 @@ class LayerNorm(wiring.Component):
         mag = Signal(32)  # OR of |x|; bit_length(max|x|) == bit_length(OR|x|)
         m.d.sync += x1_v.eq(in_fire)
         with m.If(in_fire):
-            m.d.sync += [x1.eq(s_x.tdata), wcnt.eq(wcnt + 1)]
+            m.d.sync += [x1.eq(s_x.tdata), wcnt.eq(wcnt + 1), full.eq(wcnt == self.max_d - 1)]
         with m.If(x1_v):
             m.d.sync += mag.eq(mag | Mux(x1 < 0, -x1, x1)[:32])
 
@@ -288,8 +290,8 @@ class LayerNorm(wiring.Component):
 
         with m.FSM():
             with m.State("RECV"):
-                m.d.comb += receiving.eq(1)
                 with m.If(in_fire & s_x.tlast):
+                    m.d.sync += receiving.eq(0)
                     m.next = "PEAK"
             with m.State("PEAK"):  # the last magnitude is ORed in at this edge
                 m.d.sync += d.eq(wcnt)
@@ -349,6 +351,6 @@ class LayerNorm(wiring.Component):
             with m.State("SEND"):
                 m.d.comb += sending.eq(1)
                 with m.If(out.tvalid & out.tready & out.tlast):
-                    m.d.sync += [wcnt.eq(0), mag.eq(0)]
+                    m.d.sync += [wcnt.eq(0), full.eq(0), mag.eq(0), receiving.eq(1)]
                     m.next = "RECV"
         return m
