@@ -249,17 +249,21 @@ class TwoPortReadDma(wiring.Component):
             with m.If(r_valid & r_resp[1]):  # SLVERR (2) or DECERR (3)
                 m.d.sync += self.error.eq(1)
 
-        # --- issue: in address order, alternating ports; a port without room holds both back. The order
-        # queue's room is a register: at most one entry is added per cycle, so "two free entries a cycle
-        # ago" means one is free now (its level compare stays off the issue decision).
+        # --- issue: in address order, alternating ports; a port without room holds both back. A burst's
+        # port enters the order queue a cycle after its issue (a register: the issue decision fans out
+        # to both ports, and the queue sat far from them); its first R beat comes later than that. The
+        # queue's room is a register: at most one entry is added per cycle, so "three free entries a
+        # cycle ago" means one is free when this cycle's issue is written (its level compare stays off
+        # the issue decision).
         order_room = Signal()
-        m.d.sync += order_room.eq(order.w_level < order.depth - 1)
+        order_w, order_port = Signal(), Signal()
+        m.d.sync += [order_room.eq(order.w_level < order.depth - 2), order_w.eq(issue), order_port.eq(sel)]
         m.d.comb += issue.eq(split.burst_valid & Mux(sel, can[1], can[0]) & order_room & ~flush)
         m.d.comb += [
             split.flush.eq(flush), split.burst_ready.eq(issue),
             split.cmd.addr.eq(cmd.addr), split.cmd.beats.eq(cmd.beats), split.cmd.valid.eq(cmd.valid & ~dropping),
             cmd.ready.eq(split.cmd.ready & ~dropping),
-            order.w_en.eq(issue), order.w_data.eq(sel),
+            order.w_en.eq(order_w), order.w_data.eq(order_port),
         ]
         turn, turn_next = Signal(), Signal()  # the port of the next burst when both are used
         with m.If(flush):
