@@ -250,8 +250,9 @@ class MatVec(wiring.Component):
         act_take = sa.tvalid & sa.tready
         act_last = act_cnt == act_last_at
         # the configuration's check, registered from the live values (stable from the cycle before the
-        # first beat): no comparison between the ports and the error bits' enables
-        cfg_ok = Signal()
+        # first beat): no comparison between the ports and the error bits' enables. Not reset, so a
+        # beat in the first cycle after a soft reset is judged on the (stable) config like any other
+        cfg_ok = Signal(reset_less=True)
         m.d.sync += cfg_ok.eq((self.d_in != 0) & (self.d_in <= self.max_d_in) & (self.n_rows != 0))
         flag("config", act_take & ~cfg_ok, halted_act)
         flag("act_tlast", act_take & cfg_ok & (sa.tlast != act_last), halted_act)
