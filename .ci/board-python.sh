@@ -38,7 +38,7 @@ PY=$VENV/bin/python
 say "installing '.[board]' into $VENV ($("$PY" --version))"
 # uninstall first: pip keeps an installed gpt-fpga of the same version instead of this checkout's
 "$PY" -m pip uninstall -q -y gpt-fpga >/dev/null 2>&1 || true
-"$PY" -m pip install -q --disable-pip-version-check '.[board]' 'pytest==9.2.0' >"$VENV/pip.log" 2>&1 || {
+"$PY" -m pip install -q --disable-pip-version-check '.[board]' 'pytest==9.2.0' 'pytest-timeout==2.4.0' >"$VENV/pip.log" 2>&1 || {
   tail -n 30 "$VENV/pip.log" >&2; say "error: pip install '.[board]' failed on Python 3.10 (log: $VENV/pip.log)"; exit 1; }
 "$PY" - <<'EOF'
 import sys, numpy, pynq, gpt_fpga

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from amaranth import C, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, exact_log2
 
+from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.axis import AxiStreamSignature
 from gpt_fpga.hw.lut_products import mul_int8_pairs
 from gpt_fpga.contract import numerics
@@ -312,7 +312,7 @@ class AttnScores(wiring.Component):
             m.d.sync += acc.eq(Mux(t_first, 0, acc) + beat_sum)
         acc_valid = delay(t_valid & t_last, 1, "acc_valid")
         acc_lastrow = delay(t_lastrow, 1, "acc_lastrow")
-        fifo = m.submodules.out_fifo = SyncFIFOBuffered(width=SCORE_BITS + 1, depth=OUT_FIFO_DEPTH)
+        fifo = m.submodules.out_fifo = BlockRamFifo(width=SCORE_BITS + 1, depth=OUT_FIFO_DEPTH)
         m.d.comb += [
             fifo.w_en.eq(acc_valid),
             fifo.w_data.eq(Cat(acc, acc_lastrow)),

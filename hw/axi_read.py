@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from amaranth import C, Cat, Module, Mux, ResetInserter, Signal
 from amaranth.lib import wiring
-from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
+from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.axi import BOUNDARY_BYTES, BURST_INCR, MAX_BURST_BEATS, Axi4ReadSignature
 from gpt_fpga.hw.axis import AxiStreamSignature
 
@@ -256,7 +257,7 @@ class AxiReadDma(wiring.Component):
         depth = self.fifo_depth
 
         # --- data FIFO (data + tlast); a flush empties it at once
-        fifo = SyncFIFOBuffered(width=self.data_bits + 1, depth=depth)
+        fifo = BlockRamFifo(width=self.data_bits + 1, depth=depth)
         m.submodules.fifo = ResetInserter(flush)(fifo)
         # last-burst-of-command flag of each burst in flight, in AR order
         m.submodules.bursts = bursts = SyncFIFO(width=1, depth=max(2, self.max_outstanding))

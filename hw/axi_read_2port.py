@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from amaranth import Cat, Module, Mux, ResetInserter, Signal
 from amaranth.lib import wiring
-from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
+from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.axi import BURST_INCR, MAX_BURST_BEATS, Axi4ReadSignature
 from gpt_fpga.hw.axi_read import ARCACHE, DEFAULT_MAX_OUTSTANDING, BurstSplitter, DmaCommandSignature, \
     check_dma_params
@@ -165,7 +166,7 @@ class TwoPortReadDma(wiring.Component):
                                                    max_beats=self.max_burst)
         # the port of every issued burst whose data have not all left, in address order (each beat carries
         # its burst's end: no beat count or comparison on the pop of a finished burst)
-        order = SyncFIFOBuffered(width=1, depth=4 * self.max_outstanding)
+        order = BlockRamFifo(width=1, depth=4 * self.max_outstanding)
         m.submodules.order = ResetInserter(flush)(order)
 
         blen = split.burst_len  # stream beats, 1..8
@@ -177,7 +178,7 @@ class TwoPortReadDma(wiring.Component):
         fifos, owed_all, can, outs = [], [], [], []
         for p, ax in enumerate(axis):
             # data FIFO: stream beat, command end, burst end; a flush empties it at once
-            fifo = SyncFIFOBuffered(width=self.data_bits + 2, depth=depth)
+            fifo = BlockRamFifo(width=self.data_bits + 2, depth=depth)
             m.submodules[f"fifo{p}"] = ResetInserter(flush)(fifo)
             # last-burst-of-command flag of each burst in flight on this port, in AR order
             bursts = SyncFIFO(width=1, depth=max(2, self.max_outstanding))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from amaranth import Cat, Module, Mux, ResetInserter, Signal
 from amaranth.lib import wiring
-from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
+from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.axi import BURST_INCR, MAX_BURST_BEATS, Axi4WriteSignature
 from gpt_fpga.hw.axi_read import (ARCACHE, CMD_BEATS_BITS, DEFAULT_MAX_OUTSTANDING, BurstSplitter,
                                   DmaCommandSignature, check_dma_params)
@@ -89,7 +90,9 @@ class AxiWriteDma(wiring.Component):
     response latency covered by ``max_outstanding``). Measured over a 4096-beat write with a
     40-cycle B latency (sim/tb/axi_write.py): ``s_data`` 1 beat/cycle, W 0.995 beats/cycle counted
     from the command (1.000 from the first W beat). Between commands ``s_data`` has no bubble; W
-    may pause while a short burst's successor is still being buffered.
+    may pause while a short burst's successor is still being buffered. AW issues at most one burst
+    every other cycle (only while ``awvalid`` is low, from a slot the splitter refills), so bursts
+    of two beats or more keep W busy.
 
     Latency (:attr:`latency`, no stalls): a burst's ``awvalid`` rises :attr:`latency` (2) cycles
     after the ``s_data`` handshake that completes its data, and its first ``wvalid``
@@ -151,7 +154,7 @@ class AxiWriteDma(wiring.Component):
         ]
 
         # --- data side: s_data -> FIFO, counting beats per command, checking tlast
-        fifo = SyncFIFOBuffered(width=self.data_bits, depth=depth)
+        fifo = BlockRamFifo(width=self.data_bits, depth=depth)
         m.submodules.fifo = fifo
         in_rem = Signal(CMD_BEATS_BITS)  # beats still expected for the command being received
         # in_rem != 0 and in_rem == 1 as registers, updated beside in_rem (timing: no comparison of
@@ -176,16 +179,29 @@ class AxiWriteDma(wiring.Component):
         claimed = Signal(range(depth + 1))  # beats claimed by an AW, not yet sent on W
         b_owed = Signal(range(self.max_outstanding + 1))  # bursts issued whose B has not arrived
 
-        blen = split.burst_len
-        aw_free = ~ax.awvalid | ax.awready
-        issue = split.burst_valid & aw_free & (avail >= blen) & (b_owed != self.max_outstanding) & ~flush
+        # the next burst waits in a slot of registers, which the splitter refills when it is empty: the
+        # issue decision (the data count's comparison) reaches the slot's flag and the AW registers, not
+        # the splitter's output registers. AW is issued only while awvalid is low: awready (a port of
+        # the design, which may sit anywhere) reaches only awvalid's own enable. A burst issues at most
+        # every other cycle; a burst of two beats or more keeps W busy.
+        slot_valid, slot_addr = Signal(), Signal.like(split.burst_addr)
+        blen = Signal.like(split.burst_len)
+        b_room = Signal(init=1)  # b_owed < max_outstanding, as a register
+        issue = slot_valid & ~ax.awvalid & (avail >= blen) & b_room & ~flush
+        load = split.burst_valid & ~slot_valid
         m.d.comb += [
-            split.flush.eq(flush), split.burst_ready.eq(issue),
+            split.flush.eq(flush), split.burst_ready.eq(~slot_valid),
             split.cmd.valid.eq(cmdq.r_rdy), split.cmd.beats.eq(cmdq.r_data[:CMD_BEATS_BITS]),
             split.cmd.addr.eq(cmdq.r_data[CMD_BEATS_BITS:]), cmdq.r_en.eq(split.cmd.ready),
         ]
+        with m.If(flush | issue):
+            m.d.sync += slot_valid.eq(0)
+        with m.Elif(load):
+            m.d.sync += slot_valid.eq(1)
+        with m.If(load):
+            m.d.sync += [slot_addr.eq(split.burst_addr), blen.eq(split.burst_len)]
         with m.If(issue):
-            m.d.sync += [ax.awaddr.eq(split.burst_addr), ax.awlen.eq(blen - 1), ax.awvalid.eq(1)]
+            m.d.sync += [ax.awaddr.eq(slot_addr), ax.awlen.eq(blen - 1), ax.awvalid.eq(1)]
         with m.Elif(ax.awready):
             m.d.sync += ax.awvalid.eq(0)
         m.d.comb += [ax.awsize.eq(self.size), ax.awburst.eq(BURST_INCR), ax.awid.eq(0),
@@ -230,7 +246,9 @@ class AxiWriteDma(wiring.Component):
 
         # --- B
         m.d.comb += ax.bready.eq(1)
-        m.d.sync += b_owed.eq(b_owed + issue - ax.bvalid)
+        b_owed_next = Signal.like(b_owed)
+        m.d.comb += b_owed_next.eq(b_owed + issue - ax.bvalid)
+        m.d.sync += [b_owed.eq(b_owed_next), b_room.eq(b_owed_next != self.max_outstanding)]
         with m.If(ax.bvalid & ax.bresp[1]):  # SLVERR (2) or DECERR (3)
             m.d.sync += self.error[0].eq(1)
 
@@ -239,5 +257,5 @@ class AxiWriteDma(wiring.Component):
             m.d.sync += dropping.eq(1)
         with m.Elif(drained):
             m.d.sync += dropping.eq(0)
-        m.d.comb += self.idle.eq(drained & ~split.busy & ~in_any & ~lenq.r_rdy & ~cmdq.r_rdy & ~flush)
+        m.d.comb += self.idle.eq(drained & ~split.busy & ~slot_valid & ~in_any & ~lenq.r_rdy & ~cmdq.r_rdy & ~flush)
         return m

@@ -9,11 +9,11 @@ from __future__ import annotations
 from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.hdl import ResetInserter
 from amaranth.lib import wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
+from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.attn_context import AttnContext
 from gpt_fpga.hw.attn_scores import AttnScores
 from gpt_fpga.hw.axi import Axi4ReadSignature, Axi4WriteSignature, AxiLiteSignature
@@ -333,7 +333,7 @@ class Engine(wiring.Component):
 
         # ---- read commands and the destination of their data -----------------------------------
         # the destination of each command's data, one-hot (a bit per tag: no decoder in the dispatch)
-        tags = SyncFIFOBuffered(width=T_COUNT, depth=4)
+        tags = BlockRamFifo(width=T_COUNT, depth=4)
         m.submodules.tags = ResetInserter(core_rst)(tags)
         rd_out = Signal(3)  # read commands issued whose last beat has not been consumed yet
         rd_addr, rd_n, rd_tag, rd_go = Signal(32), Signal(32), Signal(3), Signal()
@@ -784,10 +784,16 @@ class Engine(wiring.Component):
             with m.Default():
                 m.d.sync += sink_target.eq(d_model)  # the LayerNorm steps
         m.d.comb += [mv.d_in.eq(mv_d_in), mv.n_rows.eq(mv_rows), mv.out_int8.eq(mv_int8)]
+        # a row's beats from d_in, one adder per register stage (valid two cycles after mv_d_in):
+        # act_beats_r and the int4 group count, then the header's beats, then their sum into row_beats_r
+        act_beats_r, hdr_beats_r = Signal(16), Signal(8)
+        m.d.sync += act_beats_r.eq((mv_d_in + (per_beat - 1)) >> _lg(per_beat))
         if int4:
-            hdr_bytes = ROW_HEADER_FIXED_BYTES + ((mv_d_in + (self.group - 1)) >> _lg(self.group))
+            groups_r = Signal(16)
+            m.d.sync += [groups_r.eq((mv_d_in + (self.group - 1)) >> _lg(self.group)),
+                         hdr_beats_r.eq((groups_r + (ROW_HEADER_FIXED_BYTES + B - 1)) >> lgB)]
         else:
-            hdr_bytes = Const(ROW_HEADER_FIXED_BYTES, 8)
+            m.d.comb += hdr_beats_r.eq((ROW_HEADER_FIXED_BYTES + B - 1) >> lgB)
         row_beats = Signal(16)
         row_beats_r = Signal(16)
         mv_rows_r = Signal(16)
@@ -799,7 +805,7 @@ class Engine(wiring.Component):
         mat_start = Signal()  # a register: the step decode stays off the multiplier's enables
         m.d.sync += mat_start.eq(0)
         m.d.comb += mat_mul.start.eq(mat_start)
-        m.d.comb += row_beats.eq(((hdr_bytes + (B - 1)) >> lgB) + ((mv_d_in + (per_beat - 1)) >> _lg(per_beat)))
+        m.d.comb += row_beats.eq(hdr_beats_r + act_beats_r)
         m.d.sync += act_words.eq((mv_d_in + (B - 1)) >> lgB)
 
         # ---- errors -------------------------------------------------------------------------------
@@ -833,23 +839,24 @@ class Engine(wiring.Component):
             m.d.comb += [rd_addr.eq(addr), rd_n.eq(beats), rd_tag.eq(tag), rd_go.eq(go)]
 
         def matvec(addr, first_sub=0):
-            """From sub `first_sub`: a cycle for the geometry registers to follow the step, the matrix's
-            beats (registered, then by shift and add: no multiplier on the path to the DMA), then the weights read
-            with the activations; returns 'the step's values are in'."""
+            """From sub `first_sub`: three cycles for the geometry registers to follow the step (mv_d_in,
+            then the row's beats in two stages), the matrix's beats (registered, then by shift and add: no
+            multiplier on the path to the DMA), then the weights read with the activations; returns 'the
+            step's values are in'."""
             with m.Switch(sub):
-                with m.Case(first_sub):
-                    m.d.sync += sub.eq(first_sub + 1)
-                with m.Case(first_sub + 1):
-                    m.d.sync += [row_beats_r.eq(row_beats), mv_rows_r.eq(mv_rows), sub.eq(first_sub + 2),
-                                 mat_start.eq(1)]
-                with m.Case(first_sub + 2):  # mat_start, set on the way here, starts the product
-                    m.d.sync += sub.eq(first_sub + 3)
+                with m.Case(first_sub, first_sub + 1, first_sub + 2):
+                    m.d.sync += sub.eq(sub + 1)
                 with m.Case(first_sub + 3):
+                    m.d.sync += [row_beats_r.eq(row_beats), mv_rows_r.eq(mv_rows), sub.eq(first_sub + 4),
+                                 mat_start.eq(1)]
+                with m.Case(first_sub + 4):  # mat_start, set on the way here, starts the product
+                    m.d.sync += sub.eq(first_sub + 5)
+                with m.Case(first_sub + 5):
                     read(addr, mat_beats, T_W, go=mat_mul.done)
                     with m.If(mat_mul.done & ~rq_valid):  # the request is taken
                         m.d.comb += act_go.eq(1)
-                        m.d.sync += sub.eq(first_sub + 4)
-            return (sub == first_sub + 4) & sink_done
+                        m.d.sync += sub.eq(first_sub + 6)
+            return (sub == first_sub + 6) & sink_done
 
         def layernorm(addr, shift, nxt):
             with m.If(sub == 0):
@@ -1086,7 +1093,7 @@ class Engine(wiring.Component):
                         with m.Case(*step_case("lnf")):
                             layernorm(hf("lnf_addr"), hf("lnf_shift"), "lm_head")
                         with m.Case(*step_case("lm_head")):
-                            lm_done = matvec(hf("lm_head_addr"), first_sub=1)  # subs 1..5
+                            lm_done = matvec(hf("lm_head_addr"), first_sub=1)  # subs 1..7
                             with m.If(sub == 0):  # the logits' write command first, then the matvec
                                 m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
                                              wr_n.eq(logits_beats), wr_go.eq(1)]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from amaranth import C, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.axis import AxiStreamSignature
 from gpt_fpga.hw.lut_products import mul_int4, mul_int8_pairs
 from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div,
@@ -455,7 +455,7 @@ class MatVec(wiring.Component):
         r6_lastrow = delay(r5_lastrow, 1, "r6_lastrow")
 
         # ---- output queue (never full: the credit counter bounds the rows in flight)
-        fifo = m.submodules.out_fifo = SyncFIFOBuffered(width=33, depth=OUT_FIFO_DEPTH)
+        fifo = m.submodules.out_fifo = BlockRamFifo(width=33, depth=OUT_FIFO_DEPTH)
         m.d.comb += [
             fifo.w_en.eq(r6_valid),
             fifo.w_data.eq(Cat(result, r6_lastrow)),

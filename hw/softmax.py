@@ -10,6 +10,7 @@ from amaranth.utils import bits_for, ceil_log2
 
 from gpt_fpga.hw.axis import AxiStreamSignature
 from gpt_fpga.contract import numerics
+from gpt_fpga.hw.fifo import NO_RW_CHECK
 
 __all__ = ["Softmax"]
 
@@ -32,9 +33,10 @@ class Softmax(wiring.Component):
     ``S = sum(e)``; ``r = RECIP_TABLE[...]`` after normalising ``max(S, 2**15)`` to its top 16 bits;
     ``p = round_shift(e * r, k)``. A row with no visible position gives all zeros.
 
-    Rows are buffered in one ``2 x 2**ceil(log2(max_len))`` x 33-bit simple dual-port memory (z and the
-    visibility bit), two banks of a row each (4 BRAM36 at ``max_len`` = 2048; the receiver writes
-    one bank while the processor reads the other, the bank being the top address bit). A row passes
+    Rows are buffered in two banks, each a ``2**ceil(log2(max_len))`` x 33-bit simple dual-port memory
+    (z and the visibility bit; 4 BRAM36 in all at ``max_len`` = 2048): the receiver writes one bank
+    while the processor reads the other, both banks' words are registered, then the bank is chosen
+    (no multiplexer between a block RAM and its register). A row passes
     four phases:
 
     1. receive (the receiver): one score per cycle; z is computed by a 5-stage pipeline, written to
@@ -138,8 +140,13 @@ class Softmax(wiring.Component):
         nw = bits_for(self.max_len)
 
         # two banks (bit aw of the address): the receiver writes one while the processor reads the other
-        m.submodules.buf = buf = Memory(shape=unsigned(33), depth=2 << aw, init=[])
-        wp, rp = buf.write_port(), buf.read_port()
+        # one memory per bank: each bank's block RAMs feed registers directly, and the bank multiplexer
+        # comes after them (one memory of both banks put a multiplexer behind the block RAMs' ~6 ns
+        # clock-to-out). A bank is read only while the receiver does not own it, so a read never needs
+        # the data written in the same cycle (NO_RW_CHECK: no collision logic)
+        banks = [Memory(shape=unsigned(33), depth=1 << aw, init=[], attrs=NO_RW_CHECK) for _ in range(2)]
+        m.submodules.bank0, m.submodules.bank1 = banks
+        wps, rps = [b.write_port() for b in banks], [b.read_port() for b in banks]
         m.submodules.exp_rom = exp_rom = Memory(shape=unsigned(16), depth=256,
                                                 init=[int(v) for v in numerics.exp2_table()])
         m.submodules.recip_rom = recip_rom = Memory(shape=unsigned(16), depth=1 << numerics.RECIP_INDEX_BITS,
@@ -147,7 +154,7 @@ class Softmax(wiring.Component):
         exp_rp, recip_rp = exp_rom.read_port(), recip_rom.read_port()
 
         s_in, out = self.s_scores, self.m_probs
-        # ---- receiver: rows go into the two banks of `buf` in turn ----
+        # ---- receiver: rows go into the two banks in turn ----
         # owned[b]: bank b holds a row whose last score has been taken and that has not been sent yet
         # (set by the receiver, cleared by the processor). Every input of s_scores.tready is a register.
         owned0, owned1 = Signal(), Signal()
@@ -217,7 +224,8 @@ class Softmax(wiring.Component):
         filled_p = [Signal(name=f"filled_p_bank{b}") for b in range(2)]
         m.d.sync += [filled_p[b].eq(filled[b]) for b in range(2)]
         ready = [filled_p[b] ^ taken[b] for b in range(2)]
-        m.d.comb += [wp.addr.eq(Cat(wcnt[:aw], wbank)), wp.data.eq(Cat(z5_z, z5_m)), wp.en.eq(z5_v)]
+        for b, wp in enumerate(wps):
+            m.d.comb += [wp.addr.eq(wcnt[:aw]), wp.data.eq(Cat(z5_z, z5_m)), wp.en.eq(z5_v & (wbank == b))]
         m.d.sync += closing.eq(0)
         with m.If(z5_v):
             m.d.sync += [zmax.eq(zmax_next), fresh.eq(z5_l)]
@@ -245,13 +253,17 @@ class Softmax(wiring.Component):
         in_pass, sending = Signal(), Signal()
         raddr = Signal(nw)
         issue = in_pass & (raddr != n) & adv
-        m.d.comb += [rp.addr.eq(Cat(raddr[:aw], psel)), rp.en.eq(adv)]
+        m.d.comb += [rp.addr.eq(raddr[:aw]) for rp in rps] + [rp.en.eq(adv) for rp in rps]
         with m.If(issue):
             m.d.sync += raddr.eq(raddr + 1)
 
         # BRAM and ROM outputs are registered before any logic (ECP5 DP16KD clk-to-q is ~6 ns)
         e1_v, e1_l = Signal(), Signal()
-        e2_v, e2_l, e2_m, e2_z = Signal(), Signal(), Signal(), Signal(signed(32))
+        e1_b = Signal()  # the bank read
+        e2_v, e2_l, e2_b = Signal(), Signal(), Signal()
+        e2_word = [Signal(33, name=f"e2_word{b}") for b in range(2)]  # both banks' words, registered
+        e2_z, e2_m = Signal(signed(32)), Signal()
+        m.d.comb += Cat(e2_z, e2_m).eq(Mux(e2_b, e2_word[1], e2_word[0]))
         e3_v, e3_l, e3_m, e3_lo, e3_sh = Signal(), Signal(), Signal(), Signal(8), Signal(5)
         e4_v, e4_l, e4_m, e4_sh = Signal(), Signal(), Signal(), Signal(5)
         e5_v, e5_l, e5_m, e5_sh, e5_x = Signal(), Signal(), Signal(), Signal(5), Signal(16)
@@ -260,8 +272,8 @@ class Softmax(wiring.Component):
         m.d.comb += [diff.eq(zmax_p - e2_z), exp_rp.addr.eq(e3_lo), exp_rp.en.eq(adv)]
         with m.If(adv):
             m.d.sync += [
-                e1_v.eq(issue), e1_l.eq(raddr == n - 1),
-                e2_v.eq(e1_v), e2_l.eq(e1_l), e2_z.eq(rp.data[0:32]), e2_m.eq(rp.data[32]),
+                e1_v.eq(issue), e1_l.eq(raddr == n - 1), e1_b.eq(psel),
+                e2_v.eq(e1_v), e2_l.eq(e1_l), e2_b.eq(e1_b), e2_word[0].eq(rps[0].data), e2_word[1].eq(rps[1].data),
                 # diff >= 0 at visible positions; the table index is diff & 255, the shift
                 # min(diff >> 8, 16)
                 e3_v.eq(e2_v), e3_l.eq(e2_l), e3_m.eq(e2_m), e3_lo.eq(diff[0:8]),
