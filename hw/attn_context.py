@@ -27,8 +27,9 @@ PROB_BITS = 16  # s_p: the Softmax core's uint16 probabilities (15 fraction bits
 ACC_BITS = numerics.ACC_BITS  # per-element accumulators; the contract bounds them by 2**24
 
 # Read-out pipeline from the accumulator read to the output FIFO: the read, a register, acc * mult
-# as two partial products, their sum, the coarse and fine shifts, round + saturate into the beat.
-_DRAIN_STAGES = 7
+# as two partial products, their sum, the coarse and fine shifts, the rounded byte and the
+# saturation flags, then the byte into the beat.
+_DRAIN_STAGES = 8
 # Output beats the read-out may have issued and not yet handed over on m_ctx. The read-out never
 # stalls: it reads a word only when the FIFO will have room for its beat (a credit), so m_ctx.tready
 # reaches no enable of the pipeline. 16 is one distributed-RAM cell deep.
@@ -78,7 +79,7 @@ class AttnContext(wiring.Component):
     next job's first beat is taken in the cycle of the last ``m_ctx.tvalid`` (once the last beat is
     in the FIFO): ``cycles_per_job(n_keys, head_dim)`` cycles per job in all.
 
-    Latency (:attr:`latency`): ``13 + copy_wait + out_interval - 1`` cycles (20 at 64 bits and 28
+    Latency (:attr:`latency`): ``14 + copy_wait + out_interval - 1`` cycles (21 at 64 bits and 29
     at 128 with one requantization lane) from the transfer of the job's last ``s_v`` beat to the
     first ``m_ctx.tvalid``; then one output beat every :attr:`out_interval` (``bus_bits / 8 /
     requant_lanes``) cycles. The read-out never stalls: it reads an accumulator word only when the
@@ -380,7 +381,10 @@ class AttnContext(wiring.Component):
         issue = d_go & (d_cnt != r_nb) & has_credit & room
         with m.If(issue):
             m.d.sync += d_cnt.eq(d_cnt + 1)
-        pop = mo.tvalid & mo.tready
+        # a beat that left the FIFO returns its credit a cycle later: the FIFO's level and the
+        # consumer's tready stay off the credit count's adder
+        pop = Signal()
+        m.d.sync += pop.eq(mo.tvalid & mo.tready)
         m.d.sync += [credits.eq(credits - issue + pop), has_credit.eq(credits >= 2)]
         m.d.sync += [rd_pend.eq(issue), pend_last.eq(d_cnt + 1 == r_nb)]
         with m.If(rd_pend):
@@ -390,8 +394,8 @@ class AttnContext(wiring.Component):
         m.d.comb += [acc_rd.addr.eq(Mux(d_go, d_cnt, s3["addr"])), acc_rd.en.eq(Mux(d_go, issue, 1))]
 
         # D2: the group at the bottom of the shift register; D3: partial products acc * mult; D4: their
-        # sum; D5, D6: coarse and fine shift; then round and saturate into the output beat, which
-        # enters the FIFO once its last group is in.
+        # sum; D5, D6: coarse and fine shift; D7: the rounded byte and the saturation flags; then the
+        # saturated bytes into the output beat, which enters the FIFO once its last group is in.
         g_valid, g_full, g_end = [w_valid], [w_grp == G - 1], [w_last & (w_grp == G - 1)]
         for k in range(3, _DRAIN_STAGES):
             v, full, end = Signal(name=f"d{k}_valid"), Signal(name=f"d{k}_full"), Signal(name=f"d{k}_end")
@@ -426,14 +430,19 @@ class AttnContext(wiring.Component):
             prod = reg(signed(ACC_BITS + numerics.MULT_BITS + 1), f"rq_prod{i}")  # |acc * mult| < 2**46
             coarse = reg(signed(ACC_BITS + numerics.MULT_BITS + 2), f"rq_coarse{i}")
             fine = reg(signed(ACC_BITS + numerics.MULT_BITS + 2), f"rq_fine{i}")
-            rounded = (fine + 1) >> 1  # round_shift(p, s) == ((2p >> s) + 1) >> 1 for every s >= 0
+            # round_shift(p, s) == ((2p >> s) + 1) >> 1 == (fine + 1) >> 1 for every s >= 0. Its low
+            # byte needs only fine's low 9 bits; it is above 127 exactly when fine >= 255 and below
+            # -128 exactly when fine <= -258 (two compares of fine, beside a 9-bit adder)
+            low = reg(8, f"rq_low{i}")
+            over, under = reg(1, f"rq_over{i}"), reg(1, f"rq_under{i}")
             m.d.sync += [
                 p_lo.eq(acc[:16] * mult), p_hi.eq(acc[16:].as_signed() * mult),
                 prod.eq((p_hi << 16) + p_lo),
                 coarse.eq((prod << 1) >> coarse_bits),
                 fine.eq(coarse >> fine_bits),
+                low.eq((fine[:9] + 1) >> 1), over.eq(fine >= 255), under.eq(fine <= -258),
             ]
-            outs.append(Mux(rounded > 127, 127, Mux(rounded < -128, -128, rounded))[:8])
+            outs.append(Mux(over, 127, Mux(under, -128, low))[:8])
         with m.If(g_valid[-1]):  # the group's bytes enter at the top; after G groups, lane 0 is at the bottom
             m.d.sync += beat.eq(Cat(beat, *outs)[8 * R:])
         return m

@@ -67,12 +67,12 @@ def test_attn_context_ports_and_softmax_connection(bus_bits):
     assert len(dut.error) == len(ERROR_BITS) == 7
     # one requantization lane: a word's bus_bits / 8 values take as many cycles
     lanes = bus_bits // 8
-    latency = {64: 20, 128: 28}[bus_bits]
+    latency = {64: 21, 128: 29}[bus_bits]
     assert dut.latency == latency and dut.throughput == 1 and dut.out_interval == lanes
     nb = 64 // lanes  # head_dim 64: the last output beat comes (nb - 1) * lanes cycles after the first
     assert dut.cycles_per_job(17, 64) == 17 * nb + latency - 1 + (nb - 1) * lanes
     wide = AttnContext(bus_bits=bus_bits, requant_lanes=lanes)  # every lane at once: the output at one beat per cycle
-    assert wide.out_interval == 1 and wide.latency == 13 + max(0, lanes - 7)
+    assert wide.out_interval == 1 and wide.latency == 14 + max(0, lanes - 7)
     assert wide.cycles_per_job(17, 64) == 17 * nb + wide.latency - 1 + nb - 1
     sm = Softmax()
     m = Module()
