@@ -203,11 +203,15 @@ class AttnScores(wiring.Component):
         q_ready = ~keys & ~halted
         m.d.comb += sq.tready.eq(q_ready)
         q_take = sq.tvalid & q_ready
-        e_hd = q_take & q_first & bad_hd
-        e_nk = q_take & q_first & bad_nk
+        # the error checks judge a beat offered while not halted as if taken: `halted` stays off them,
+        # so no path runs from `halted` through the handshake and the checks back into it (once halted,
+        # the bits no longer change: see new_err below)
+        q_seen = sq.tvalid & ~keys
+        e_hd = q_seen & q_first & bad_hd
+        e_nk = q_seen & q_first & bad_nk
         cfg_bad = e_hd | e_nk
-        e_q_early = q_take & ~cfg_bad & ~q_last & sq.tlast
-        e_q_missing = q_take & ~cfg_bad & q_last & ~sq.tlast
+        e_q_early = q_seen & ~cfg_bad & ~q_last & sq.tlast
+        e_q_missing = q_seen & ~cfg_bad & q_last & ~sq.tlast
         # Counters and memories follow every beat taken, also one that raises an error: the core
         # halts from the next cycle, so what such a beat does to them is never used, and their
         # enables stay free of the error logic (which crosses the core, through tlast, in one cycle).
@@ -233,8 +237,9 @@ class AttnScores(wiring.Component):
         k_ready = keys & ~halted & (~row_start | (in_flight < credits))
         m.d.comb += sk.tready.eq(k_ready)
         k_take = sk.tvalid & k_ready
-        e_k_early = k_take & sk.tlast & ~final
-        e_k_missing = k_take & final & ~sk.tlast
+        k_seen = sk.tvalid & keys & (~row_start | (in_flight < credits))
+        e_k_early = k_seen & sk.tlast & ~final
+        e_k_missing = k_seen & final & ~sk.tlast
         k_ok = k_take & ~e_k_early & ~e_k_missing  # the beat's valid flag
         with m.If(k_take):
             with m.If(k_last):
@@ -248,7 +253,7 @@ class AttnScores(wiring.Component):
         m.d.comb += q_rd.addr.eq(k_beat)  # the query word of this beat is there in S1
 
         new_err = Cat(e_hd, e_nk, e_q_early, e_q_missing, e_k_early, e_k_missing)
-        m.d.sync += [self.error.eq(self.error | new_err), halted.eq(halted | new_err.any())]
+        m.d.sync += [self.error.eq(self.error | Mux(halted, 0, new_err)), halted.eq(halted | new_err.any())]
 
         out_take = mo.tvalid & mo.tready
         row_in = k_take & row_start

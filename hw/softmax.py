@@ -301,7 +301,9 @@ class Softmax(wiring.Component):
         norm = Signal(sw)
         lz = Signal(range(sw))
         sent = Signal()  # the row's last probability is transferred
-        m.d.comb += recip_rp.addr.eq(norm[sw - 11: sw - 1])
+        # the reciprocal ROM reads in every cycle: no enable from the processor's state (whose
+        # register was placed beside the ROM, far from the rest of its logic)
+        m.d.comb += [recip_rp.addr.eq(norm[sw - 11: sw - 1]), recip_rp.en.eq(1)]
 
         with m.FSM():
             with m.State("IDLE"):  # the next row in order (bank psel) is in: take it
@@ -327,8 +329,7 @@ class Softmax(wiring.Component):
                         m.d.sync += [norm.eq(norm << step), lz.eq(lz + step)]
                     nxt = self._norm_steps[i + 1] if i + 1 < len(self._norm_steps) else None
                     m.next = f"NORM{nxt}" if nxt else "RADDR"
-            with m.State("RADDR"):
-                m.d.comb += recip_rp.en.eq(1)
+            with m.State("RADDR"):  # the ROM reads norm's address in every cycle (norm holds here)
                 m.d.sync += k16.eq(sw - 16 - lz)
                 m.next = "RDATA"
             with m.State("RDATA"):
