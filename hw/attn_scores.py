@@ -8,8 +8,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, exact_log2
 
-from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.lut_products import mul_int8_pairs
 from gpt_fpga.contract import numerics
 from gpt_fpga.contract.layout import BUS_BITS_CHOICES, ceil_div
@@ -234,10 +234,11 @@ class AttnScores(wiring.Component):
         final = k_last & row_last
         credits = OUT_FIFO_DEPTH - 1
         in_flight = Signal(range(credits + 1))  # rows started and not yet taken from m_scores
-        k_ready = keys & ~halted & (~row_start | (in_flight < credits))
+        k_room = ~row_start | (in_flight < credits)
+        k_ready = keys & ~halted & k_room
         m.d.comb += sk.tready.eq(k_ready)
         k_take = sk.tvalid & k_ready
-        k_seen = sk.tvalid & keys & (~row_start | (in_flight < credits))
+        k_seen = sk.tvalid & keys & k_room
         e_k_early = k_seen & sk.tlast & ~final
         e_k_missing = k_seen & final & ~sk.tlast
         k_ok = k_take & ~e_k_early & ~e_k_missing  # the beat's valid flag

@@ -13,9 +13,9 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
-from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.axi import BOUNDARY_BYTES, BURST_INCR, MAX_BURST_BEATS, Axi4ReadSignature
 from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.hw.fifo import BlockRamFifo
 
 __all__ = ["AxiReadDma", "BurstSplitter", "DmaCommandSignature", "check_dma_params", "CMD_BEATS_BITS",
            "ARCACHE", "DEFAULT_MAX_OUTSTANDING"]

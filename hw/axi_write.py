@@ -12,11 +12,11 @@ from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
-from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.axi import BURST_INCR, MAX_BURST_BEATS, Axi4WriteSignature
 from gpt_fpga.hw.axi_read import (ARCACHE, CMD_BEATS_BITS, DEFAULT_MAX_OUTSTANDING, BurstSplitter,
                                   DmaCommandSignature, check_dma_params)
 from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.ping_pong_slice import PingPongSlice
 
 __all__ = ["AxiWriteDma", "ERROR_BRESP", "ERROR_STREAM"]

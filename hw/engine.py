@@ -13,7 +13,6 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.attn_context import AttnContext
 from gpt_fpga.hw.attn_scores import AttnScores
 from gpt_fpga.hw.axi import Axi4ReadSignature, Axi4WriteSignature, AxiLiteSignature
@@ -21,6 +20,7 @@ from gpt_fpga.hw.axi_read import CMD_BEATS_BITS, AxiReadDma
 from gpt_fpga.hw.axi_read_2port import TwoPortReadDma
 from gpt_fpga.hw.axi_write import AxiWriteDma
 from gpt_fpga.hw.axis_downsize import StreamDownsizer
+from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.gelu import Gelu
 from gpt_fpga.hw.layernorm import LayerNorm
 from gpt_fpga.hw.matvec import MatVec

@@ -11,8 +11,8 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.axis import AxiStreamSignature
+from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.lut_products import mul_int4, mul_int8_pairs
 from gpt_fpga.contract.layout import (BUS_BITS_CHOICES, GROUP_CHOICES, ROW_HEADER_FIXED_BYTES, WEIGHT_FORMATS, ceil_div,
                                       header_bits)

@@ -9,8 +9,8 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
 
 from gpt_fpga.hw.axis import AxiStreamSignature
-from gpt_fpga.contract import numerics
 from gpt_fpga.hw.fifo import NO_RW_CHECK
+from gpt_fpga.contract import numerics
 
 __all__ = ["Softmax"]
 
