@@ -293,13 +293,17 @@ class Engine(wiring.Component):
 
         # ---- sequencer state ---------------------------------------------------------------------
         step = Signal(range(len(rm.STEPS)))
-        # a one-hot copy of the step for the sequencer's and the sinks' decode: a case is one flip-flop,
-        # not a comparison of the step's bits
+        # a one-hot copy of the step for the sequencer's and the sinks' decode: a step's condition is one
+        # flip-flop, not a comparison of the step's bits
         step_oh = Signal(len(rm.STEPS), init=1 << STEP["idle"])
 
-        def step_case(*names):
-            """A `m.Case` pattern of `step_oh` for these steps."""
-            return tuple("".join("1" if i == STEP[n] else "-" for i in reversed(range(len(rm.STEPS)))) for n in names)
+        def on(one_hot, *names):
+            """One of these steps, from a one-hot copy of the step: an OR of its bits.
+
+            Not `m.Switch` with a `m.Case` pattern per step: Amaranth's cases are tried in order, and
+            the patterns `--1-` and `-1--` overlap, so a case's condition would AND the negations of
+            every earlier bit (a priority chain three LUTs deep in front of the steps' enables)."""
+            return Cat(one_hot[STEP[n]] for n in names).any()
         head = Signal(16)  # also counts the 2 * n_head K/V row writes
         busy = Signal()
         done = Signal()
@@ -571,10 +575,17 @@ class Engine(wiring.Component):
         h_base = Signal(16)  # first word of this head's q row (scores_softmax)
         # K/V rows to DDR need tlast per row (one write command per row)
         kvrow_i = Signal(16)
+        # kvrow_i == row_beats_kv - 1, as a register: the write slice's tlast sees only registers
+        kvrow_last = Signal()
+        kvrow_one, kvrow_before_last = Signal(), Signal(16)  # row_beats_kv == 1, row_beats_kv - 2 (stable)
+        m.d.sync += [kvrow_one.eq(row_beats_kv == 1), kvrow_before_last.eq(row_beats_kv - 2)]
         with m.If(h_to_wr):
             m.d.comb += hq.tready.eq(wr_in.tready)
             with m.If(hq.tvalid & wr_in.tready):
-                m.d.sync += kvrow_i.eq(Mux(kvrow_i == row_beats_kv - 1, 0, kvrow_i + 1))
+                with m.If(kvrow_last):
+                    m.d.sync += [kvrow_i.eq(0), kvrow_last.eq(kvrow_one)]
+                with m.Else():
+                    m.d.sync += [kvrow_i.eq(kvrow_i + 1), kvrow_last.eq(kvrow_i == kvrow_before_last)]
         with m.Else():
             m.d.comb += [qk.s_q.tdata.eq(hq.tdata), qk.s_q.tvalid.eq(hq.tvalid), hq.tready.eq(qk.s_q.tready),
                          qk.s_q.tlast.eq(hq.tlast)]
@@ -658,48 +669,47 @@ class Engine(wiring.Component):
         # GELU's table is a block RAM without an output register: its value goes straight into a register
         gelu_y, gelu_valid = Signal(8), Signal()
         m.d.sync += [gelu_y.eq(gelu.m_y.tdata), gelu_valid.eq(0)]
-        # one parallel case per step: each step's sink. It follows the step a cycle late (a copy of the
+        # one block per step (`on`): each step's sink. It follows the step a cycle late (a copy of the
         # register, next to the sinks: the step's fan-out and decode stay off the buffers' write ports);
         # no value reaches a sink in a step's first cycle
         sink_step = Signal.like(step_oh)
         m.d.sync += sink_step.eq(step_oh)
-        with m.Switch(sink_step):
-            with m.Case(*step_case("ln1", "ln2", "lnf")):  # LayerNorm out -> a
-                m.d.comb += ln.m_y.tready.eq(1)
-                write_byte(a_wp, sink_i, ln.m_y.tdata, ln.m_y.tvalid)
-                with m.If(ln.m_y.tvalid):
-                    m.d.sync += sink_i.eq(sink_i + 1)
-            with m.Case(*step_case("qkv")):
+        with m.If(on(sink_step, "ln1", "ln2", "lnf")):  # LayerNorm out -> a
+            m.d.comb += ln.m_y.tready.eq(1)
+            write_byte(a_wp, sink_i, ln.m_y.tdata, ln.m_y.tvalid)
+            with m.If(ln.m_y.tvalid):
+                m.d.sync += sink_i.eq(sink_i + 1)
+        with m.If(on(sink_step, "qkv")):
+            m.d.comb += mv.m_out.tready.eq(1)
+            with m.If(mv.m_out.tvalid):
+                m.d.comb += [h_wp.addr.eq(row_word + (e_i >> lgB)), h_wp.data.eq(Cat(*([mv.m_out.tdata[:8]] * B))),
+                             h_wp.en.eq(1 << e_i[:lgB])]
+                m.d.sync += sink_i.eq(sink_i + 1)
+                with m.If(e_i == hd_last):
+                    m.d.sync += [e_i.eq(0), row_word.eq(row_word + row_beats_kv)]
+                with m.Else():
+                    m.d.sync += e_i.eq(e_i + 1)
+        with m.If(on(sink_step, "attn_out", "proj")):
+            m.d.comb += [mv.m_out.tready.eq(1), add_take.eq(mv.m_out.tvalid)]
+            with m.If(mv.m_out.tvalid):
+                m.d.comb += [x_rp.addr.eq(add_rd), x_rp.en.eq(1)]
+                m.d.sync += [add_y0.eq(mv.m_out.tdata), add_rd.eq(add_rd + 1)]
+        with m.If(on(sink_step, "fc_gelu")):  # fc matvec out -> GELU -> (register) -> a
+            m.d.comb += [gelu.s_x.tdata.eq(mv.m_out.tdata[:8]), gelu.s_x.tvalid.eq(mv.m_out.tvalid),
+                         mv.m_out.tready.eq(gelu.s_x.tready), gelu.s_x.tlast.eq(mv.m_out.tlast),
+                         gelu.m_y.tready.eq(1)]
+            m.d.sync += gelu_valid.eq(gelu.m_y.tvalid)
+            write_byte(a_wp, sink_i, gelu_y, gelu_valid)
+            with m.If(gelu_valid):
+                m.d.sync += sink_i.eq(sink_i + 1)
+        with m.If(on(sink_step, "lm_head")):
+            with m.If(~lg_full):
                 m.d.comb += mv.m_out.tready.eq(1)
                 with m.If(mv.m_out.tvalid):
-                    m.d.comb += [h_wp.addr.eq(row_word + (e_i >> lgB)), h_wp.data.eq(Cat(*([mv.m_out.tdata[:8]] * B))),
-                                 h_wp.en.eq(1 << e_i[:lgB])]
-                    m.d.sync += sink_i.eq(sink_i + 1)
-                    with m.If(e_i == hd_last):
-                        m.d.sync += [e_i.eq(0), row_word.eq(row_word + row_beats_kv)]
-                    with m.Else():
-                        m.d.sync += e_i.eq(e_i + 1)
-            with m.Case(*step_case("attn_out", "proj")):
-                m.d.comb += [mv.m_out.tready.eq(1), add_take.eq(mv.m_out.tvalid)]
-                with m.If(mv.m_out.tvalid):
-                    m.d.comb += [x_rp.addr.eq(add_rd), x_rp.en.eq(1)]
-                    m.d.sync += [add_y0.eq(mv.m_out.tdata), add_rd.eq(add_rd + 1)]
-            with m.Case(*step_case("fc_gelu")):  # fc matvec out -> GELU -> (register) -> a
-                m.d.comb += [gelu.s_x.tdata.eq(mv.m_out.tdata[:8]), gelu.s_x.tvalid.eq(mv.m_out.tvalid),
-                             mv.m_out.tready.eq(gelu.s_x.tready), gelu.s_x.tlast.eq(mv.m_out.tlast),
-                             gelu.m_y.tready.eq(1)]
-                m.d.sync += gelu_valid.eq(gelu.m_y.tvalid)
-                write_byte(a_wp, sink_i, gelu_y, gelu_valid)
-                with m.If(gelu_valid):
-                    m.d.sync += sink_i.eq(sink_i + 1)
-            with m.Case(*step_case("lm_head")):
-                with m.If(~lg_full):
-                    m.d.comb += mv.m_out.tready.eq(1)
-                    with m.If(mv.m_out.tvalid):
-                        is_last = sink_i == sink_last
-                        m.d.sync += [lg_pack.word_select(lg_n, 32).eq(mv.m_out.tdata), lg_last.eq(is_last),
-                                     lg_n.eq(Mux(is_last, B // 4, lg_n + 1)), lg_full.eq(is_last | (lg_n == B // 4 - 1)),
-                                     sink_i.eq(sink_i + 1)]
+                    is_last = sink_i == sink_last
+                    m.d.sync += [lg_pack.word_select(lg_n, 32).eq(mv.m_out.tdata), lg_last.eq(is_last),
+                                 lg_n.eq(Mux(is_last, B // 4, lg_n + 1)), lg_full.eq(is_last | (lg_n == B // 4 - 1)),
+                                 sink_i.eq(sink_i + 1)]
         # The beats to write: each source's flag is a register (its step, registered, and "a beat is
         # full"), and they are exclusive, so the write slice's input is one AND-OR of registers.
         with m.If(lg_to_wr & lg_full & wr_in.tready):
@@ -707,7 +717,7 @@ class Engine(wiring.Component):
         m.d.comb += [
             wr_in.tvalid.eq((h_to_wr & hq.tvalid) | (x_to_wr & pack_full) | (lg_to_wr & lg_full)),
             wr_in.tdata.eq(Mux(h_to_wr, hq.tdata, 0) | Mux(x_to_wr, pack, 0) | Mux(lg_to_wr, lg_pack, 0)),
-            wr_in.tlast.eq((h_to_wr & (kvrow_i == row_beats_kv - 1)) | (x_to_wr & pack_last) | (lg_to_wr & lg_last)),
+            wr_in.tlast.eq((h_to_wr & kvrow_last) | (x_to_wr & pack_last) | (lg_to_wr & lg_last)),
         ]
         with m.If(add_v[2]):  # A3: outside the step's case, so the write data's mux sees only registers
             m.d.comb += [x_wp.addr.eq(sink_i), x_wp.data.eq(add_sum), x_wp.en.eq(1)]
@@ -992,115 +1002,114 @@ class Engine(wiring.Component):
                 with m.If(stop):
                     m.d.sync += err.eq(err | live_err_r)
                     enter_reset("ABORT")
-                with m.Else():  # one parallel case per step (a priority chain of 14 steps was deep)
-                    with m.Switch(step_oh):
-                        with m.Case(*step_case("load_residual")):
-                            with m.If(sub == 0):
-                                read(dfield(rec_model, "model", "resid_addr"), resid_beats, T_RESID)
+                with m.Else():  # one block per step, each on its own bit of step_oh (`on`)
+                    with m.If(on(step_oh, "load_residual")):
+                        with m.If(sub == 0):
+                            read(dfield(rec_model, "model", "resid_addr"), resid_beats, T_RESID)
+                            with m.If(~rq_valid):  # the request is taken
+                                m.d.sync += [res_i.eq(0), res_lane.eq(0), sub.eq(1)]
+                        with m.Elif(rd_quiet):
+                            with m.If(is_head):
+                                begin("lnf")
+                            with m.Else():
+                                begin("ln1")
+                    with m.If(on(step_oh, "ln1")):
+                        layernorm(lf("ln1_addr"), lf("ln1_shift"), "qkv")
+                    with m.If(on(step_oh, "qkv")):
+                        with m.If(sub == 0):
+                            m.d.sync += [e_i.eq(0), row_word.eq(0)]
+                        with m.If(matvec(lf("qkv_addr"))):
+                            begin("write_kv")
+                    with m.If(on(step_oh, "write_kv")):
+                        # 2 * n_head row writes (all k rows, then all v rows) fed by one linear read of h
+                        with m.If(sub == 0):
+                            m.d.sync += [kvrow_i.eq(0), kvrow_last.eq(kvrow_one), head.eq(0),
+                                         kv_wr_addr.eq(lf("k_cache_addr") + pos_off), kv_more.eq(1), sub.eq(1)]
+                            m.d.comb += [h_go.eq(1), h_first.eq(nh_rb), h_count.eq(nh_rb << 1)]
+                        with m.Elif(sub == 1):
+                            m.d.comb += [wr_addr.eq(kv_wr_addr), wr_n.eq(row_beats_kv), wr_go.eq(kv_more)]
+                            with m.If(kv_more & ~wq_valid):  # this row's write command is taken
+                                m.d.sync += [head.eq(head + 1), kv_more.eq(head != kv_last_row),
+                                             kv_wr_addr.eq(Mux(head == last_head, lf("v_cache_addr") + pos_off,
+                                                               kv_wr_addr + ctx_stride))]
+                            with m.If(~kv_more & ~h_active):
+                                m.d.sync += sub.eq(2)
+                        with m.Elif(wr_idle):
+                            m.d.sync += [head.eq(0), heads_after.eq(last_head), head_at_last.eq(last_head == 0),
+                                         ctx_clear.eq(1), k_rd_addr.eq(lf("k_cache_addr") + lo_off),
+                                         v_rd_addr.eq(lf("v_cache_addr") + lo_off), h_base.eq(0), ctx_base.eq(0)]
+                            begin("scores_softmax")
+                    with m.If(on(step_oh, "scores_softmax")):
+                        # Reads K0, K1, V0, K2, V1, ..., K(H-1), V(H-2), V(H-1) (one head: K0, V0), so that
+                        # Softmax's exp-and-sum of head h runs while K(h + 1) streams. Each consumer drains
+                        # its stream in command order: AttnScores gets q(h) with the K(h) read (the read
+                        # DMA may hold a command back until the one before it is split into bursts, which
+                        # needs AttnScores to drain K, which needs the query); Softmax takes row h + 1
+                        # into its second bank while row h waits for V(h); row h + 2 (after V(h)) needs
+                        # the bank row h has left. The h streamer holds one q row: a K read is issued only
+                        # once the previous q row is in AttnScores (it takes q(h + 1) after K(h)'s last
+                        # beat). `head` is the head whose V read comes next; h_base and k_rd_addr step
+                        # with the K reads, v_rd_addr with the V reads (no multiplier). The context
+                        # bytes go to a in head order (ctx_head below); the step ends when the last
+                        # head's are in.
+                        with m.Switch(sub):
+                            with m.Case(0):  # K0 and q0
+                                read(k_rd_addr, kv_beats, T_K)
                                 with m.If(~rq_valid):  # the request is taken
-                                    m.d.sync += [res_i.eq(0), res_lane.eq(0), sub.eq(1)]
-                            with m.Elif(rd_quiet):
-                                with m.If(is_head):
-                                    begin("lnf")
-                                with m.Else():
-                                    begin("ln1")
-                        with m.Case(*step_case("ln1")):
-                            layernorm(lf("ln1_addr"), lf("ln1_shift"), "qkv")
-                        with m.Case(*step_case("qkv")):
-                            with m.If(sub == 0):
-                                m.d.sync += [e_i.eq(0), row_word.eq(0)]
-                            with m.If(matvec(lf("qkv_addr"))):
-                                begin("write_kv")
-                        with m.Case(*step_case("write_kv")):
-                            # 2 * n_head row writes (all k rows, then all v rows) fed by one linear read of h
-                            with m.If(sub == 0):
-                                m.d.sync += [kvrow_i.eq(0), head.eq(0), kv_wr_addr.eq(lf("k_cache_addr") + pos_off),
-                                             kv_more.eq(1), sub.eq(1)]
-                                m.d.comb += [h_go.eq(1), h_first.eq(nh_rb), h_count.eq(nh_rb << 1)]
-                            with m.Elif(sub == 1):
-                                m.d.comb += [wr_addr.eq(kv_wr_addr), wr_n.eq(row_beats_kv), wr_go.eq(kv_more)]
-                                with m.If(kv_more & ~wq_valid):  # this row's write command is taken
-                                    m.d.sync += [head.eq(head + 1), kv_more.eq(head != kv_last_row),
-                                                 kv_wr_addr.eq(Mux(head == last_head, lf("v_cache_addr") + pos_off,
-                                                                   kv_wr_addr + ctx_stride))]
-                                with m.If(~kv_more & ~h_active):
+                                    m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
+                                    m.d.sync += [h_base.eq(h_base + row_beats_kv),
+                                                 k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(1)]
+                            with m.Case(1):  # K(head + 1) and its q row, unless head is the last
+                                read(k_rd_addr, kv_beats, T_K, go=~head_at_last & ~h_active)
+                                with m.If(head_at_last):
                                     m.d.sync += sub.eq(2)
-                            with m.Elif(wr_idle):
-                                m.d.sync += [head.eq(0), heads_after.eq(last_head), head_at_last.eq(last_head == 0),
-                                             ctx_clear.eq(1), k_rd_addr.eq(lf("k_cache_addr") + lo_off),
-                                             v_rd_addr.eq(lf("v_cache_addr") + lo_off), h_base.eq(0), ctx_base.eq(0)]
-                                begin("scores_softmax")
-                        with m.Case(*step_case("scores_softmax")):
-                            # Reads K0, K1, V0, K2, V1, ..., K(H-1), V(H-2), V(H-1) (one head: K0, V0), so that
-                            # Softmax's exp-and-sum of head h runs while K(h + 1) streams. Each consumer drains
-                            # its stream in command order: AttnScores gets q(h) with the K(h) read (the read
-                            # DMA may hold a command back until the one before it is split into bursts, which
-                            # needs AttnScores to drain K, which needs the query); Softmax takes row h + 1
-                            # into its second bank while row h waits for V(h); row h + 2 (after V(h)) needs
-                            # the bank row h has left. The h streamer holds one q row: a K read is issued only
-                            # once the previous q row is in AttnScores (it takes q(h + 1) after K(h)'s last
-                            # beat). `head` is the head whose V read comes next; h_base and k_rd_addr step
-                            # with the K reads, v_rd_addr with the V reads (no multiplier). The context
-                            # bytes go to a in head order (ctx_head below); the step ends when the last
-                            # head's are in.
-                            with m.Switch(sub):
-                                with m.Case(0):  # K0 and q0
-                                    read(k_rd_addr, kv_beats, T_K)
+                                with m.Elif(~h_active):
                                     with m.If(~rq_valid):  # the request is taken
                                         m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
                                         m.d.sync += [h_base.eq(h_base + row_beats_kv),
-                                                     k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(1)]
-                                with m.Case(1):  # K(head + 1) and its q row, unless head is the last
-                                    read(k_rd_addr, kv_beats, T_K, go=~head_at_last & ~h_active)
+                                                     k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(2)]
+                            with m.Case(2):  # V(head)
+                                read(v_rd_addr, kv_beats, T_V)
+                                with m.If(~rq_valid):  # the request is taken
+                                    m.d.sync += v_rd_addr.eq(v_rd_addr + ctx_stride)
                                     with m.If(head_at_last):
-                                        m.d.sync += sub.eq(2)
-                                    with m.Elif(~h_active):
-                                        with m.If(~rq_valid):  # the request is taken
-                                            m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
-                                            m.d.sync += [h_base.eq(h_base + row_beats_kv),
-                                                         k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(2)]
-                                with m.Case(2):  # V(head)
-                                    read(v_rd_addr, kv_beats, T_V)
-                                    with m.If(~rq_valid):  # the request is taken
-                                        m.d.sync += v_rd_addr.eq(v_rd_addr + ctx_stride)
-                                        with m.If(head_at_last):
-                                            m.d.sync += sub.eq(3)
-                                        with m.Else():
-                                            m.d.sync += [head.eq(head + 1), heads_after.eq(heads_after - 1),
-                                                         head_at_last.eq(heads_after == 1), sub.eq(1)]
-                                with m.Default():  # every head's context is in a
-                                    with m.If(ctx_all):
-                                        begin("attn_out")
-                        with m.Case(*step_case("attn_out")):
-                            with m.If(matvec(lf("attn_out_addr")) & ~add_pending):
-                                begin("ln2")
-                        with m.Case(*step_case("ln2")):
-                            layernorm(lf("ln2_addr"), lf("ln2_shift"), "fc_gelu")
-                        with m.Case(*step_case("fc_gelu")):
-                            with m.If(matvec(lf("fc_addr"))):
-                                begin("proj")
-                        with m.Case(*step_case("proj")):
-                            with m.If(matvec(lf("proj_addr")) & ~add_pending):
-                                begin("store_residual")
-                        with m.Case(*step_case("store_residual")):
-                            with m.If(sub == 0):
-                                m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "resid_addr")),
-                                             wr_n.eq(resid_beats), wr_go.eq(1)]
-                                with m.If(~wq_valid):  # the write command is taken
-                                    m.d.sync += [x_go_next.eq(1), sub.eq(1)]
-                            with m.Elif(~x_active & (pack_n == 0) & wr_idle):
-                                enter_reset("END")
-                        with m.Case(*step_case("lnf")):
-                            layernorm(hf("lnf_addr"), hf("lnf_shift"), "lm_head")
-                        with m.Case(*step_case("lm_head")):
-                            lm_done = matvec(hf("lm_head_addr"), first_sub=1)  # subs 1..7
-                            with m.If(sub == 0):  # the logits' write command first, then the matvec
-                                m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
-                                             wr_n.eq(logits_beats), wr_go.eq(1)]
-                                with m.If(~wq_valid):  # the write command is taken
-                                    m.d.sync += sub.eq(1)
-                            with m.Elif(lm_done & (lg_n == 0) & wr_idle):
-                                enter_reset("END")
+                                        m.d.sync += sub.eq(3)
+                                    with m.Else():
+                                        m.d.sync += [head.eq(head + 1), heads_after.eq(heads_after - 1),
+                                                     head_at_last.eq(heads_after == 1), sub.eq(1)]
+                            with m.Default():  # every head's context is in a
+                                with m.If(ctx_all):
+                                    begin("attn_out")
+                    with m.If(on(step_oh, "attn_out")):
+                        with m.If(matvec(lf("attn_out_addr")) & ~add_pending):
+                            begin("ln2")
+                    with m.If(on(step_oh, "ln2")):
+                        layernorm(lf("ln2_addr"), lf("ln2_shift"), "fc_gelu")
+                    with m.If(on(step_oh, "fc_gelu")):
+                        with m.If(matvec(lf("fc_addr"))):
+                            begin("proj")
+                    with m.If(on(step_oh, "proj")):
+                        with m.If(matvec(lf("proj_addr")) & ~add_pending):
+                            begin("store_residual")
+                    with m.If(on(step_oh, "store_residual")):
+                        with m.If(sub == 0):
+                            m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "resid_addr")),
+                                         wr_n.eq(resid_beats), wr_go.eq(1)]
+                            with m.If(~wq_valid):  # the write command is taken
+                                m.d.sync += [x_go_next.eq(1), sub.eq(1)]
+                        with m.Elif(~x_active & (pack_n == 0) & wr_idle):
+                            enter_reset("END")
+                    with m.If(on(step_oh, "lnf")):
+                        layernorm(hf("lnf_addr"), hf("lnf_shift"), "lm_head")
+                    with m.If(on(step_oh, "lm_head")):
+                        lm_done = matvec(hf("lm_head_addr"), first_sub=1)  # subs 1..7
+                        with m.If(sub == 0):  # the logits' write command first, then the matvec
+                            m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
+                                         wr_n.eq(logits_beats), wr_go.eq(1)]
+                            with m.If(~wq_valid):  # the write command is taken
+                                m.d.sync += sub.eq(1)
+                        with m.Elif(lm_done & (lg_n == 0) & wr_idle):
+                            enter_reset("END")
             with m.State("ABORT"):
                 # flush the DMAs (one cycle); the cores are in reset (core_rst) from here to END
                 m.d.sync += [dma_flush.eq(0), dmas_idle.eq(0)]
