@@ -217,9 +217,7 @@ class MatVec(wiring.Component):
             hdr_beats = 1
         max_wb = self.max_d_in // P
         # the last index of each count, registered (counters compare for equality, no adder in front)
-        r_wb = Signal(range(max_wb + 1))  # weight beats - 1
         r_hb = Signal(range(self.max_header_beats + 1))  # header beats - 1
-        r_rows = Signal(ROWS_BITS)  # rows - 1
         act_last_at = Signal(range(self.max_d_in // B + 1))  # activation beats - 1, from the live d_in
         m.d.sync += act_last_at.eq(act_beats - 1)
         r_out8 = Signal()
@@ -235,6 +233,15 @@ class MatVec(wiring.Component):
         def flag(name, cond, halt):
             with m.If(cond):
                 m.d.sync += [errors[self.ERROR_BITS.index(name)].eq(1), halt.eq(1)]
+
+        # "this is the row's last weight beat" and "this is the last row" are registers, kept one beat
+        # ahead of the counters: no wide comparison between the weight handshake and the error bits'
+        # enables or the counters' own
+        wt_last = Signal()  # wt_cnt == weight beats - 1
+        row_last = Signal()  # row_cnt == rows - 1
+        wb_one = Signal()  # a row of one weight beat
+        wb_before_last = Signal(range(max_wb + 1))  # weight beats - 2 (wraps for one beat: never reached)
+        rows_before_last = Signal(ROWS_BITS)  # rows - 2 (likewise)
 
         # ---- activation load
         running = Signal()  # 0: loading activations, 1: streaming this matvec's weights
@@ -262,8 +269,9 @@ class MatVec(wiring.Component):
             m.d.comb += act_wr.en.eq(act_take)
         with m.If(act_take):
             with m.If(act_last):
-                m.d.sync += [act_cnt.eq(0), running.eq(1), r_wb.eq(wt_beats - 1), r_hb.eq(hdr_beats - 1),
-                             r_rows.eq(self.n_rows - 1), r_out8.eq(self.out_int8)]
+                m.d.sync += [act_cnt.eq(0), running.eq(1), r_hb.eq(hdr_beats - 1), r_out8.eq(self.out_int8),
+                             wt_last.eq(wt_beats == 1), wb_one.eq(wt_beats == 1), wb_before_last.eq(wt_beats - 2),
+                             row_last.eq(self.n_rows == 1), rows_before_last.eq(self.n_rows - 2)]
             with m.Else():
                 m.d.sync += act_cnt.eq(act_cnt + 1)
 
@@ -278,8 +286,6 @@ class MatVec(wiring.Component):
         w_ready = running & ~halted & (~row_start | (in_flight < credits))
         m.d.comb += sw.tready.eq(w_ready)
         take = w_ready & sw.tvalid
-        wt_last = wt_cnt == r_wb
-        row_last = row_cnt == r_rows
         flag("weights_tlast", take & (sw.tlast != (~hdr_phase & wt_last & row_last)), halted_w)
         s_lo, s_hi = header_bits("shift")
         flag("shift", take & row_start & (sw.tdata[s_lo:s_hi] > MAX_SHIFT), halted_w)
@@ -291,13 +297,13 @@ class MatVec(wiring.Component):
                     m.d.sync += hdr_cnt.eq(hdr_cnt + 1)
             with m.Else():
                 with m.If(wt_last):
-                    m.d.sync += [wt_cnt.eq(0), hdr_phase.eq(1)]
+                    m.d.sync += [wt_cnt.eq(0), wt_last.eq(wb_one), hdr_phase.eq(1)]
                     with m.If(row_last):
                         m.d.sync += [row_cnt.eq(0), running.eq(0)]
                     with m.Else():
-                        m.d.sync += row_cnt.eq(row_cnt + 1)
+                        m.d.sync += [row_cnt.eq(row_cnt + 1), row_last.eq(row_cnt == rows_before_last)]
                 with m.Else():
-                    m.d.sync += wt_cnt.eq(wt_cnt + 1)
+                    m.d.sync += [wt_cnt.eq(wt_cnt + 1), wt_last.eq(wt_cnt == wb_before_last)]
 
         out_take = mo.tvalid & mo.tready
         with m.If(take & row_start & ~out_take):
