@@ -293,8 +293,8 @@ class Engine(wiring.Component):
 
         # ---- sequencer state ---------------------------------------------------------------------
         step = Signal(range(len(rm.STEPS)))
-        # a one-hot copy of the step for the sequencer's and the sinks' decode: a step's condition is one
-        # flip-flop, not a comparison of the step's bits
+        # a one-hot copy of the step for the sinks' decode (each sink's condition is one flip-flop); the
+        # sequencer decodes the binary step (see RUN)
         step_oh = Signal(len(rm.STEPS), init=1 << STEP["idle"])
 
         def on(one_hot, *names):
@@ -748,7 +748,9 @@ class Engine(wiring.Component):
         ctx_have = Signal()
         ctx_lane = Signal(range(B))
         ctx_e = Signal(range(self.max_head_dim + 1))  # element of this head written so far
-        ctx_base = Signal(range(self.max_d + 1))  # ctx_head * head_dim
+        # the byte of a the next context byte goes to: ctx_head * head_dim + ctx_e, counted (heads are
+        # contiguous in a), so no adder sits in front of a's write port
+        ctx_addr = Signal(range(self.max_d + 1))
         ctx_head = Signal(16)  # the head whose context comes next (AttnContext's jobs are in head order)
         ctx_all = Signal()  # the last head's context is in a (cleared when scores_softmax starts)
         ctx_clear = Signal()  # set on the way into scores_softmax: its first cycle clears the context counters
@@ -757,15 +759,15 @@ class Engine(wiring.Component):
         with m.If(pv.m_ctx.tvalid & ~ctx_have):
             m.d.sync += [ctx_beat.eq(pv.m_ctx.tdata), ctx_have.eq(1), ctx_lane.eq(0)]
         with m.If(ctx_have):
-            write_byte(a_wp, ctx_base + ctx_e, ctx_beat.word_select(ctx_lane, 8), ctx_e < head_dim)
-            m.d.sync += [ctx_lane.eq(ctx_lane + 1), ctx_e.eq(ctx_e + 1)]
+            write_byte(a_wp, ctx_addr, ctx_beat.word_select(ctx_lane, 8), ctx_e < head_dim)
+            m.d.sync += [ctx_lane.eq(ctx_lane + 1), ctx_e.eq(ctx_e + 1), ctx_addr.eq(ctx_addr + 1)]
             with m.If(ctx_e == hd_last):  # the head's last byte: the next head's context follows
-                m.d.sync += [ctx_have.eq(0), ctx_e.eq(0), ctx_base.eq(ctx_base + head_dim),
+                m.d.sync += [ctx_have.eq(0), ctx_e.eq(0),
                              ctx_head.eq(ctx_head + 1), ctx_all.eq(ctx_head == last_head)]
             with m.Elif(ctx_lane == B - 1):
                 m.d.sync += ctx_have.eq(0)
         with m.If(ctx_clear):
-            m.d.sync += [ctx_e.eq(0), ctx_head.eq(0), ctx_all.eq(0)]
+            m.d.sync += [ctx_e.eq(0), ctx_head.eq(0), ctx_all.eq(0), ctx_addr.eq(0)]
 
         # The attention cores' job parameters pass a register: they are set in FETCH and CHECK, long
         # before the first query, and the extra stage lets the placer split the route from the
@@ -1002,114 +1004,120 @@ class Engine(wiring.Component):
                 with m.If(stop):
                     m.d.sync += err.eq(err | live_err_r)
                     enter_reset("ABORT")
-                with m.Else():  # one block per step, each on its own bit of step_oh (`on`)
-                    with m.If(on(step_oh, "load_residual")):
-                        with m.If(sub == 0):
-                            read(dfield(rec_model, "model", "resid_addr"), resid_beats, T_RESID)
-                            with m.If(~rq_valid):  # the request is taken
-                                m.d.sync += [res_i.eq(0), res_lane.eq(0), sub.eq(1)]
-                        with m.Elif(rd_quiet):
-                            with m.If(is_head):
-                                begin("lnf")
-                            with m.Else():
-                                begin("ln1")
-                    with m.If(on(step_oh, "ln1")):
-                        layernorm(lf("ln1_addr"), lf("ln1_shift"), "qkv")
-                    with m.If(on(step_oh, "qkv")):
-                        with m.If(sub == 0):
-                            m.d.sync += [e_i.eq(0), row_word.eq(0)]
-                        with m.If(matvec(lf("qkv_addr"))):
-                            begin("write_kv")
-                    with m.If(on(step_oh, "write_kv")):
-                        # 2 * n_head row writes (all k rows, then all v rows) fed by one linear read of h
-                        with m.If(sub == 0):
-                            m.d.sync += [kvrow_i.eq(0), kvrow_last.eq(kvrow_one), head.eq(0),
-                                         kv_wr_addr.eq(lf("k_cache_addr") + pos_off), kv_more.eq(1), sub.eq(1)]
-                            m.d.comb += [h_go.eq(1), h_first.eq(nh_rb), h_count.eq(nh_rb << 1)]
-                        with m.Elif(sub == 1):
-                            m.d.comb += [wr_addr.eq(kv_wr_addr), wr_n.eq(row_beats_kv), wr_go.eq(kv_more)]
-                            with m.If(kv_more & ~wq_valid):  # this row's write command is taken
-                                m.d.sync += [head.eq(head + 1), kv_more.eq(head != kv_last_row),
-                                             kv_wr_addr.eq(Mux(head == last_head, lf("v_cache_addr") + pos_off,
-                                                               kv_wr_addr + ctx_stride))]
-                            with m.If(~kv_more & ~h_active):
-                                m.d.sync += sub.eq(2)
-                        with m.Elif(wr_idle):
-                            m.d.sync += [head.eq(0), heads_after.eq(last_head), head_at_last.eq(last_head == 0),
-                                         ctx_clear.eq(1), k_rd_addr.eq(lf("k_cache_addr") + lo_off),
-                                         v_rd_addr.eq(lf("v_cache_addr") + lo_off), h_base.eq(0), ctx_base.eq(0)]
-                            begin("scores_softmax")
-                    with m.If(on(step_oh, "scores_softmax")):
-                        # Reads K0, K1, V0, K2, V1, ..., K(H-1), V(H-2), V(H-1) (one head: K0, V0), so that
-                        # Softmax's exp-and-sum of head h runs while K(h + 1) streams. Each consumer drains
-                        # its stream in command order: AttnScores gets q(h) with the K(h) read (the read
-                        # DMA may hold a command back until the one before it is split into bursts, which
-                        # needs AttnScores to drain K, which needs the query); Softmax takes row h + 1
-                        # into its second bank while row h waits for V(h); row h + 2 (after V(h)) needs
-                        # the bank row h has left. The h streamer holds one q row: a K read is issued only
-                        # once the previous q row is in AttnScores (it takes q(h + 1) after K(h)'s last
-                        # beat). `head` is the head whose V read comes next; h_base and k_rd_addr step
-                        # with the K reads, v_rd_addr with the V reads (no multiplier). The context
-                        # bytes go to a in head order (ctx_head below); the step ends when the last
-                        # head's are in.
-                        with m.Switch(sub):
-                            with m.Case(0):  # K0 and q0
-                                read(k_rd_addr, kv_beats, T_K)
+                with m.Else():
+                    # One case per value of the binary step: the cases are distinct constants, so each
+                    # signal the steps assign (sub, the request fields) is one parallel multiplexer
+                    # under a 4-bit decode (one LUT). Not a block per bit of step_oh: a signal assigned
+                    # in several such blocks becomes a chain of multiplexers, one per block (the last
+                    # one wins), and `sub` was the critical path.
+                    with m.Switch(step):
+                        with m.Case(STEP["load_residual"]):
+                            with m.If(sub == 0):
+                                read(dfield(rec_model, "model", "resid_addr"), resid_beats, T_RESID)
                                 with m.If(~rq_valid):  # the request is taken
-                                    m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
-                                    m.d.sync += [h_base.eq(h_base + row_beats_kv),
-                                                 k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(1)]
-                            with m.Case(1):  # K(head + 1) and its q row, unless head is the last
-                                read(k_rd_addr, kv_beats, T_K, go=~head_at_last & ~h_active)
-                                with m.If(head_at_last):
+                                    m.d.sync += [res_i.eq(0), res_lane.eq(0), sub.eq(1)]
+                            with m.Elif(rd_quiet):
+                                with m.If(is_head):
+                                    begin("lnf")
+                                with m.Else():
+                                    begin("ln1")
+                        with m.Case(STEP["ln1"]):
+                            layernorm(lf("ln1_addr"), lf("ln1_shift"), "qkv")
+                        with m.Case(STEP["qkv"]):
+                            with m.If(sub == 0):
+                                m.d.sync += [e_i.eq(0), row_word.eq(0)]
+                            with m.If(matvec(lf("qkv_addr"))):
+                                begin("write_kv")
+                        with m.Case(STEP["write_kv"]):
+                            # 2 * n_head row writes (all k rows, then all v rows) fed by one linear read of h
+                            with m.If(sub == 0):
+                                m.d.sync += [kvrow_i.eq(0), kvrow_last.eq(kvrow_one), head.eq(0),
+                                             kv_wr_addr.eq(lf("k_cache_addr") + pos_off), kv_more.eq(1), sub.eq(1)]
+                                m.d.comb += [h_go.eq(1), h_first.eq(nh_rb), h_count.eq(nh_rb << 1)]
+                            with m.Elif(sub == 1):
+                                m.d.comb += [wr_addr.eq(kv_wr_addr), wr_n.eq(row_beats_kv), wr_go.eq(kv_more)]
+                                with m.If(kv_more & ~wq_valid):  # this row's write command is taken
+                                    m.d.sync += [head.eq(head + 1), kv_more.eq(head != kv_last_row),
+                                                 kv_wr_addr.eq(Mux(head == last_head, lf("v_cache_addr") + pos_off,
+                                                                   kv_wr_addr + ctx_stride))]
+                                with m.If(~kv_more & ~h_active):
                                     m.d.sync += sub.eq(2)
-                                with m.Elif(~h_active):
+                            with m.Elif(wr_idle):
+                                m.d.sync += [head.eq(0), heads_after.eq(last_head), head_at_last.eq(last_head == 0),
+                                             ctx_clear.eq(1), k_rd_addr.eq(lf("k_cache_addr") + lo_off),
+                                             v_rd_addr.eq(lf("v_cache_addr") + lo_off), h_base.eq(0)]
+                                begin("scores_softmax")
+                        with m.Case(STEP["scores_softmax"]):
+                            # Reads K0, K1, V0, K2, V1, ..., K(H-1), V(H-2), V(H-1) (one head: K0, V0), so that
+                            # Softmax's exp-and-sum of head h runs while K(h + 1) streams. Each consumer drains
+                            # its stream in command order: AttnScores gets q(h) with the K(h) read (the read
+                            # DMA may hold a command back until the one before it is split into bursts, which
+                            # needs AttnScores to drain K, which needs the query); Softmax takes row h + 1
+                            # into its second bank while row h waits for V(h); row h + 2 (after V(h)) needs
+                            # the bank row h has left. The h streamer holds one q row: a K read is issued only
+                            # once the previous q row is in AttnScores (it takes q(h + 1) after K(h)'s last
+                            # beat). `head` is the head whose V read comes next; h_base and k_rd_addr step
+                            # with the K reads, v_rd_addr with the V reads (no multiplier). The context
+                            # bytes go to a in head order (ctx_head below); the step ends when the last
+                            # head's are in.
+                            with m.Switch(sub):
+                                with m.Case(0):  # K0 and q0
+                                    read(k_rd_addr, kv_beats, T_K)
                                     with m.If(~rq_valid):  # the request is taken
                                         m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
                                         m.d.sync += [h_base.eq(h_base + row_beats_kv),
-                                                     k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(2)]
-                            with m.Case(2):  # V(head)
-                                read(v_rd_addr, kv_beats, T_V)
-                                with m.If(~rq_valid):  # the request is taken
-                                    m.d.sync += v_rd_addr.eq(v_rd_addr + ctx_stride)
+                                                     k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(1)]
+                                with m.Case(1):  # K(head + 1) and its q row, unless head is the last
+                                    read(k_rd_addr, kv_beats, T_K, go=~head_at_last & ~h_active)
                                     with m.If(head_at_last):
-                                        m.d.sync += sub.eq(3)
-                                    with m.Else():
-                                        m.d.sync += [head.eq(head + 1), heads_after.eq(heads_after - 1),
-                                                     head_at_last.eq(heads_after == 1), sub.eq(1)]
-                            with m.Default():  # every head's context is in a
-                                with m.If(ctx_all):
-                                    begin("attn_out")
-                    with m.If(on(step_oh, "attn_out")):
-                        with m.If(matvec(lf("attn_out_addr")) & ~add_pending):
-                            begin("ln2")
-                    with m.If(on(step_oh, "ln2")):
-                        layernorm(lf("ln2_addr"), lf("ln2_shift"), "fc_gelu")
-                    with m.If(on(step_oh, "fc_gelu")):
-                        with m.If(matvec(lf("fc_addr"))):
-                            begin("proj")
-                    with m.If(on(step_oh, "proj")):
-                        with m.If(matvec(lf("proj_addr")) & ~add_pending):
-                            begin("store_residual")
-                    with m.If(on(step_oh, "store_residual")):
-                        with m.If(sub == 0):
-                            m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "resid_addr")),
-                                         wr_n.eq(resid_beats), wr_go.eq(1)]
-                            with m.If(~wq_valid):  # the write command is taken
-                                m.d.sync += [x_go_next.eq(1), sub.eq(1)]
-                        with m.Elif(~x_active & (pack_n == 0) & wr_idle):
-                            enter_reset("END")
-                    with m.If(on(step_oh, "lnf")):
-                        layernorm(hf("lnf_addr"), hf("lnf_shift"), "lm_head")
-                    with m.If(on(step_oh, "lm_head")):
-                        lm_done = matvec(hf("lm_head_addr"), first_sub=1)  # subs 1..7
-                        with m.If(sub == 0):  # the logits' write command first, then the matvec
-                            m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
-                                         wr_n.eq(logits_beats), wr_go.eq(1)]
-                            with m.If(~wq_valid):  # the write command is taken
-                                m.d.sync += sub.eq(1)
-                        with m.Elif(lm_done & (lg_n == 0) & wr_idle):
-                            enter_reset("END")
+                                        m.d.sync += sub.eq(2)
+                                    with m.Elif(~h_active):
+                                        with m.If(~rq_valid):  # the request is taken
+                                            m.d.comb += [h_go.eq(1), h_first.eq(h_base), h_count.eq(row_beats_kv)]
+                                            m.d.sync += [h_base.eq(h_base + row_beats_kv),
+                                                         k_rd_addr.eq(k_rd_addr + ctx_stride), sub.eq(2)]
+                                with m.Case(2):  # V(head)
+                                    read(v_rd_addr, kv_beats, T_V)
+                                    with m.If(~rq_valid):  # the request is taken
+                                        m.d.sync += v_rd_addr.eq(v_rd_addr + ctx_stride)
+                                        with m.If(head_at_last):
+                                            m.d.sync += sub.eq(3)
+                                        with m.Else():
+                                            m.d.sync += [head.eq(head + 1), heads_after.eq(heads_after - 1),
+                                                         head_at_last.eq(heads_after == 1), sub.eq(1)]
+                                with m.Default():  # every head's context is in a
+                                    with m.If(ctx_all):
+                                        begin("attn_out")
+                        with m.Case(STEP["attn_out"]):
+                            with m.If(matvec(lf("attn_out_addr")) & ~add_pending):
+                                begin("ln2")
+                        with m.Case(STEP["ln2"]):
+                            layernorm(lf("ln2_addr"), lf("ln2_shift"), "fc_gelu")
+                        with m.Case(STEP["fc_gelu"]):
+                            with m.If(matvec(lf("fc_addr"))):
+                                begin("proj")
+                        with m.Case(STEP["proj"]):
+                            with m.If(matvec(lf("proj_addr")) & ~add_pending):
+                                begin("store_residual")
+                        with m.Case(STEP["store_residual"]):
+                            with m.If(sub == 0):
+                                m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "resid_addr")),
+                                             wr_n.eq(resid_beats), wr_go.eq(1)]
+                                with m.If(~wq_valid):  # the write command is taken
+                                    m.d.sync += [x_go_next.eq(1), sub.eq(1)]
+                            with m.Elif(~x_active & (pack_n == 0) & wr_idle):
+                                enter_reset("END")
+                        with m.Case(STEP["lnf"]):
+                            layernorm(hf("lnf_addr"), hf("lnf_shift"), "lm_head")
+                        with m.Case(STEP["lm_head"]):
+                            lm_done = matvec(hf("lm_head_addr"), first_sub=1)  # subs 1..7
+                            with m.If(sub == 0):  # the logits' write command first, then the matvec
+                                m.d.comb += [wr_addr.eq(dfield(rec_model, "model", "logits_addr")),
+                                             wr_n.eq(logits_beats), wr_go.eq(1)]
+                                with m.If(~wq_valid):  # the write command is taken
+                                    m.d.sync += sub.eq(1)
+                            with m.Elif(lm_done & (lg_n == 0) & wr_idle):
+                                enter_reset("END")
             with m.State("ABORT"):
                 # flush the DMAs (one cycle); the cores are in reset (core_rst) from here to END
                 m.d.sync += [dma_flush.eq(0), dmas_idle.eq(0)]

