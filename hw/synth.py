@@ -30,14 +30,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import product
-import time
 from pathlib import Path
 
 from gpt_fpga.contract.layout import DEFAULT_GROUP
