@@ -193,9 +193,13 @@ class TwoPortReadDma(wiring.Component):
             # It compares the credits without this cycle's burst, with room for two longest bursts if one
             # is issued now: the issue decision only selects between the two comparisons
             room = Signal(init=1, name=f"room{p}")
-            free_kept = Signal(range(depth + 2), name=f"free{p}_kept")
-            m.d.sync += [free.eq(free_next),
-                         room.eq(Mux(go, free_kept >= 2 * self.max_burst, free_kept >= self.max_burst))]
+            free_kept = Signal(range(depth + 2), name=f"free{p}_kept")  # without a flush
+            free_flushed = Signal(range(depth + 2), name=f"free{p}_flushed")  # with one (no burst issues)
+            # the flush (an engine register that may sit far away) selects between the two finished
+            # results, in the last logic level before the registers
+            m.d.sync += [free.eq(Mux(flush, free_flushed, free_next)),
+                         room.eq(Mux(flush, free_flushed >= self.max_burst,
+                                     Mux(go, free_kept >= 2 * self.max_burst, free_kept >= self.max_burst)))]
             # a free burst slot, as a register from the burst FIFO's next level (its level compare stays
             # off the issue decision)
             slot = Signal(init=1, name=f"slot{p}")
@@ -243,10 +247,10 @@ class TwoPortReadDma(wiring.Component):
             # a beat that left the FIFO returns its credit a cycle later (the pop stays off the credit sum)
             pop = Signal(name=f"pop{p}")
             m.d.sync += pop.eq(fifo.r_en & fifo.r_rdy & ~flush)
-            with m.If(flush):  # the FIFO empties; no burst is issued
-                m.d.comb += [free_kept.eq(depth - owed + pair), free_next.eq(free_kept)]
-            with m.Else():  # a dropped beat frees its credit on arrival, a delivered one after it leaves
-                m.d.comb += [free_kept.eq(free + (pair & dropping) + pop), free_next.eq(free_kept - Mux(go, blen, 0))]
+            # a flush empties the FIFO. Otherwise a dropped beat frees its credit on arrival, a delivered
+            # one after it leaves
+            m.d.comb += [free_flushed.eq(depth - owed + pair),
+                         free_kept.eq(free + (pair & dropping) + pop), free_next.eq(free_kept - Mux(go, blen, 0))]
             with m.If(r_valid & r_resp[1]):  # SLVERR (2) or DECERR (3)
                 m.d.sync += self.error.eq(1)
 

@@ -214,6 +214,7 @@ class Softmax(wiring.Component):
         # per bank: the row's length and zmax (both hold from the row's end until it is sent)
         n_b = [Signal(nw, name=f"n_bank{b}") for b in range(2)]
         zmax_b = [Signal(signed(32), name=f"zmax_bank{b}") for b in range(2)]
+        single_b = [Signal(name=f"single_bank{b}") for b in range(2)]  # n == 1, as a register
         # `ready` (the bank holds a row the processor has not taken) is filled ^ taken: each flag has one
         # owner, so neither side's logic sits in front of the other's registers (the two sides are
         # placed apart, and a shared flag took a round trip across the die)
@@ -233,7 +234,7 @@ class Softmax(wiring.Component):
                 m.d.sync += [wcnt.eq(0), wbank.eq(~wbank), closing.eq(1), close_bank.eq(wbank)]
                 for b in range(2):
                     with m.If(wbank == b):
-                        m.d.sync += n_b[b].eq(wcnt + 1)
+                        m.d.sync += [n_b[b].eq(wcnt + 1), single_b[b].eq(wcnt == 0)]
             with m.Else():
                 m.d.sync += wcnt.eq(wcnt + 1)
         for b in range(2):
@@ -242,20 +243,35 @@ class Softmax(wiring.Component):
 
         # ---- processor: the rows' banks in turn (psel); its own copies of n and zmax ----
         psel = Signal()
-        n = Signal(nw)               # row length
+        n_m2 = Signal(nw)  # the row's length minus 2 (the last-address test)
         zmax_p = Signal(signed(32))
         # n and zmax follow bank psel in every cycle: the bank's values are written before its row is
         # ready and hold until the row is sent, so the take needs no enable on them (the take decision
         # stays on the processor's state; its registers are spread over the die with its memories)
-        m.d.sync += [n.eq(Mux(psel, n_b[1], n_b[0])), zmax_p.eq(Mux(psel, zmax_b[1], zmax_b[0]))]
+        n_sel = Mux(psel, n_b[1], n_b[0])
+        m.d.sync += [n_m2.eq(n_sel - 2), zmax_p.eq(Mux(psel, zmax_b[1], zmax_b[0]))]
+
+        # ---- the processor's phases, one flip-flop each (one-hot): every phase's next value and every
+        # enable is a small function of its own flip-flops (a binary state's decode and transition
+        # logic sat between registers the placer had spread over the die with the memories) ----
+        steps = len(self._norm_steps)
+        idle, exp_ph, send_ph = Signal(init=1), Signal(), Signal()
+        safe = Signal()
+        norm_ph = [Signal(name=f"norm_step{i}") for i in range(steps)]
+        raddr_ph, rdata_ph = Signal(), Signal()
+
         # ---- passes 2 and 4: e from the buffer, shared pipeline, stalled as a whole by `adv` ----
         adv = ~out.tvalid | out.tready
-        in_pass, sending = Signal(), Signal()
+        sending = send_ph
         raddr = Signal(nw)
-        issue = in_pass & (raddr != n) & adv
+        # reading: addresses left to issue in this pass; at_last: raddr is the row's last address. Both are
+        # registers kept one address ahead, so the read address's enable is `reading & adv` (no phase
+        # decode or length comparison in front of it)
+        reading, at_last = Signal(), Signal()
+        issue = reading & adv
         m.d.comb += [rp.addr.eq(raddr[:aw]) for rp in rps] + [rp.en.eq(adv) for rp in rps]
         with m.If(issue):
-            m.d.sync += raddr.eq(raddr + 1)
+            m.d.sync += [raddr.eq(raddr + 1), reading.eq(~at_last), at_last.eq(raddr == n_m2)]
 
         # BRAM and ROM outputs are registered before any logic (ECP5 DP16KD clk-to-q is ~6 ns)
         e1_v, e1_l = Signal(), Signal()
@@ -272,7 +288,7 @@ class Softmax(wiring.Component):
         m.d.comb += [diff.eq(zmax_p - e2_z), exp_rp.addr.eq(e3_lo), exp_rp.en.eq(adv)]
         with m.If(adv):
             m.d.sync += [
-                e1_v.eq(issue), e1_l.eq(raddr == n - 1), e1_b.eq(psel),
+                e1_v.eq(issue), e1_l.eq(at_last), e1_b.eq(psel),
                 e2_v.eq(e1_v), e2_l.eq(e1_l), e2_b.eq(e1_b), e2_word[0].eq(rps[0].data), e2_word[1].eq(rps[1].data),
                 # diff >= 0 at visible positions; the table index is diff & 255, the shift
                 # min(diff >> 8, 16)
@@ -305,42 +321,40 @@ class Softmax(wiring.Component):
         # register was placed beside the ROM, far from the rest of its logic)
         m.d.comb += [recip_rp.addr.eq(norm[sw - 11: sw - 1]), recip_rp.en.eq(1)]
 
-        with m.FSM():
-            with m.State("IDLE"):  # the next row in order (bank psel) is in: take it
-                # raddr and total are 0 here: cleared when the row before was sent and summed
-                with m.If(Mux(psel, ready[1], ready[0])):
-                    for b in range(2):
-                        with m.If(psel == b):
-                            m.d.sync += taken[b].eq(~taken[b])
-                    m.next = "EXP"
-            with m.State("EXP"):
-                m.d.comb += in_pass.eq(1)
-                with m.If(e6_v):
-                    m.d.sync += total.eq(total + e6_e)
-                    with m.If(e6_l):
-                        m.next = "SAFE"
-            with m.State("SAFE"):
-                m.d.sync += [norm.eq(Mux(total < (1 << numerics.EXP_FRAC), 1 << numerics.EXP_FRAC, total)),
-                             lz.eq(0), total.eq(0)]
-                m.next = f"NORM{self._norm_steps[0]}" if self._norm_steps else "RADDR"
-            for i, step in enumerate(self._norm_steps):
-                with m.State(f"NORM{step}"):
-                    with m.If(norm[sw - step:] == 0):
-                        m.d.sync += [norm.eq(norm << step), lz.eq(lz + step)]
-                    nxt = self._norm_steps[i + 1] if i + 1 < len(self._norm_steps) else None
-                    m.next = f"NORM{nxt}" if nxt else "RADDR"
-            with m.State("RADDR"):  # the ROM reads norm's address in every cycle (norm holds here)
-                m.d.sync += k16.eq(sw - 16 - lz)
-                m.next = "RDATA"
-            with m.State("RDATA"):
-                m.d.sync += [r.eq(recip_rp.data), raddr.eq(0)]
-                m.next = "SEND"
-            with m.State("SEND"):
-                m.d.comb += [in_pass.eq(1), sending.eq(1)]
-                with m.If(out.tvalid & out.tready & out.tlast):
-                    m.d.sync += [psel.eq(~psel), raddr.eq(0)]
-                    m.d.comb += sent.eq(1)
-                    m.next = "IDLE"
+        ready_sel = Mux(psel, ready[1], ready[0])
+        take = idle & ready_sel      # the next row in order (bank psel) is in: take it
+        exp_done = exp_ph & e6_v & e6_l
+        m.d.comb += sent.eq(send_ph & out.tvalid & out.tready & out.tlast)
+        # a pass starts with raddr at 0 (cleared when the row before was sent, and in RDATA). The take may
+        # come the cycle after `psel` changes, before n_m2 follows it: "n == 1" is the bank's own flag
+        start = take | rdata_ph
+        with m.If(start):
+            m.d.sync += [reading.eq(1), at_last.eq(Mux(psel, single_b[1], single_b[0]))]
+        chain = [safe, *norm_ph, raddr_ph, rdata_ph]
+        m.d.sync += [
+            idle.eq((idle & ~ready_sel) | sent),
+            exp_ph.eq(take | (exp_ph & ~(e6_v & e6_l))),
+            send_ph.eq(rdata_ph | (send_ph & ~sent)),
+            chain[0].eq(exp_done),
+        ] + [b.eq(a) for a, b in zip(chain, chain[1:])]
+        with m.If(take):
+            for b in range(2):
+                with m.If(psel == b):
+                    m.d.sync += taken[b].eq(~taken[b])
+        with m.If(exp_ph & e6_v):
+            m.d.sync += total.eq(total + e6_e)
+        with m.If(safe):
+            m.d.sync += [norm.eq(Mux(total < (1 << numerics.EXP_FRAC), 1 << numerics.EXP_FRAC, total)),
+                         lz.eq(0), total.eq(0)]
+        for step, ph in zip(self._norm_steps, norm_ph):
+            with m.If(ph & (norm[sw - step:] == 0)):
+                m.d.sync += [norm.eq(norm << step), lz.eq(lz + step)]
+        with m.If(raddr_ph):  # the ROM reads norm's address in every cycle (norm holds here)
+            m.d.sync += k16.eq(sw - 16 - lz)
+        with m.If(rdata_ph):
+            m.d.sync += [r.eq(recip_rp.data), raddr.eq(0)]
+        with m.If(sent):
+            m.d.sync += [psel.eq(~psel), raddr.eq(0)]
 
         # the bank's row is out: the receiver may fill it again (a set wins, but the receiver never
         # sets the bank the processor is sending from)
