@@ -230,12 +230,11 @@ class AttnScores(wiring.Component):
         # ---- key stream: S0 (handshake)
         k_beat = Signal(range(max(2, nbm)))
         k_row = Signal(range(max(2, self.max_keys)))
-        row_start = Signal(init=1)  # k_beat == 0, as a register (no comparison before the handshake)
+        row_start = k_beat == 0
         final = k_last & row_last
         credits = OUT_FIFO_DEPTH - 1
         in_flight = Signal(range(credits + 1))  # rows started and not yet taken from m_scores
-        has_credit = Signal(init=1)  # in_flight < credits, as a register
-        k_room = ~row_start | has_credit
+        k_room = ~row_start | (in_flight < credits)
         k_ready = keys & ~halted & k_room
         m.d.comb += sk.tready.eq(k_ready)
         k_take = sk.tvalid & k_ready
@@ -244,7 +243,6 @@ class AttnScores(wiring.Component):
         e_k_missing = k_seen & final & ~sk.tlast
         k_ok = k_take & ~e_k_early & ~e_k_missing  # the beat's valid flag
         with m.If(k_take):
-            m.d.sync += row_start.eq(k_last)
             with m.If(k_last):
                 m.d.sync += [k_beat.eq(0), k_last.eq(r_nb_one)]
                 with m.If(row_last):
@@ -260,13 +258,10 @@ class AttnScores(wiring.Component):
 
         out_take = mo.tvalid & mo.tready
         row_in = k_take & row_start
-        in_flight_next = Signal.like(in_flight)
-        m.d.comb += in_flight_next.eq(in_flight)
         with m.If(row_in & ~out_take):
-            m.d.comb += in_flight_next.eq(in_flight + 1)
+            m.d.sync += in_flight.eq(in_flight + 1)
         with m.Elif(out_take & ~row_in):
-            m.d.comb += in_flight_next.eq(in_flight - 1)
-        m.d.sync += [in_flight.eq(in_flight_next), has_credit.eq(in_flight_next < credits)]
+            m.d.sync += in_flight.eq(in_flight - 1)
 
         # ---- S1: the key beat; the query word arrives
         s1_valid, s1_first, s1_last, s1_lastrow = (Signal(name=n) for n in

@@ -16,7 +16,7 @@ from gpt_fpga.hw.axi import BURST_INCR, MAX_BURST_BEATS, Axi4WriteSignature
 from gpt_fpga.hw.axi_read import (ARCACHE, CMD_BEATS_BITS, DEFAULT_MAX_OUTSTANDING, BurstSplitter,
                                   DmaCommandSignature, check_dma_params)
 from gpt_fpga.hw.axis import AxiStreamSignature
-from gpt_fpga.hw.fifo import BlockRamFifo, RegisterFifo
+from gpt_fpga.hw.fifo import BlockRamFifo
 from gpt_fpga.hw.ping_pong_slice import PingPongSlice
 
 __all__ = ["AxiWriteDma", "ERROR_BRESP", "ERROR_STREAM"]
@@ -142,9 +142,7 @@ class AxiWriteDma(wiring.Component):
 
         # --- command queues (one for the data side, one for the burst splitter); a flush empties them
         lenq = SyncFIFO(width=CMD_BEATS_BITS, depth=CMD_QUEUE_DEPTH)
-        # the splitter loads its address and count from the queue's head: a register (RegisterFifo), not a
-        # LUT RAM read (the ECP5 placed the RAM 40 columns from the splitter)
-        cmdq = RegisterFifo(width=self.addr_bits + CMD_BEATS_BITS, depth=CMD_QUEUE_DEPTH)
+        cmdq = SyncFIFO(width=self.addr_bits + CMD_BEATS_BITS, depth=CMD_QUEUE_DEPTH)
         m.submodules.lenq = ResetInserter(flush)(lenq)
         m.submodules.cmdq = ResetInserter(flush)(cmdq)
         take = lenq.w_rdy & cmdq.w_rdy & ~flush & ~dropping

@@ -551,14 +551,12 @@ class Engine(wiring.Component):
                              last.eq(left == 1)]
             with m.Elif(take):
                 m.d.sync += valid.eq(0)
-            # `running` rises with go_r, and the streamer reports itself active from go_r on, as it did
-            # when `go` set the flag: the sequencer's decision (`go`) reaches only go_r, base_r and count_r
-            running = Signal(name=f"{name}_running")
             with m.If(go_r):
-                m.d.sync += [addr.eq(base_r), left.eq(count_r), more.eq(count_r != 0), valid.eq(0), running.eq(1)]
-            with m.Elif(running & ~more & drained):
-                m.d.sync += running.eq(0)
-            m.d.comb += active.eq(running | go_r)
+                m.d.sync += [addr.eq(base_r), left.eq(count_r), more.eq(count_r != 0), valid.eq(0)]
+            with m.Elif(active & ~more & drained):
+                m.d.sync += active.eq(0)
+            with m.If(go):
+                m.d.sync += active.eq(1)
             return go, base, count, active
 
         # a -> MatVec activations
@@ -697,8 +695,6 @@ class Engine(wiring.Component):
                     m.d.sync += [e_i.eq(0), row_word.eq(row_word + row_beats_kv)]
                 with m.Else():
                     m.d.sync += e_i.eq(e_i + 1)
-        with m.Else():  # the sink starts each qkv step at h's first word (the sequencer's decode stays off it)
-            m.d.sync += [e_i.eq(0), row_word.eq(0)]
         with m.If(on(sink_step, "attn_out", "proj")):
             m.d.comb += [mv.m_out.tready.eq(1), add_take.eq(mv.m_out.tvalid)]
             with m.If(mv.m_out.tvalid):
@@ -1034,6 +1030,8 @@ class Engine(wiring.Component):
                         with m.Case(STEP["ln1"]):
                             layernorm(lf("ln1_addr"), lf("ln1_shift"), "qkv")
                         with m.Case(STEP["qkv"]):
+                            with m.If(sub == 0):
+                                m.d.sync += [e_i.eq(0), row_word.eq(0)]
                             with m.If(matvec(lf("qkv_addr"))):
                                 begin("write_kv")
                         with m.Case(STEP["write_kv"]):
