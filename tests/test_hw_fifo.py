@@ -44,3 +44,20 @@ def test_small_depths_have_no_memory():
     for depth in (0, 1):
         fifo = BlockRamFifo(width=8, depth=depth)
         assert "memory" not in rtlil.convert(fifo, ports=_ports(fifo))
+
+
+def _marked_memories(component) -> set[str]:
+    text = rtlil.convert(component)
+    return set(re.findall(r"attribute \\no_rw_check 1\s+memory [^\n]*\\(\S+)\n", text))
+
+
+def test_engine_h_buffer_and_softmax_banks_are_marked():
+    """The h buffer (written through a register in step qkv, read only in later steps) and Softmax's
+    banks (read only while the receiver does not own them) need no collision logic either; the
+    engine tests prove the reads exact."""
+    from gpt_fpga.hw.engine import Engine
+    from gpt_fpga.hw.softmax import Softmax
+
+    assert {"bank0", "bank1"} <= _marked_memories(Softmax(max_len=17))
+    engine = Engine(weights="int8", bus_bits=128, ports=2, max_d=256, max_context=64, max_head_dim=64, max_heads=4)
+    assert "hbuf" in _marked_memories(engine)
