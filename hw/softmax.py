@@ -245,7 +245,7 @@ class Softmax(wiring.Component):
         psel = Signal()
         n_m2 = Signal(nw)  # the row's length minus 2 (the last-address test)
         zmax_p = Signal(signed(32))
-        # n and zmax follow bank psel in every cycle: the bank's values are written before its row is
+        # n - 2 and zmax follow bank psel in every cycle: the bank's values are written before its row is
         # ready and hold until the row is sent, so the take needs no enable on them (the take decision
         # stays on the processor's state; its registers are spread over the die with its memories)
         n_sel = Mux(psel, n_b[1], n_b[0])
@@ -254,15 +254,13 @@ class Softmax(wiring.Component):
         # ---- the processor's phases, one flip-flop each (one-hot): every phase's next value and every
         # enable is a small function of its own flip-flops (a binary state's decode and transition
         # logic sat between registers the placer had spread over the die with the memories) ----
-        steps = len(self._norm_steps)
         idle, exp_ph, send_ph = Signal(init=1), Signal(), Signal()
         safe = Signal()
-        norm_ph = [Signal(name=f"norm_step{i}") for i in range(steps)]
+        norm_ph = [Signal(name=f"norm_step{i}") for i in range(len(self._norm_steps))]
         raddr_ph, rdata_ph = Signal(), Signal()
 
         # ---- passes 2 and 4: e from the buffer, shared pipeline, stalled as a whole by `adv` ----
         adv = ~out.tvalid | out.tready
-        sending = send_ph
         raddr = Signal(nw)
         # reading: addresses left to issue in this pass; at_last: raddr is the row's last address. Both are
         # registers kept one address ahead, so the read address's enable is `reading & adv` (no phase
@@ -308,7 +306,7 @@ class Softmax(wiring.Component):
         p6_v, p6_l, p6_q = Signal(), Signal(), Signal(17)
         with m.If(adv):
             m.d.sync += [
-                p5_v.eq(e6_v & sending), p5_l.eq(e6_l), p5_prod.eq(e6_e * r),
+                p5_v.eq(e6_v & send_ph), p5_l.eq(e6_l), p5_prod.eq(e6_e * r),
                 p6_v.eq(p5_v), p6_l.eq(p5_l), p6_q.eq((p5_prod >> 15) >> k16),
                 out.tvalid.eq(p6_v), out.tlast.eq(p6_l), out.tdata.eq((p6_q + 1) >> 1),
             ]
